@@ -1,0 +1,3444 @@
+"""minflow: a durable job and workflow-run queue in one Python file.
+
+Producers record intent as rows in a ``workflow_run`` table; workers claim rows under a lease, run
+a handler and record the outcome. The database is the only coordination point: SQLite (stdlib
+``sqlite3``) by default, PostgreSQL (pure-Python ``pg8000``) when many machines share one queue.
+The schema is the one of the Go library ``simple-workflow``, so both can share a database.
+
+    import minflow
+
+    app = minflow.App("sqlite:///jobs.db")
+
+    @app.handler("billing.invoice.v1")
+    def invoice(run):
+        return {"invoiced": run.payload["order"]}
+
+    app.migrate()
+    app.submit("billing.invoice.v1", {"order": 42}, idempotency_key="order-42")
+    app.run_worker(burst=True)          # or: python -m minflow worker myjobs
+
+Execution is at-least-once: handlers must be idempotent.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+__all__ = [
+    "AlreadyComplete",
+    "App",
+    "Client",
+    "Event",
+    "InvalidInput",
+    "InvalidState",
+    "Job",
+    "LeaseLost",
+    "MinflowError",
+    "NotFound",
+    "Retry",
+    "Run",
+    "RunContext",
+    "Schedule",
+    "Unavailable",
+    "Worker",
+    "main",
+]
+
+import argparse
+import contextlib
+import dataclasses
+import datetime as _dt
+import importlib
+import json
+import logging
+import math
+import os
+import queue
+import random
+import re
+import select
+import signal
+import socket
+import sqlite3
+import sys
+import threading
+import time
+import traceback
+import uuid
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+log = logging.getLogger("minflow")
+log.addHandler(logging.NullHandler())
+_worker_log = logging.getLogger("minflow.worker")
+_ticker_log = logging.getLogger("minflow.ticker")
+
+UTC = _dt.timezone.utc
+
+# ---------------------------------------------------------------------------------------------
+# Defaults (the seed's, unless a comment says why not)
+# ---------------------------------------------------------------------------------------------
+
+DEFAULT_DSN = "sqlite:///minflow.db"
+DEFAULT_SCHEMA = "workflow"
+DEFAULT_PRIORITY = 100  # lower runs first
+DEFAULT_MAX_ATTEMPTS = 3
+DEFAULT_LEASE = 30.0  # seconds
+# Wake-ups come from LISTEN/NOTIFY or PRAGMA data_version; this poll only catches runs whose
+# run_at has just become due (retries, delayed submits), hence shorter than the seed's 2 s.
+DEFAULT_POLL_INTERVAL = 1.0
+DEFAULT_CONCURRENCY = 4
+DEFAULT_SHUTDOWN_TIMEOUT = 30.0
+DEFAULT_TICK_INTERVAL = 1.0  # a due schedule becomes a run within about a second
+DEFAULT_LIST_LIMIT = 50
+MAX_LIST_LIMIT = 1000
+MAX_TYPE_LENGTH = 255
+RESCUE_BATCH = 500
+TICK_BATCH = 100
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+SQLITE_WATCH_INTERVAL = 0.005  # PRAGMA data_version costs microseconds; 5 ms keeps latency low
+PG_TIMEOUT = 30.0  # socket timeout for PostgreSQL connections
+POOL_SIZE = 16
+
+RUN_STATUSES = ("pending", "leased", "succeeded", "failed", "cancelled")
+TERMINAL_STATUSES = ("succeeded", "failed", "cancelled")
+EVENT_TYPES = (
+    "created",
+    "leased",
+    "started",
+    "heartbeat",
+    "succeeded",
+    "failed",
+    "retried",
+    "cancelled",
+)
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------------------------
+
+
+class MinflowError(Exception):
+    """Root of every error minflow raises."""
+
+
+class NotFound(MinflowError, LookupError):
+    """The run or schedule does not exist (or was deleted)."""
+
+
+class AlreadyComplete(MinflowError):
+    """The run is already succeeded, failed or cancelled, so it cannot be cancelled."""
+
+
+class InvalidState(MinflowError):
+    """The run is not in a state that allows the operation (e.g. retrying a pending run)."""
+
+
+class InvalidInput(MinflowError, ValueError):
+    """An argument is malformed; nothing was written."""
+
+
+class LeaseLost(MinflowError):
+    """This worker no longer holds the run's lease (cancelled, rescued or taken over)."""
+
+
+class Unavailable(MinflowError):
+    """The database cannot be reached or is busy; the operation may be retried."""
+
+
+class Retry(Exception):  # noqa: N818 - named for what the handler asks for
+    """Raised by a handler to run again later without counting the attempt as a failure.
+
+    ``delay`` is in seconds (``None``: the worker's backoff for this attempt). The attempt is
+    given back, so ``max_attempts`` is not consumed, and ``last_error`` is left alone.
+    """
+
+    def __init__(self, delay: float | None = None):
+        if delay is not None and (not _is_number(delay) or delay < 0 or math.isinf(delay)):
+            raise InvalidInput(
+                f"Retry delay must be a non-negative number of seconds, got {delay!r}"
+            )
+        super().__init__(f"retry requested (delay={delay!r})")
+        self.delay = delay
+
+
+# ---------------------------------------------------------------------------------------------
+# Small utilities: validation, JSON, ids, time, backoff
+# ---------------------------------------------------------------------------------------------
+
+_INT32 = (-(2**31), 2**31 - 1)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+
+
+def _check_text(
+    name: str, value: Any, *, max_length: int | None = None, empty: bool = False
+) -> str:
+    if not isinstance(value, str):
+        raise InvalidInput(f"{name} must be a string, got {type(value).__name__}")
+    if not empty and not value.strip():
+        raise InvalidInput(f"{name} must not be empty")
+    if max_length is not None and len(value) > max_length:
+        raise InvalidInput(f"{name} must be at most {max_length} characters, got {len(value)}")
+    if "\x00" in value:
+        raise InvalidInput(f"{name} must not contain NUL characters")
+    return value
+
+
+def _check_int(name: str, value: Any, *, minimum: int = _INT32[0]) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise InvalidInput(f"{name} must be an integer, got {value!r}")
+    if not minimum <= value <= _INT32[1]:
+        raise InvalidInput(f"{name} must be between {minimum} and {_INT32[1]}, got {value}")
+    return value
+
+
+def _check_type(value: Any) -> str:
+    return _check_text("type", value, max_length=MAX_TYPE_LENGTH)
+
+
+def _dumps(value: Any, what: str = "payload") -> str:
+    """Serialise to compact JSON, rejecting what JSON (or PostgreSQL's jsonb) cannot hold."""
+    try:
+        text = json.dumps(value, allow_nan=False, separators=(",", ":"), ensure_ascii=False)
+    except (TypeError, ValueError) as exc:
+        raise InvalidInput(f"{what} is not JSON-serialisable: {exc}") from None
+    # jsonb rejects \u0000; refusing it on every dialect keeps databases interchangeable.
+    if "\\u0000" in text:
+        raise InvalidInput(f"{what} contains a NUL character (\\u0000), which jsonb cannot store")
+    return text
+
+
+def _new_id() -> str:
+    return str(uuid.uuid4())
+
+
+def _is_uuid(value: str) -> bool:
+    try:
+        uuid.UUID(value)
+    except (ValueError, AttributeError, TypeError):
+        return False
+    return True
+
+
+_GO_TIME = re.compile(
+    r"^(\d{4}-\d{2}-\d{2})[T ](\d{2}:\d{2}:\d{2})(?:\.(\d+))?"
+    r"\s*(Z|[+-]\d{2}(?::?\d{2})?)?(?:\s+[A-Za-z][A-Za-z0-9+-]*)?(?:\s+m=[+-][\d.]+)?$"
+)
+_unparsed_warned: set[str] = set()
+
+
+def _parse_time(value: Any) -> _dt.datetime | None:
+    """Read a timestamp as stored by either library (UTC text on SQLite, aware on PostgreSQL).
+
+    Besides minflow's own ``YYYY-MM-DD HH:MM:SS.fff``, this accepts what the Go library writes,
+    including ``time.Time.String()`` with zone name and monotonic suffix.
+    """
+    if value is None:
+        return None
+    if isinstance(value, _dt.datetime):
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    match = _GO_TIME.match(str(value).strip())
+    if not match:
+        if value not in _unparsed_warned:
+            _unparsed_warned.add(value)
+            log.warning("unparseable timestamp %r in the database; shown as None", value)
+        return None
+    day, clock, frac, zone = match.groups()
+    micros = int((frac or "0")[:6].ljust(6, "0"))
+    stamp = _dt.datetime.fromisoformat(f"{day}T{clock}").replace(microsecond=micros)
+    offset = _dt.timedelta(0)
+    if zone and zone != "Z":
+        sign = -1 if zone[0] == "-" else 1
+        digits = zone[1:].replace(":", "")
+        offset = sign * _dt.timedelta(hours=int(digits[:2]), minutes=int(digits[2:4] or 0))
+    return (stamp - offset).replace(tzinfo=UTC)
+
+
+def _sqlite_time(moment: _dt.datetime) -> str:
+    """The SQLite storage form: UTC text that sorts correctly and the Go reader parses."""
+    moment = moment.astimezone(UTC)
+    return moment.strftime("%Y-%m-%d %H:%M:%S") + f".{moment.microsecond // 1000:03d}"
+
+
+def _check_run_at(run_at: Any, run_in: Any) -> tuple[_dt.datetime | None, float]:
+    """Return (absolute time or None, delay in seconds) for a submit."""
+    if run_at is not None and run_in is not None:
+        raise InvalidInput("give run_at or run_in, not both")
+    if run_at is not None:
+        if not isinstance(run_at, _dt.datetime):
+            raise InvalidInput(f"run_at must be a datetime, got {type(run_at).__name__}")
+        if run_at.tzinfo is None or run_at.utcoffset() is None:
+            raise InvalidInput("run_at must be timezone-aware (e.g. datetime.now(timezone.utc))")
+        return run_at.astimezone(UTC), 0.0
+    if run_in is None:
+        return None, 0.0
+    if isinstance(run_in, _dt.timedelta):
+        run_in = run_in.total_seconds()
+    if not _is_number(run_in) or math.isinf(run_in) or run_in < 0:
+        raise InvalidInput(
+            f"run_in must be a non-negative number of seconds or a timedelta, got {run_in!r}"
+        )
+    return None, float(run_in)
+
+
+def seed_backoff(attempt: int) -> float:
+    """The seed's retry delay after failed attempt ``attempt``: attempt² minutes + [0, 10%) jitter."""
+    base = 60.0 * attempt * attempt
+    return base + base * 0.1 * random.random()
+
+
+# ---------------------------------------------------------------------------------------------
+# Public value types
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One run to submit with ``Client.submit_many``; the fields mirror ``Client.submit``."""
+
+    type: str
+    payload: Any = None
+    priority: int = DEFAULT_PRIORITY
+    idempotency_key: str | None = None
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    run_at: _dt.datetime | None = None
+    run_in: float | _dt.timedelta | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """A run as stored (the seed's read model). Times are aware UTC; payload/result decoded JSON.
+
+    ``attempt`` counts how many times the run has been claimed (1 while its first execution runs).
+    """
+
+    id: str
+    type: str
+    payload: Any
+    status: str
+    priority: int
+    run_at: _dt.datetime | None
+    idempotency_key: str | None
+    attempt: int
+    max_attempts: int
+    leased_by: str | None
+    lease_until: _dt.datetime | None
+    last_error: str | None
+    result: Any
+    created_at: _dt.datetime | None
+    updated_at: _dt.datetime | None
+
+    def to_json(self) -> dict:
+        """A JSON-ready dict (times as RFC 3339 text, payload/result as JSON values)."""
+        return {k: _json_value(v) for k, v in dataclasses.asdict(self).items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    """One entry of a run's audit trail (``workflow_event``)."""
+
+    id: int
+    workflow_id: str
+    event_type: str
+    data: Any
+    created_at: _dt.datetime | None
+
+    def to_json(self) -> dict:
+        """A JSON-ready dict."""
+        return {k: _json_value(v) for k, v in dataclasses.asdict(self).items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """A cron schedule (``workflow_schedule``); ``cron`` is the seed's ``schedule`` column."""
+
+    id: str
+    type: str
+    payload: Any
+    cron: str
+    timezone: str
+    next_run_at: _dt.datetime | None
+    last_run_at: _dt.datetime | None
+    enabled: bool
+    priority: int
+    max_attempts: int
+    name: str | None = None
+    created_at: _dt.datetime | None = None
+
+    def to_json(self) -> dict:
+        """A JSON-ready dict with snake_case keys."""
+        return {k: _json_value(v) for k, v in dataclasses.asdict(self).items()}
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, _dt.datetime):
+        return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Connection strings
+# ---------------------------------------------------------------------------------------------
+
+_SQLITE_OPTIONS = {"synchronous": ("full", "normal", "extra"), "busy_timeout": None}
+_PG_OPTIONS = {
+    "schema",
+    "search_path",
+    "sslmode",
+    "sslrootcert",
+    "sslcert",
+    "sslkey",
+    "connect_timeout",
+    "timeout",
+    "application_name",
+}
+_SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+
+
+@dataclasses.dataclass(frozen=True)
+class _DSN:
+    """A parsed connection string. ``key`` names the database for in-process wake-ups."""
+
+    kind: str  # "sqlite" | "postgres"
+    text: str  # for messages, password masked
+    path: str = ""
+    memory: bool = False
+    synchronous: str = "full"
+    busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS
+    host: str = "localhost"
+    port: int = 5432
+    user: str = "postgres"
+    password: str | None = None
+    database: str | None = None
+    unix_sock: str | None = None
+    search_path: tuple[str, ...] = (DEFAULT_SCHEMA,)
+    sslmode: str = "disable"
+    ssl_files: tuple[str | None, str | None, str | None] = (None, None, None)
+    timeout: float = PG_TIMEOUT
+    application_name: str | None = "minflow"
+
+    @property
+    def schema(self) -> str:
+        return self.search_path[0]
+
+    @property
+    def key(self) -> str:
+        if self.kind == "sqlite":
+            return "sqlite:" + (f":memory:{id(self)}" if self.memory else self.path)
+        return f"pg:{self.unix_sock or self.host}:{self.port}/{self.database}/{self.schema}"
+
+
+def _parse_dsn(text: str | None) -> _DSN:
+    """Parse a minflow DSN (design §2) or raise ``InvalidInput`` naming what is wrong."""
+    if text is None:
+        text = os.environ.get("MINFLOW_DSN") or DEFAULT_DSN
+    if not isinstance(text, str) or not text.strip():
+        raise InvalidInput("DSN must be a non-empty string")
+    text = text.strip()
+    scheme, sep, _ = text.partition("://")
+    scheme = scheme.lower() if sep else ""
+    if scheme in ("sqlite", "sqlite3"):
+        return _parse_sqlite_dsn(text)
+    if scheme in ("postgres", "postgresql"):
+        return _parse_pg_url(text)
+    if sep:
+        raise InvalidInput(f"unsupported DSN scheme {scheme!r}: use sqlite:// or postgres://")
+    if "=" in text:
+        return _parse_pg_keywords(text)
+    raise InvalidInput(
+        f"unrecognised DSN {text!r}: expected sqlite:///file.db, postgres://... or key=value pairs"
+    )
+
+
+def _parse_sqlite_dsn(text: str) -> _DSN:
+    rest = text.split("://", 1)[1]
+    rest, _, query = rest.partition("?")
+    options = _query_options(query, _SQLITE_OPTIONS.keys(), "sqlite")
+    # sqlite:///rel.db -> "/rel.db" after the scheme: one leading slash separates the (empty)
+    # host from a relative path; sqlite:////abs.db keeps the absolute path.
+    path = unquote(rest[1:] if rest.startswith("/") else rest)
+    memory = path in ("", ":memory:")
+    synchronous = options.get("synchronous", "full").lower()
+    if synchronous not in _SQLITE_OPTIONS["synchronous"]:
+        raise InvalidInput(
+            f"sqlite synchronous must be one of {', '.join(_SQLITE_OPTIONS['synchronous'])}"
+        )
+    busy = options.get("busy_timeout", str(SQLITE_BUSY_TIMEOUT_MS))
+    if not busy.isdigit():
+        raise InvalidInput(f"sqlite busy_timeout must be milliseconds, got {busy!r}")
+    if not memory:
+        path = os.path.abspath(path)
+    return _DSN(
+        "sqlite",
+        text,
+        path=":memory:" if memory else path,
+        memory=memory,
+        synchronous=synchronous,
+        busy_timeout_ms=int(busy),
+    )
+
+
+def _query_options(query: str, allowed: Iterable[str], what: str) -> dict[str, str]:
+    options: dict[str, str] = {}
+    try:
+        pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
+    except ValueError:
+        raise InvalidInput(f"malformed {what} DSN query string {query!r}") from None
+    for key, value in pairs:
+        if key not in allowed:
+            raise InvalidInput(
+                f"unsupported {what} DSN parameter {key!r}; supported: {', '.join(sorted(allowed))}"
+            )
+        options[key] = value
+    return options
+
+
+def _parse_pg_url(text: str) -> _DSN:
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError as exc:
+        raise InvalidInput(f"malformed PostgreSQL DSN: {exc}") from None
+    options = _query_options(parts.query, _PG_OPTIONS, "postgres")
+    host = unquote(parts.hostname or "") or "localhost"
+    return _pg_dsn(
+        text,
+        host=host,
+        port=port or 5432,
+        user=unquote(parts.username) if parts.username else "postgres",
+        password=unquote(parts.password) if parts.password is not None else None,
+        database=unquote(parts.path.lstrip("/")) or None,
+        options=options,
+    )
+
+
+_KEYWORD = re.compile(r"\s*([A-Za-z_]+)\s*=\s*('((?:[^'\\]|\\.)*)'|[^\s']*)")
+
+
+def _parse_pg_keywords(text: str) -> _DSN:
+    fields: dict[str, str] = {}
+    pos = 0
+    while pos < len(text):
+        if text[pos:].strip() == "":
+            break
+        match = _KEYWORD.match(text, pos)
+        if not match:
+            raise InvalidInput(f"malformed key=value DSN near {text[pos : pos + 20]!r}")
+        value = match.group(3) if match.group(3) is not None else match.group(2)
+        fields[match.group(1)] = re.sub(r"\\(.)", r"\1", value)
+        pos = match.end()
+    conn_keys = {"host", "hostaddr", "port", "user", "password", "dbname"}
+    unknown = set(fields) - conn_keys - _PG_OPTIONS
+    if unknown:
+        raise InvalidInput(f"unsupported key=value DSN parameter(s): {', '.join(sorted(unknown))}")
+    port = fields.get("port", "5432")
+    if not port.isdigit():
+        raise InvalidInput(f"port must be a number, got {port!r}")
+    options = {k: v for k, v in fields.items() if k in _PG_OPTIONS}
+    return _pg_dsn(
+        _mask_keywords(text),
+        host=fields.get("hostaddr") or fields.get("host") or "localhost",
+        port=int(port),
+        user=fields.get("user", "postgres"),
+        password=fields.get("password"),
+        database=fields.get("dbname"),
+        options=options,
+    )
+
+
+def _mask_keywords(text: str) -> str:
+    return re.sub(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", text)
+
+
+_IDENT = re.compile(r"^[^\x00]{1,63}$")
+
+
+def _pg_dsn(
+    text: str,
+    *,
+    host: str,
+    port: int,
+    user: str,
+    password: str | None,
+    database: str | None,
+    options: dict[str, str],
+) -> _DSN:
+    schema = options.get("schema")
+    path = options.get("search_path")
+    if schema is not None and path is not None and [schema] != _split_path(path)[:1]:
+        raise InvalidInput("DSN gives both schema and search_path with different schemas; give one")
+    search_path = _split_path(path) if path is not None else [schema or DEFAULT_SCHEMA]
+    if not search_path or not all(_IDENT.match(s) for s in search_path):
+        raise InvalidInput(f"invalid schema name(s) {search_path!r}: 1 to 63 characters, no NUL")
+    sslmode = options.get("sslmode", "disable")
+    if sslmode not in _SSLMODES:
+        raise InvalidInput(f"sslmode must be one of {', '.join(_SSLMODES)}, got {sslmode!r}")
+    timeout = options.get("timeout") or options.get("connect_timeout") or str(PG_TIMEOUT)
+    try:
+        timeout_value = float(timeout)
+        if timeout_value <= 0:
+            raise ValueError
+    except ValueError:
+        raise InvalidInput(
+            f"timeout must be a positive number of seconds, got {timeout!r}"
+        ) from None
+    unix_sock = None
+    if host.startswith("/"):
+        unix_sock = f"{host.rstrip('/')}/.s.PGSQL.{port}"
+    if password is not None:
+        text = text.replace(":" + password + "@", ":***@")
+    return _DSN(
+        "postgres",
+        text,
+        host=host,
+        port=port,
+        user=user,
+        password=password,
+        database=database,
+        unix_sock=unix_sock,
+        search_path=tuple(search_path),
+        sslmode=sslmode,
+        ssl_files=(options.get("sslrootcert"), options.get("sslcert"), options.get("sslkey")),
+        timeout=timeout_value,
+        application_name=options.get("application_name", "minflow"),
+    )
+
+
+def _split_path(value: str) -> list[str]:
+    return [part.strip().strip('"') for part in value.split(",") if part.strip()]
+
+
+def _quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+# ---------------------------------------------------------------------------------------------
+# SQL: the schema, as numbered additive migrations per dialect
+# ---------------------------------------------------------------------------------------------
+# Migration 1 is the seed's own DDL (every statement IF NOT EXISTS, so it only adds to a database
+# the Go library created) plus the indexes minflow's queries need. Later migrations only add.
+
+_SQLITE_MIGRATIONS: list[tuple[int, str, list[str]]] = [
+    (
+        1,
+        "seed schema and minflow indexes",
+        [
+            """CREATE TABLE IF NOT EXISTS workflow_run (
+            id TEXT PRIMARY KEY,
+            type TEXT NOT NULL,
+            payload TEXT NOT NULL,
+            status TEXT NOT NULL DEFAULT 'pending'
+                CHECK (status IN ('pending','leased','succeeded','failed','cancelled')),
+            priority INTEGER NOT NULL DEFAULT 100,
+            run_at TEXT NOT NULL DEFAULT (datetime('now')),
+            idempotency_key TEXT UNIQUE,
+            attempt INTEGER NOT NULL DEFAULT 0,
+            max_attempts INTEGER NOT NULL DEFAULT 3,
+            leased_by TEXT,
+            lease_until TEXT,
+            last_error TEXT,
+            result TEXT,
+            created_at TEXT NOT NULL DEFAULT (datetime('now')),
+            updated_at TEXT NOT NULL DEFAULT (datetime('now')),
+            deleted_at TEXT)""",
+            "CREATE INDEX IF NOT EXISTS idx_workflow_run_claim ON workflow_run (status, run_at, priority, created_at)",
+            "CREATE INDEX IF NOT EXISTS idx_workflow_run_type_prefix ON workflow_run (type, status, run_at)",
+            "CREATE INDEX IF NOT EXISTS idx_workflow_run_idempotency ON workflow_run (idempotency_key)",
+            "CREATE INDEX IF NOT EXISTS idx_workflow_run_type_status ON workflow_run (type, status, created_at)",
+            "CREATE INDEX IF NOT EXISTS idx_workflow_run_deleted_at ON workflow_run (deleted_at)",
+            """CREATE TABLE IF NOT EXISTS workflow_event (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            workflow_id TEXT NOT NULL REFERENCES workflow_run(id) ON DELETE CASCADE,
+            event_type TEXT NOT NULL CHECK (event_type IN
+                ('created','leased','started','heartbeat','succeeded','failed','retried','cancelled')),
+            data TEXT,
+            created_at TEXT NOT NULL DEFAULT (datetime('now')))""",
+            "CREATE INDEX IF NOT EXISTS idx_workflow_event_workflow_id ON workflow_event (workflow_id, created_at)",
+            "CREATE INDEX IF NOT EXISTS idx_workflow_event_type ON workflow_event (event_type, created_at)",
+            """CREATE TABLE IF NOT EXISTS workflow_registry (
+            id TEXT PRIMARY KEY,
+            workflow_name TEXT NOT NULL UNIQUE,
+            intent_type TEXT NOT NULL DEFAULT 'workflow',
+            runtime TEXT NOT NULL,
+            is_enabled INTEGER NOT NULL DEFAULT 1,
+            description TEXT,
+            created_at TEXT NOT NULL DEFAULT (datetime('now')),
+            updated_at TEXT NOT NULL DEFAULT (datetime('now')),
+            deleted_at TEXT)""",
+            "CREATE INDEX IF NOT EXISTS idx_workflow_registry_runtime ON workflow_registry (runtime, is_enabled)",
+            "CREATE INDEX IF NOT EXISTS idx_workflow_registry_deleted_at ON workflow_registry (deleted_at)",
+            """CREATE TABLE IF NOT EXISTS workflow_schedule (
+            id TEXT PRIMARY KEY,
+            type TEXT NOT NULL,
+            payload TEXT NOT NULL DEFAULT '{}',
+            schedule TEXT NOT NULL,
+            timezone TEXT NOT NULL DEFAULT 'UTC',
+            next_run_at TEXT NOT NULL,
+            last_run_at TEXT,
+            enabled INTEGER NOT NULL DEFAULT 1,
+            priority INTEGER NOT NULL DEFAULT 100,
+            max_attempts INTEGER NOT NULL DEFAULT 3,
+            created_at TEXT NOT NULL DEFAULT (datetime('now')),
+            updated_at TEXT NOT NULL DEFAULT (datetime('now')),
+            deleted_at TEXT)""",
+            "CREATE INDEX IF NOT EXISTS idx_workflow_schedule_next_run ON workflow_schedule (next_run_at)",
+            "CREATE INDEX IF NOT EXISTS idx_workflow_schedule_type ON workflow_schedule (type)",
+            # The claim walks this in claim order and stops after LIMIT rows (seed-spec P-2).
+            """CREATE INDEX IF NOT EXISTS minflow_run_claim ON workflow_run (priority, run_at, created_at)
+            WHERE status = 'pending' AND deleted_at IS NULL""",
+            # The rescue sweep finds expired leases without scanning finished runs.
+            "CREATE INDEX IF NOT EXISTS minflow_run_lease ON workflow_run (lease_until) WHERE status = 'leased'",
+            # list() is newest first; without this it sorts the whole table.
+            "CREATE INDEX IF NOT EXISTS minflow_run_created ON workflow_run (created_at)",
+        ],
+    ),
+    (
+        2,
+        "schedule names",
+        [
+            "ALTER TABLE workflow_schedule ADD COLUMN name TEXT",
+            """CREATE UNIQUE INDEX IF NOT EXISTS minflow_schedule_name ON workflow_schedule (name)
+            WHERE name IS NOT NULL AND deleted_at IS NULL""",
+            """CREATE INDEX IF NOT EXISTS minflow_schedule_due ON workflow_schedule (next_run_at)
+            WHERE enabled = 1 AND deleted_at IS NULL""",
+        ],
+    ),
+]
+
+_PG_MIGRATIONS: list[tuple[int, str, list[str]]] = [
+    (
+        1,
+        "seed schema and minflow indexes",
+        [
+            """CREATE TABLE IF NOT EXISTS workflow_run (
+            id UUID PRIMARY KEY DEFAULT gen_random_uuid(),
+            type TEXT NOT NULL,
+            payload JSONB NOT NULL,
+            status TEXT NOT NULL DEFAULT 'pending'
+                CHECK (status IN ('pending','leased','succeeded','failed','cancelled')),
+            priority INT NOT NULL DEFAULT 100,
+            run_at TIMESTAMPTZ NOT NULL DEFAULT NOW(),
+            idempotency_key TEXT UNIQUE,
+            attempt INT NOT NULL DEFAULT 0,
+            max_attempts INT NOT NULL DEFAULT 3,
+            leased_by TEXT,
+            lease_until TIMESTAMPTZ,
+            last_error TEXT,
+            result JSONB,
+            created_at TIMESTAMPTZ NOT NULL DEFAULT NOW(),
+            updated_at TIMESTAMPTZ NOT NULL DEFAULT NOW(),
+            deleted_at TIMESTAMPTZ)""",
+            """CREATE INDEX IF NOT EXISTS idx_workflow_run_claim ON workflow_run (status, run_at, priority, created_at)
+            WHERE status = 'pending'""",
+            """CREATE INDEX IF NOT EXISTS idx_workflow_run_type_prefix ON workflow_run (type text_pattern_ops, status, run_at)
+            WHERE status = 'pending'""",
+            """CREATE INDEX IF NOT EXISTS idx_workflow_run_idempotency ON workflow_run (idempotency_key)
+            WHERE idempotency_key IS NOT NULL""",
+            "CREATE INDEX IF NOT EXISTS idx_workflow_run_type_status ON workflow_run (type, status, created_at DESC)",
+            "CREATE INDEX IF NOT EXISTS idx_workflow_run_deleted_at ON workflow_run (deleted_at) WHERE deleted_at IS NULL",
+            """CREATE TABLE IF NOT EXISTS workflow_event (
+            id BIGSERIAL PRIMARY KEY,
+            workflow_id UUID NOT NULL REFERENCES workflow_run(id) ON DELETE CASCADE,
+            event_type TEXT NOT NULL CHECK (event_type IN
+                ('created','leased','started','heartbeat','succeeded','failed','retried','cancelled')),
+            data JSONB,
+            created_at TIMESTAMPTZ NOT NULL DEFAULT NOW())""",
+            "CREATE INDEX IF NOT EXISTS idx_workflow_event_workflow_id ON workflow_event (workflow_id, created_at DESC)",
+            "CREATE INDEX IF NOT EXISTS idx_workflow_event_type ON workflow_event (event_type, created_at DESC)",
+            """CREATE TABLE IF NOT EXISTS workflow_registry (
+            id UUID PRIMARY KEY DEFAULT gen_random_uuid(),
+            workflow_name TEXT NOT NULL UNIQUE,
+            intent_type TEXT NOT NULL DEFAULT 'workflow',
+            runtime TEXT NOT NULL,
+            is_enabled BOOLEAN NOT NULL DEFAULT true,
+            description TEXT,
+            created_at TIMESTAMPTZ NOT NULL DEFAULT NOW(),
+            updated_at TIMESTAMPTZ NOT NULL DEFAULT NOW(),
+            deleted_at TIMESTAMPTZ)""",
+            "CREATE INDEX IF NOT EXISTS idx_workflow_registry_runtime ON workflow_registry (runtime, is_enabled)",
+            """CREATE INDEX IF NOT EXISTS idx_workflow_registry_deleted_at ON workflow_registry (deleted_at)
+            WHERE deleted_at IS NULL""",
+            """CREATE TABLE IF NOT EXISTS workflow_schedule (
+            id UUID PRIMARY KEY DEFAULT gen_random_uuid(),
+            type TEXT NOT NULL,
+            payload JSONB NOT NULL DEFAULT '{}',
+            schedule TEXT NOT NULL,
+            timezone TEXT NOT NULL DEFAULT 'UTC',
+            next_run_at TIMESTAMPTZ NOT NULL,
+            last_run_at TIMESTAMPTZ,
+            enabled BOOLEAN NOT NULL DEFAULT true,
+            priority INT NOT NULL DEFAULT 100,
+            max_attempts INT NOT NULL DEFAULT 3,
+            created_at TIMESTAMPTZ NOT NULL DEFAULT NOW(),
+            updated_at TIMESTAMPTZ NOT NULL DEFAULT NOW(),
+            deleted_at TIMESTAMPTZ)""",
+            """CREATE INDEX IF NOT EXISTS idx_workflow_schedule_next_run ON workflow_schedule (next_run_at)
+            WHERE enabled = true AND deleted_at IS NULL""",
+            "CREATE INDEX IF NOT EXISTS idx_workflow_schedule_type ON workflow_schedule (type)",
+            """CREATE INDEX IF NOT EXISTS minflow_run_claim ON workflow_run (priority, run_at, created_at)
+            WHERE status = 'pending' AND deleted_at IS NULL""",
+            "CREATE INDEX IF NOT EXISTS minflow_run_lease ON workflow_run (lease_until) WHERE status = 'leased'",
+            "CREATE INDEX IF NOT EXISTS minflow_run_created ON workflow_run (created_at)",
+        ],
+    ),
+    (
+        2,
+        "schedule names",
+        [
+            "ALTER TABLE workflow_schedule ADD COLUMN IF NOT EXISTS name TEXT",
+            """CREATE UNIQUE INDEX IF NOT EXISTS minflow_schedule_name ON workflow_schedule (name)
+            WHERE name IS NOT NULL AND deleted_at IS NULL""",
+        ],
+    ),
+]
+
+SCHEMA_VERSION = max(version for version, _, _ in _PG_MIGRATIONS)
+
+# ---------------------------------------------------------------------------------------------
+# SQL: statements shared by both dialects
+# ---------------------------------------------------------------------------------------------
+# {now} is the database clock, {later:NAME} "database clock + :NAME seconds", {json:NAME} a JSON
+# parameter, {uuid:NAME} an id parameter. Each dialect renders them once at start-up; values are
+# always bound, never formatted in.
+
+_RUN_COLUMNS = (
+    "id, type, payload, status, priority, run_at, idempotency_key, attempt, "
+    "max_attempts, leased_by, lease_until, last_error, result, created_at, updated_at"
+)
+_SCHEDULE_COLUMNS = (
+    "id, type, payload, schedule, timezone, next_run_at, last_run_at, enabled, "
+    "priority, max_attempts, name, created_at"
+)
+
+_SQL: dict[str, str] = {
+    # The database clock, as the dialect stores time.
+    "now": "SELECT {now}",
+    # Applied schema version (the table may be absent on a fresh database).
+    "schema_version": "SELECT MAX(version) FROM minflow_migration",
+    # One run by id.
+    "get_run": f"SELECT {_RUN_COLUMNS} FROM workflow_run WHERE id = {{uuid:id}} AND deleted_at IS NULL",
+    # Existing run of an idempotency key (the key is unique forever, as in the seed).
+    "run_by_key": "SELECT id FROM workflow_run WHERE idempotency_key = :key",
+    # A run's status, for cancel/retry error messages and is_cancelled().
+    "run_state": "SELECT status, leased_by, attempt FROM workflow_run WHERE id = {uuid:id} AND deleted_at IS NULL",
+    # Audit trail, oldest first; id breaks ties between events of one transaction.
+    "events": (
+        "SELECT id, workflow_id, event_type, data, created_at FROM workflow_event "
+        "WHERE workflow_id = {uuid:id} ORDER BY created_at, id"
+    ),
+    # Insert one audit event.
+    "insert_event": (
+        "INSERT INTO workflow_event (workflow_id, event_type, data, created_at) "
+        "VALUES ({uuid:id}, :event_type, {json:data}, {now})"
+    ),
+    # Cancel a run that is not finished; sticky: the worker's fenced writes no longer match.
+    "cancel": (
+        "UPDATE workflow_run SET status = 'cancelled', updated_at = {now} "
+        "WHERE id = {uuid:id} AND status IN ('pending', 'leased') AND deleted_at IS NULL RETURNING id"
+    ),
+    # Revive a dead or cancelled run: pending now, attempts start again from zero.
+    "retry": (
+        "UPDATE workflow_run SET status = 'pending', attempt = 0, run_at = {now}, updated_at = {now} "
+        "WHERE id = {uuid:id} AND status IN ('failed', 'cancelled') AND deleted_at IS NULL RETURNING id, type"
+    ),
+    # Counts by type and status.
+    "stats": (
+        "SELECT type, status, COUNT(*) FROM workflow_run WHERE deleted_at IS NULL "
+        "GROUP BY type, status ORDER BY type, status"
+    ),
+    # Extend the lease of one run this worker holds (explicit heartbeat).
+    "heartbeat": (
+        "UPDATE workflow_run SET lease_until = {later:seconds}, updated_at = {now} "
+        "WHERE id = {uuid:id} AND status = 'leased' AND leased_by = :worker AND attempt = :attempt "
+        "RETURNING id"
+    ),
+    # Give back a claimed run that was never started (worker shutting down before dispatch).
+    "release": (
+        "UPDATE workflow_run SET status = 'pending', attempt = attempt - 1, run_at = {now}, "
+        "updated_at = {now} WHERE id = {uuid:id} AND status = 'leased' AND leased_by = :worker "
+        "AND attempt = :attempt RETURNING id"
+    ),
+    # Schedules: list, one, create, pause/resume, delete, advance after firing.
+    "schedules": (
+        f"SELECT {_SCHEDULE_COLUMNS} FROM workflow_schedule WHERE deleted_at IS NULL "
+        "ORDER BY created_at, id"
+    ),
+    "get_schedule": (
+        f"SELECT {_SCHEDULE_COLUMNS} FROM workflow_schedule "
+        "WHERE id = {uuid:id} AND deleted_at IS NULL"
+    ),
+    "schedule_by_name": "SELECT id FROM workflow_schedule WHERE name = :name AND deleted_at IS NULL",
+    "insert_schedule": (
+        "INSERT INTO workflow_schedule (id, type, payload, schedule, timezone, next_run_at, "
+        "priority, max_attempts, name, created_at, updated_at) VALUES ({uuid:id}, :type, "
+        "{json:payload}, :cron, :timezone, {time:next_run_at}, :priority, :max_attempts, "
+        ":name, {now}, {now})"
+    ),
+    "update_schedule": (
+        "UPDATE workflow_schedule SET type = :type, payload = {json:payload}, schedule = :cron, "
+        "timezone = :timezone, next_run_at = {time:next_run_at}, priority = :priority, "
+        "max_attempts = :max_attempts, updated_at = {now} WHERE id = {uuid:id}"
+    ),
+    "set_schedule_enabled": (
+        "UPDATE workflow_schedule SET enabled = {bool:enabled}, "
+        "next_run_at = COALESCE({time:next_run_at}, next_run_at), updated_at = {now} "
+        "WHERE id = {uuid:id} AND deleted_at IS NULL RETURNING id"
+    ),
+    "delete_schedule": (
+        "UPDATE workflow_schedule SET deleted_at = {now}, enabled = {bool:disabled}, "
+        "updated_at = {now} WHERE id = {uuid:id} AND deleted_at IS NULL RETURNING id"
+    ),
+    # Is any schedule due? The cheap check a ticker runs when nothing is due.
+    "schedule_due_exists": (
+        "SELECT 1 FROM workflow_schedule WHERE next_run_at <= {now} "
+        "AND enabled = {bool:enabled} AND deleted_at IS NULL LIMIT 1"
+    ),
+    "advance_schedule": (
+        "UPDATE workflow_schedule SET next_run_at = {time:next_run_at}, last_run_at = {now}, "
+        "updated_at = {now} WHERE id = {uuid:id}"
+    ),
+    # Insert a run created by a schedule slot; the slot key makes several tickers fire it once.
+    "insert_scheduled_run": (
+        "INSERT INTO workflow_run (id, type, payload, priority, run_at, idempotency_key, "
+        "max_attempts, created_at, updated_at) VALUES ({uuid:id}, :type, {json:payload}, "
+        ":priority, {now}, :key, :max_attempts, {now}, {now}) "
+        "ON CONFLICT (idempotency_key) DO NOTHING RETURNING id"
+    ),
+}
+
+
+def _render(template: str, fragments: dict[str, str]) -> str:
+    """Fill a shared statement's {now}, {later:x}, {json:x}, {uuid:x}, {time:x}, {bool:x} slots."""
+
+    def fill(match: re.Match) -> str:
+        kind, _, name = match.group(1).partition(":")
+        return fragments[kind].replace("NAME", name)
+
+    return re.sub(r"\{(now|(?:later|json|uuid|time|bool):\w+)\}", fill, template)
+
+
+# ---------------------------------------------------------------------------------------------
+# Connections and the pool
+# ---------------------------------------------------------------------------------------------
+
+
+class _Connection:
+    """One driver connection, used by one thread at a time, with translated errors."""
+
+    broken = False
+    idle_since = 0.0
+
+    def query(self, sql: str, params: dict | None = None) -> list:
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[_Connection]:
+        self.begin()
+        try:
+            yield self
+        except BaseException:
+            if not self.broken:
+                with contextlib.suppress(MinflowError):
+                    self.query("ROLLBACK")
+            raise
+        self.query("COMMIT")
+
+    def begin(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class _SQLiteConnection(_Connection):
+    def __init__(self, raw: sqlite3.Connection, lock: threading.RLock | None = None):
+        self.raw = raw
+        # sqlite://:memory: shares one connection (the database lives in it), so every use
+        # holds this lock; file databases have a connection per user and no lock.
+        self._lock = lock
+
+    def query(self, sql: str, params: dict | None = None) -> list:
+        if params:
+            params = {
+                k: _sqlite_time(v) if isinstance(v, _dt.datetime) else v for k, v in params.items()
+            }
+        try:
+            if self._lock is None:
+                return self.raw.execute(sql, params or {}).fetchall()
+            with self._lock:
+                return self.raw.execute(sql, params or {}).fetchall()
+        except sqlite3.Error as exc:
+            raise _translate_sqlite(exc) from exc
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[_Connection]:
+        if self._lock is None:
+            with super().transaction() as conn:
+                yield conn
+            return
+        with self._lock, super().transaction() as conn:
+            yield conn
+
+    def begin(self) -> None:
+        # IMMEDIATE takes the write lock up front: a deferred transaction that reads then writes
+        # fails with SQLITE_BUSY without waiting for busy_timeout.
+        self.query("BEGIN IMMEDIATE")
+
+    def close(self) -> None:
+        if self._lock is None:
+            with contextlib.suppress(sqlite3.Error):
+                self.raw.close()
+
+
+def _translate_sqlite(exc: sqlite3.Error) -> MinflowError:
+    text = str(exc)
+    if "locked" in text or "busy" in text:
+        return Unavailable(f"SQLite database is locked (busy_timeout exceeded): {text}")
+    if "no such table" in text:
+        return MinflowError(
+            f"{text}: the minflow schema is missing; run Client.migrate() or `minflow migrate`"
+        )
+    if isinstance(exc, sqlite3.IntegrityError):
+        return InvalidInput(f"rejected by the database: {text}")
+    if isinstance(exc, sqlite3.OperationalError) and ("disk" in text or "unable to open" in text):
+        return Unavailable(f"SQLite: {text}")
+    return MinflowError(f"SQLite: {text}")
+
+
+class _PgConnection(_Connection):
+    def __init__(self, raw: Any, errors: Any):
+        self.raw = raw
+        self._errors = errors
+        # pg8000's run() with parameters costs three round trips (parse, describe, execute);
+        # a prepared statement costs one, so every parameterised statement is prepared once.
+        self._prepared: dict[str, Any] = {}
+
+    def query(self, sql: str, params: dict | None = None) -> list:
+        try:
+            if params is None:
+                return self.raw.run(sql) or []
+            statement = self._prepared.get(sql)
+            if statement is None:
+                statement = self._prepared[sql] = self.raw.prepare(sql)
+            return statement.run(**params) or []
+        except self._errors.DatabaseError as exc:
+            error = _translate_pg(exc)
+            if isinstance(error, Unavailable):
+                self.broken = True
+            raise error from exc
+        except self._errors.InterfaceError as exc:
+            # pg8000 uses InterfaceError both for a dead socket and for misuse of its API.
+            if not _PG_NETWORK.search(str(exc)):
+                raise MinflowError(f"pg8000: {exc}") from exc
+            self.broken = True
+            raise Unavailable(f"PostgreSQL connection lost: {exc}") from exc
+        except (OSError, EOFError, AttributeError) as exc:
+            # A socket error, a short read, or (closed connection) an attribute of its None socket.
+            self.broken = True
+            raise Unavailable(f"PostgreSQL connection lost: {exc}") from exc
+
+    def begin(self) -> None:
+        self.query("BEGIN")
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.raw.close()
+
+
+_PG_NETWORK = re.compile(r"network|connection|closed|timed? ?out|socket|EOF|read|write|SSL", re.I)
+_PG_UNAVAILABLE = ("08", "53", "57", "58")  # connection, resources, operator intervention, system
+
+
+def _translate_pg(exc: Exception) -> MinflowError:
+    info = exc.args[0] if exc.args and isinstance(exc.args[0], dict) else {}
+    code, message = info.get("C", ""), info.get("M", str(exc))
+    if code.startswith(_PG_UNAVAILABLE) or code in ("40001", "40P01", "55P03"):
+        return Unavailable(f"PostgreSQL unavailable ({code}): {message}")
+    if code in ("42P01", "3F000"):
+        return MinflowError(
+            f"{message}: the minflow schema is missing; run Client.migrate() or `minflow migrate`"
+        )
+    if code.startswith(("22", "23")):
+        return InvalidInput(f"rejected by the database ({code}): {message}")
+    return MinflowError(f"PostgreSQL error ({code}): {message}")
+
+
+class _Pool:
+    """Connections handed to one thread at a time; LIFO so warm connections are reused.
+
+    Safe after fork: a child never touches its parent's connections (closing a PostgreSQL one
+    would end the parent's session), it just forgets them.
+    """
+
+    def __init__(
+        self, connect: Callable[[], _Connection], size: int = POOL_SIZE, ping: bool = False
+    ):
+        self._connect = connect
+        self._idle: list[_Connection] = []
+        self._lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(size)
+        self._ping = ping
+        self._pid = os.getpid()
+        self._closed = False
+
+    @contextlib.contextmanager
+    def connection(self) -> Iterator[_Connection]:
+        if not self._slots.acquire(timeout=60):
+            raise Unavailable("no database connection free within 60 s (pool exhausted)")
+        conn = None
+        try:
+            conn = self._take()
+            yield conn
+        finally:
+            if conn is not None:
+                self._give_back(conn)
+            self._slots.release()
+
+    def _take(self) -> _Connection:
+        if self._closed:
+            raise MinflowError("the client is closed")
+        with self._lock:
+            if self._pid != os.getpid():
+                self._idle, self._pid = [], os.getpid()
+            conn = self._idle.pop() if self._idle else None
+        # A connection idle for a while may have been cut by a server restart; one cheap
+        # round trip here spares the caller an error for something already healed.
+        if conn is not None and self._ping and time.monotonic() - conn.idle_since > 1.0:
+            try:
+                conn.query("SELECT 1")
+            except MinflowError:
+                conn.close()
+                conn = None
+        return conn if conn is not None else self._connect()
+
+    def _give_back(self, conn: _Connection) -> None:
+        if conn.broken or self._closed or self._pid != os.getpid():
+            if self._pid == os.getpid():
+                conn.close()
+            return
+        conn.idle_since = time.monotonic()
+        with self._lock:
+            self._idle.append(conn)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        if self._pid == os.getpid():
+            for conn in idle:
+                conn.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Dialects: the only place that knows SQLite from PostgreSQL
+# ---------------------------------------------------------------------------------------------
+# Differences are data first (fragments, DDL), then a few hooks for the hot paths: connect,
+# submit, the claim/complete cycle, rescue, lease extension and wake-ups.
+
+# Completion kinds a worker reports back.
+_SUCCEEDED, _FAILED, _SNOOZED = "succeeded", "failed", "snoozed"
+
+
+@dataclasses.dataclass
+class _Completion:
+    id: str
+    attempt: int
+    kind: str
+    result: str | None = None  # JSON text
+    error: str | None = None
+    delay: float = 0.0
+    type: str = ""
+    started: float = 0.0  # monotonic, for the duration metric
+
+
+@dataclasses.dataclass
+class _Filter:
+    """Which runs a worker may claim: exact types and/or literal prefixes."""
+
+    types: tuple[str, ...]
+    prefixes: tuple[str, ...]
+    handled: frozenset[str]
+
+
+class _Dialect:
+    name = ""
+    migrations: list[tuple[int, str, list[str]]] = []
+    fragments: dict[str, str] = {}
+
+    def __init__(self, dsn: _DSN):
+        self.dsn = dsn
+        self.sql = {name: _render(text, self.fragments) for name, text in _SQL.items()}
+
+    def valid_id(self, run_id: str) -> bool:
+        return isinstance(run_id, str) and bool(run_id)
+
+    def decode_json(self, value: Any) -> Any:
+        raise NotImplementedError
+
+    def connect(self) -> _Connection:
+        raise NotImplementedError
+
+    def migrate(self, conn: _Connection) -> int:
+        raise NotImplementedError
+
+    def _apply_migrations(self, conn: _Connection, applied: set[int]) -> int:
+        done = 0
+        for version, name, statements in self.migrations:
+            if version in applied:
+                continue
+            for statement in statements:
+                conn.query(statement)
+            conn.query(
+                "INSERT INTO minflow_migration (version, name) VALUES (:version, :name)",
+                {"version": version, "name": name},
+            )
+            done += 1
+        return done
+
+    # -- hooks for the hot paths -----------------------------------------------------------
+    def submit(self, conn: _Connection, rows: list[dict]) -> list[tuple[str, bool]]:
+        """Insert runs (with their created events) in one transaction; (id, created) each."""
+        raise NotImplementedError
+
+    def cycle(
+        self,
+        conn: _Connection,
+        worker_id: str,
+        done: list[_Completion],
+        limit: int,
+        lease: float,
+        filt: _Filter,
+    ) -> tuple[list, dict[str, tuple[str, int]]]:
+        """Write completions and claim up to ``limit`` runs in one transaction."""
+        raise NotImplementedError
+
+    def rescue(self, conn: _Connection) -> list:
+        raise NotImplementedError
+
+    def extend_leases(
+        self, conn: _Connection, worker_id: str, held: list[tuple[str, int]], lease: float
+    ) -> set[str]:
+        raise NotImplementedError
+
+    def may_have_work(self, conn: _Connection, filt: _Filter) -> bool:
+        return True
+
+    def notify(self, conn: _Connection, types: set[str]) -> None:
+        """Tell other processes' workers that runs of ``types`` were submitted."""
+
+    def watcher(self) -> Callable[[threading.Event, Callable[[], None]], None] | None:
+        """A loop that calls wake() when another process may have submitted work."""
+        return None
+
+
+def _row_dicts(rows: Sequence[dict]) -> dict[str, list]:
+    return {key: [row[key] for row in rows] for key in rows[0]} if rows else {}
+
+
+class _SQLiteDialect(_Dialect):
+    name = "sqlite"
+    migrations = _SQLITE_MIGRATIONS
+    fragments = {
+        "now": "strftime('%Y-%m-%d %H:%M:%f', 'now')",
+        "later": "strftime('%Y-%m-%d %H:%M:%f', 'now', printf('%+.3f seconds', :NAME))",
+        "json": ":NAME",
+        "uuid": ":NAME",
+        "time": ":NAME",
+        "bool": ":NAME",
+    }
+
+    def __init__(self, dsn: _DSN):
+        super().__init__(dsn)
+        if sqlite3.sqlite_version_info < (3, 35, 0):
+            raise MinflowError(
+                f"minflow needs SQLite >= 3.35 (RETURNING); this Python has {sqlite3.sqlite_version}"
+            )
+        self._shared: _SQLiteConnection | None = None
+        self._shared_lock = threading.RLock()
+        self._filters: dict[tuple, tuple[str, dict]] = {}
+
+    def decode_json(self, value: Any) -> Any:
+        # The Go library binds JSON as []byte, which SQLite stores as BLOB.
+        if value is None:
+            return None
+        if isinstance(value, (bytes, memoryview)):
+            value = bytes(value).decode("utf-8")
+        return json.loads(value)
+
+    def _open(self) -> sqlite3.Connection:
+        raw = sqlite3.connect(
+            self.dsn.path,
+            timeout=self.dsn.busy_timeout_ms / 1000,
+            isolation_level=None,
+            check_same_thread=False,
+        )
+        try:
+            raw.execute(f"PRAGMA busy_timeout = {int(self.dsn.busy_timeout_ms)}")
+            raw.execute("PRAGMA foreign_keys = ON")
+            if not self.dsn.memory:
+                mode = raw.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+                if mode.lower() != "wal":
+                    raise MinflowError(
+                        f"could not switch {self.dsn.path} to WAL (journal_mode={mode})"
+                    )
+            raw.execute(f"PRAGMA synchronous = {self.dsn.synchronous.upper()}")
+        except sqlite3.Error as exc:
+            raw.close()
+            raise _translate_sqlite(exc) from exc
+        except BaseException:
+            raw.close()
+            raise
+        return raw
+
+    def connect(self) -> _Connection:
+        if not self.dsn.memory:
+            try:
+                return _SQLiteConnection(self._open())
+            except sqlite3.Error as exc:
+                raise Unavailable(f"cannot open SQLite database {self.dsn.path}: {exc}") from exc
+        with self._shared_lock:
+            if self._shared is None:
+                self._shared = _SQLiteConnection(self._open(), self._shared_lock)
+            return self._shared
+
+    def migrate(self, conn: _Connection) -> int:
+        with conn.transaction():
+            conn.query("""CREATE TABLE IF NOT EXISTS minflow_migration (
+                version INTEGER PRIMARY KEY, name TEXT NOT NULL,
+                applied_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%d %H:%M:%f', 'now')))""")
+            applied = {row[0] for row in conn.query("SELECT version FROM minflow_migration")}
+            return self._apply_migrations(conn, applied)
+
+    def submit(self, conn: _Connection, rows: list[dict]) -> list[tuple[str, bool]]:
+        out = []
+        with conn.transaction():
+            for row in rows:
+                inserted = conn.query(_SQLITE_INSERT_RUN, row)
+                if inserted:
+                    conn.query(
+                        self.sql["insert_event"],
+                        {"id": row["id"], "event_type": "created", "data": None},
+                    )
+                    out.append((row["id"], True))
+                else:
+                    out.append(
+                        (conn.query(self.sql["run_by_key"], {"key": row["key"]})[0][0], False)
+                    )
+        return out
+
+    def _filter_sql(self, filt: _Filter) -> tuple[str, dict]:
+        cache_key = (filt.types, filt.prefixes)
+        cached = self._filters.get(cache_key)
+        if cached is None:
+            terms, params = [], {}
+            if filt.types:
+                names = [f":t{i}" for i in range(len(filt.types))]
+                terms.append(f"type IN ({', '.join(names)})")
+                params.update({f"t{i}": t for i, t in enumerate(filt.types)})
+            for i, prefix in enumerate(filt.prefixes):
+                # GLOB is case-sensitive (LIKE is not, in SQLite); its wildcards are escaped
+                # with brackets so the prefix is matched literally.
+                terms.append(f"type GLOB :g{i}")
+                params[f"g{i}"] = re.sub(r"([*?\[])", r"[\1]", prefix) + "*"
+            cached = self._filters[cache_key] = (" OR ".join(terms) or "0", params)
+        return cached
+
+    def cycle(self, conn, worker_id, done, limit, lease, filt):
+        events: list[dict] = []
+        finished: dict[str, tuple[str, int]] = {}
+        claimed: list = []
+        with conn.transaction():
+            for item in done:
+                row = conn.query(
+                    _SQLITE_COMPLETE,
+                    {
+                        "id": item.id,
+                        "attempt": item.attempt,
+                        "kind": item.kind,
+                        "worker": worker_id,
+                        "result": item.result,
+                        "error": item.error,
+                        "delay": item.delay,
+                    },
+                )
+                if row:
+                    status, attempt = row[0]
+                    finished[item.id] = (status, attempt)
+                    events.append(
+                        {
+                            "id": item.id,
+                            "event_type": _event_for(status),
+                            "data": _completion_event_data(item, attempt),
+                        }
+                    )
+            if limit > 0:
+                where, params = self._filter_sql(filt)
+                claimed = conn.query(
+                    _SQLITE_CLAIM.replace("{filter}", where),
+                    {**params, "worker": worker_id, "lease": lease, "limit": limit},
+                )
+                for row in claimed:
+                    data = json.dumps({"worker_id": worker_id, "attempt": row[3]})
+                    events.append({"id": row[0], "event_type": "leased", "data": data})
+                    if row[1] in filt.handled:
+                        events.append(
+                            {
+                                "id": row[0],
+                                "event_type": "started",
+                                "data": json.dumps({"worker_id": worker_id}),
+                            }
+                        )
+            for event in events:
+                conn.query(self.sql["insert_event"], event)
+        return claimed, finished
+
+    def rescue(self, conn):
+        with conn.transaction():
+            rows = conn.query(_SQLITE_RESCUE, {"limit": RESCUE_BATCH})
+            for run_id, _type, status, attempt, leased_by in rows:
+                conn.query(
+                    self.sql["insert_event"],
+                    {
+                        "id": run_id,
+                        "event_type": _event_for(status),
+                        "data": json.dumps(
+                            {"reason": "lease_expired", "attempt": attempt, "worker_id": leased_by}
+                        ),
+                    },
+                )
+        return rows
+
+    def extend_leases(self, conn, worker_id, held, lease):
+        kept = set()
+        with conn.transaction():
+            for run_id, attempt in held:
+                if conn.query(
+                    _SQLITE_EXTEND,
+                    {"id": run_id, "attempt": attempt, "worker": worker_id, "lease": lease},
+                ):
+                    kept.add(run_id)
+        return kept
+
+    def may_have_work(self, conn, filt):
+        # A read in WAL mode takes no lock; it spares every idle worker a write transaction
+        # each time some other connection commits.
+        where, params = self._filter_sql(filt)
+        return bool(conn.query(_SQLITE_HAS_WORK.replace("{filter}", where), params))
+
+    def watcher(self):
+        if self.dsn.memory:
+            return None
+
+        def watch(stop: threading.Event, wake: Callable[[], None]) -> None:
+            conn = None
+            last = None
+            while not stop.is_set():
+                try:
+                    if conn is None:
+                        conn = self._open()
+                    version = conn.execute("PRAGMA data_version").fetchone()[0]
+                    if last is not None and version != last:
+                        wake()
+                    last = version
+                    stop.wait(SQLITE_WATCH_INTERVAL)
+                except sqlite3.Error as exc:
+                    _worker_log.warning("data_version watcher: %s; retrying", exc)
+                    if conn is not None:
+                        conn.close()
+                    conn, last = None, None
+                    stop.wait(1.0)
+            if conn is not None:
+                conn.close()
+
+        return watch
+
+
+def _event_for(status: str) -> str:
+    return {"pending": "retried", "failed": "failed", "succeeded": "succeeded"}[status]
+
+
+def _completion_event_data(item: _Completion, attempt: int) -> str | None:
+    if item.kind == _SUCCEEDED:
+        return None
+    if item.kind == _SNOOZED:
+        return json.dumps({"attempt": attempt, "reason": "retry_requested", "delay": item.delay})
+    return json.dumps({"attempt": attempt, "error": item.error})
+
+
+_SQLITE_NOW = _SQLiteDialect.fragments["now"]
+_SQLITE_LATER = _SQLiteDialect.fragments["later"]
+
+# Insert one run unless its idempotency key exists.
+_SQLITE_INSERT_RUN = f"""
+INSERT INTO workflow_run (id, type, payload, priority, run_at, idempotency_key, max_attempts, created_at, updated_at)
+VALUES (:id, :type, :payload, :priority, COALESCE(:run_at, {_SQLITE_LATER.replace("NAME", "delay")}), :key,
+        :max_attempts, {_SQLITE_NOW}, {_SQLITE_NOW})
+ON CONFLICT (idempotency_key) DO NOTHING RETURNING id"""
+
+# Record one outcome, fenced by status, owner and attempt so a stale worker changes nothing.
+_SQLITE_COMPLETE = f"""
+UPDATE workflow_run SET
+  status = CASE WHEN :kind = 'succeeded' THEN 'succeeded'
+                WHEN :kind = 'failed' AND attempt >= max_attempts THEN 'failed' ELSE 'pending' END,
+  result = CASE WHEN :kind = 'succeeded' THEN :result ELSE result END,
+  last_error = CASE WHEN :kind = 'failed' THEN :error ELSE last_error END,
+  attempt = CASE WHEN :kind = 'snoozed' THEN attempt - 1 ELSE attempt END,
+  run_at = CASE WHEN :kind = 'succeeded' THEN run_at ELSE {_SQLITE_LATER.replace("NAME", "delay")} END,
+  updated_at = {_SQLITE_NOW}
+WHERE id = :id AND status = 'leased' AND leased_by = :worker AND attempt = :attempt
+RETURNING status, attempt"""
+
+# Claim due runs in claim order; attempt counts claims.
+_SQLITE_CLAIM = f"""
+UPDATE workflow_run SET status = 'leased', attempt = attempt + 1, leased_by = :worker,
+  lease_until = {_SQLITE_LATER.replace("NAME", "lease")}, updated_at = {_SQLITE_NOW}
+WHERE id IN (SELECT id FROM workflow_run
+             WHERE status = 'pending' AND deleted_at IS NULL AND run_at <= {_SQLITE_NOW} AND ({{filter}})
+             ORDER BY priority, run_at, created_at LIMIT :limit)
+RETURNING id, type, payload, attempt, max_attempts, priority, run_at, created_at"""
+
+# Is anything claimable? (read-only pre-check)
+_SQLITE_HAS_WORK = f"""
+SELECT 1 FROM workflow_run WHERE status = 'pending' AND deleted_at IS NULL AND run_at <= {_SQLITE_NOW}
+AND ({{filter}}) LIMIT 1"""
+
+# Expired leases go back to pending, or to failed once attempts are used up (crash loops end).
+_SQLITE_RESCUE = f"""
+UPDATE workflow_run SET status = CASE WHEN attempt >= max_attempts THEN 'failed' ELSE 'pending' END,
+  run_at = {_SQLITE_NOW}, updated_at = {_SQLITE_NOW},
+  last_error = 'lease expired: worker ' || COALESCE(leased_by, '?') || ' stopped before finishing'
+WHERE id IN (SELECT id FROM workflow_run WHERE status = 'leased' AND lease_until < {_SQLITE_NOW}
+             ORDER BY lease_until LIMIT :limit)
+RETURNING id, type, status, attempt, leased_by"""
+
+# Automatic heartbeat: never shortens a longer lease a handler asked for explicitly.
+_SQLITE_EXTEND = f"""
+UPDATE workflow_run SET lease_until = MAX(COALESCE(lease_until, ''), {_SQLITE_LATER.replace("NAME", "lease")}),
+  updated_at = {_SQLITE_NOW}
+WHERE id = :id AND status = 'leased' AND leased_by = :worker AND attempt = :attempt RETURNING id"""
+
+
+class _PostgresDialect(_Dialect):
+    name = "postgres"
+    migrations = _PG_MIGRATIONS
+    fragments = {
+        "now": "NOW()",
+        "later": "NOW() + make_interval(secs => :NAME)",
+        "json": "CAST(:NAME AS jsonb)",
+        "uuid": "CAST(:NAME AS uuid)",
+        "time": "CAST(:NAME AS timestamptz)",
+        "bool": ":NAME",
+    }
+
+    def __init__(self, dsn: _DSN):
+        super().__init__(dsn)
+        try:
+            import pg8000.exceptions
+            import pg8000.native
+        except ImportError:
+            raise MinflowError("PostgreSQL support needs pg8000: pip install pg8000") from None
+        self._driver = pg8000.native
+        self._errors = pg8000.exceptions
+        schema = dsn.schema
+        # NOTIFY channel per schema, so queues in different schemas do not wake each other.
+        self.channel = (
+            ("minflow_" + schema)
+            if len(schema) <= 50
+            else "minflow_" + uuid.uuid5(uuid.NAMESPACE_OID, schema).hex
+        )
+
+    def valid_id(self, run_id):
+        # A non-UUID id is "not found", not a database error (seed-spec C-22).
+        return _is_uuid(run_id)
+
+    def decode_json(self, value):
+        return value  # pg8000 decodes jsonb
+
+    def _ssl_context(self) -> Any:
+        mode = self.dsn.sslmode
+        if mode in ("disable", "allow"):
+            return None
+        import ssl
+
+        root, cert, key = self.dsn.ssl_files
+        context = ssl.create_default_context(cafile=root)
+        if mode in ("prefer", "require"):
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        elif mode == "verify-ca":
+            context.check_hostname = False
+        if cert:
+            context.load_cert_chain(cert, key)
+        return context
+
+    def connect(self) -> _Connection:
+        dsn = self.dsn
+        kwargs = dict(
+            user=dsn.user,
+            password=dsn.password,
+            database=dsn.database,
+            timeout=dsn.timeout,
+            application_name=dsn.application_name,
+            startup_params={
+                "search_path": ",".join(_quote_ident(s) for s in dsn.search_path),
+                "TimeZone": "UTC",
+            },
+        )
+        if dsn.unix_sock:
+            kwargs["unix_sock"] = dsn.unix_sock
+        else:
+            kwargs.update(host=dsn.host, port=dsn.port)
+        context = self._ssl_context()
+        try:
+            try:
+                raw = self._driver.Connection(ssl_context=context, **kwargs)
+            except self._errors.InterfaceError as exc:
+                # sslmode=prefer: fall back to plain text only when the server has no TLS.
+                if dsn.sslmode != "prefer" or "SSL" not in str(exc):
+                    raise
+                raw = self._driver.Connection(**kwargs)
+        except self._errors.DatabaseError as exc:
+            raise _translate_pg(exc) from exc
+        except (self._errors.InterfaceError, OSError) as exc:
+            raise Unavailable(f"cannot connect to PostgreSQL at {dsn.text}: {exc}") from exc
+        return _PgConnection(raw, self._errors)
+
+    def migrate(self, conn: _Connection) -> int:
+        schema = self.dsn.schema
+        with conn.transaction():
+            # One migrator at a time per schema, across processes; the lock ends with the
+            # transaction, so a crashed migrator cannot leave it held.
+            conn.query(
+                "SELECT pg_advisory_xact_lock(7040172, hashtext(:schema))", {"schema": schema}
+            )
+            conn.query(f"CREATE SCHEMA IF NOT EXISTS {_quote_ident(schema)}")
+            conn.query("""CREATE TABLE IF NOT EXISTS minflow_migration (
+                version INT PRIMARY KEY, name TEXT NOT NULL, applied_at TIMESTAMPTZ NOT NULL DEFAULT NOW())""")
+            applied = {row[0] for row in conn.query("SELECT version FROM minflow_migration")}
+            done = self._apply_migrations(conn, applied)
+        conn._prepared.clear()  # plans prepared before DDL may be stale
+        return done
+
+    def submit(self, conn, rows):
+        params = _row_dicts(rows)
+        params["channel"] = self.channel
+        out: list[tuple[str, bool] | None] = [None] * len(rows)
+        inserted = {str(row[0]) for row in conn.query(_PG_SUBMIT, params)}
+        missing = []
+        for i, row in enumerate(rows):
+            if row["id"] in inserted:
+                out[i] = (row["id"], True)
+            else:
+                missing.append(i)
+        if missing:
+            # Keys that already existed (or lost a race with a concurrent submit of the same key).
+            keys = [rows[i]["key"] for i in missing]
+            found = {
+                k: str(i)
+                for k, i in conn.query(
+                    "SELECT idempotency_key, id FROM workflow_run WHERE idempotency_key = ANY(CAST(:keys AS text[]))",
+                    {"keys": keys},
+                )
+            }
+            for i in missing:
+                out[i] = (found[rows[i]["key"]], False)
+        return out  # type: ignore[return-value]
+
+    def cycle(self, conn, worker_id, done, limit, lease, filt):
+        rows = conn.query(
+            _PG_CYCLE,
+            {
+                "d_id": [d.id for d in done],
+                "d_attempt": [d.attempt for d in done],
+                "d_kind": [d.kind for d in done],
+                "d_result": [d.result for d in done],
+                "d_error": [d.error for d in done],
+                "d_delay": [float(d.delay) for d in done],
+                "worker": worker_id,
+                "limit": limit,
+                "lease": float(lease),
+                "claim_types": list(filt.types),
+                "patterns": [_like_prefix(p) for p in filt.prefixes],
+                "handled": sorted(filt.handled),
+            },
+        )
+        claimed, finished = [], {}
+        for row in rows:
+            if row[0] == "c":
+                claimed.append((str(row[1]), *row[2:]))
+            else:
+                finished[str(row[1])] = (row[2], row[4])
+        return claimed, finished
+
+    def rescue(self, conn):
+        return [(str(r[0]), *r[1:]) for r in conn.query(_PG_RESCUE, {"limit": RESCUE_BATCH})]
+
+    def notify(self, conn, types):
+        for run_type in sorted(types) or [""]:
+            conn.query(
+                "SELECT pg_notify(:channel, :type)", {"channel": self.channel, "type": run_type}
+            )
+
+    def extend_leases(self, conn, worker_id, held, lease):
+        rows = conn.query(
+            _PG_EXTEND,
+            {
+                "ids": [h[0] for h in held],
+                "attempts": [h[1] for h in held],
+                "worker": worker_id,
+                "lease": float(lease),
+            },
+        )
+        return {str(row[0]) for row in rows}
+
+    def watcher(self):
+        def watch(stop: threading.Event, wake: Callable[[], None]) -> None:
+            conn: _PgConnection | None = None
+            delay = 0.1
+            while not stop.is_set():
+                try:
+                    if conn is None:
+                        conn = self.connect()  # type: ignore[assignment]
+                        conn.query(f"LISTEN {_quote_ident(self.channel)}")
+                        delay = 0.1
+                        wake()  # anything submitted while we were not listening
+                    readable, _, _ = select.select([conn.raw._usock], [], [], 1.0)
+                    if readable:
+                        conn.query("")  # lets pg8000 read the pending notifications
+                        if conn.raw.notifications:
+                            conn.raw.notifications.clear()
+                            wake()
+                except (MinflowError, OSError, ValueError) as exc:
+                    _worker_log.warning("LISTEN connection: %s; reconnecting in %.1fs", exc, delay)
+                    if conn is not None:
+                        conn.close()
+                    conn = None
+                    stop.wait(delay)
+                    delay = min(delay * 2, 5.0)
+            if conn is not None:
+                conn.close()
+
+        return watch
+
+
+def _like_prefix(prefix: str) -> str:
+    """A literal prefix as a LIKE pattern: backslash-escape the wildcards, then append %."""
+    return re.sub(r"([\\%_])", r"\\\1", prefix) + "%"
+
+
+# Insert a batch of runs, their created events and a NOTIFY, in one statement.
+_PG_SUBMIT = """
+WITH j AS (
+  SELECT * FROM unnest(CAST(:id AS uuid[]), CAST(:type AS text[]), CAST(:payload AS jsonb[]),
+                       CAST(:priority AS int[]), CAST(:run_at AS timestamptz[]), CAST(:delay AS float8[]),
+                       CAST(:key AS text[]), CAST(:max_attempts AS int[]))
+         WITH ORDINALITY AS j(id, type, payload, priority, run_at, delay, key, max_attempts, n)
+), ins AS (
+  INSERT INTO workflow_run (id, type, payload, priority, run_at, idempotency_key, max_attempts, created_at, updated_at)
+  SELECT id, type, payload, priority, COALESCE(run_at, NOW() + make_interval(secs => delay)), key,
+         max_attempts, NOW(), NOW()
+  FROM j ORDER BY n
+  ON CONFLICT (idempotency_key) DO NOTHING
+  RETURNING id, type
+), ev AS (
+  INSERT INTO workflow_event (workflow_id, event_type, created_at) SELECT id, 'created', NOW() FROM ins
+)
+SELECT id, pg_notify(:channel, type) FROM ins"""
+
+# Write a batch of outcomes (fenced) and claim up to :limit runs, with every event, in one
+# round trip. Outcomes and claims touch different rows: a run being completed is 'leased'.
+_PG_CYCLE = """
+WITH d AS (
+  SELECT * FROM unnest(CAST(:d_id AS uuid[]), CAST(:d_attempt AS int[]), CAST(:d_kind AS text[]),
+                       CAST(:d_result AS jsonb[]), CAST(:d_error AS text[]), CAST(:d_delay AS float8[]))
+         AS d(id, attempt, kind, result, error, delay)
+), done AS (
+  UPDATE workflow_run r SET
+    status = CASE WHEN d.kind = 'succeeded' THEN 'succeeded'
+                  WHEN d.kind = 'failed' AND r.attempt >= r.max_attempts THEN 'failed' ELSE 'pending' END,
+    result = CASE WHEN d.kind = 'succeeded' THEN d.result ELSE r.result END,
+    last_error = CASE WHEN d.kind = 'failed' THEN d.error ELSE r.last_error END,
+    attempt = CASE WHEN d.kind = 'snoozed' THEN r.attempt - 1 ELSE r.attempt END,
+    run_at = CASE WHEN d.kind = 'succeeded' THEN r.run_at ELSE NOW() + make_interval(secs => d.delay) END,
+    updated_at = NOW()
+  FROM d
+  WHERE r.id = d.id AND r.status = 'leased' AND r.leased_by = :worker AND r.attempt = d.attempt
+  RETURNING r.id, r.status, r.attempt, d.kind, d.error, d.delay
+), done_events AS (
+  INSERT INTO workflow_event (workflow_id, event_type, data, created_at)
+  SELECT id, CASE status WHEN 'pending' THEN 'retried' ELSE status END,
+         CASE WHEN kind = 'succeeded' THEN NULL
+              WHEN kind = 'snoozed' THEN jsonb_build_object('attempt', attempt, 'reason', 'retry_requested',
+                                                            'delay', delay)
+              ELSE jsonb_build_object('attempt', attempt, 'error', error) END,
+         NOW()
+  FROM done
+), picked AS (
+  SELECT id FROM workflow_run
+  WHERE status = 'pending' AND deleted_at IS NULL AND run_at <= NOW()
+    AND (type = ANY(CAST(:claim_types AS text[])) OR type LIKE ANY(CAST(:patterns AS text[])))
+  ORDER BY priority, run_at, created_at
+  LIMIT :limit
+  FOR UPDATE SKIP LOCKED
+), claimed AS (
+  UPDATE workflow_run r SET status = 'leased', attempt = r.attempt + 1, leased_by = :worker,
+    lease_until = NOW() + make_interval(secs => :lease), updated_at = NOW()
+  FROM picked WHERE r.id = picked.id
+  RETURNING r.id, r.type, r.payload, r.attempt, r.max_attempts, r.priority, r.run_at, r.created_at
+), claim_events AS (
+  INSERT INTO workflow_event (workflow_id, event_type, data, created_at)
+  SELECT id, 'leased', jsonb_build_object('worker_id', CAST(:worker AS text), 'attempt', attempt), NOW()
+  FROM claimed
+  UNION ALL
+  SELECT id, 'started', jsonb_build_object('worker_id', CAST(:worker AS text)), NOW()
+  FROM claimed WHERE type = ANY(CAST(:handled AS text[]))
+)
+SELECT 'c', id, type, payload, attempt, max_attempts, priority, run_at, created_at FROM claimed
+UNION ALL
+SELECT 'd', id, status, NULL, attempt, NULL, NULL, NULL, NULL FROM done"""
+
+# Expired leases back to pending (or failed when attempts are used up), with their events.
+_PG_RESCUE = """
+WITH expired AS (
+  SELECT id FROM workflow_run WHERE status = 'leased' AND lease_until < NOW()
+  ORDER BY lease_until LIMIT :limit FOR UPDATE SKIP LOCKED
+), r AS (
+  UPDATE workflow_run w SET status = CASE WHEN w.attempt >= w.max_attempts THEN 'failed' ELSE 'pending' END,
+    run_at = NOW(), updated_at = NOW(),
+    last_error = 'lease expired: worker ' || COALESCE(w.leased_by, '?') || ' stopped before finishing'
+  FROM expired WHERE w.id = expired.id
+  RETURNING w.id, w.type, w.status, w.attempt, w.leased_by
+), ev AS (
+  INSERT INTO workflow_event (workflow_id, event_type, data, created_at)
+  SELECT id, CASE status WHEN 'failed' THEN 'failed' ELSE 'retried' END,
+         jsonb_build_object('reason', 'lease_expired', 'attempt', attempt, 'worker_id', leased_by), NOW()
+  FROM r
+)
+SELECT id, type, status, attempt, leased_by FROM r"""
+
+# Automatic heartbeat for every run a worker holds; never shortens a longer explicit lease.
+_PG_EXTEND = """
+UPDATE workflow_run r SET lease_until = GREATEST(r.lease_until, NOW() + make_interval(secs => :lease)),
+  updated_at = NOW()
+FROM unnest(CAST(:ids AS uuid[]), CAST(:attempts AS int[])) AS h(id, attempt)
+WHERE r.id = h.id AND r.attempt = h.attempt AND r.status = 'leased' AND r.leased_by = :worker
+RETURNING r.id"""
+
+
+def _make_dialect(dsn: _DSN) -> _Dialect:
+    return _SQLiteDialect(dsn) if dsn.kind == "sqlite" else _PostgresDialect(dsn)
+
+
+class _Wakeups:
+    """In-process wake-ups: a submit wakes the workers of the same database in this process."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._events: dict[str, weakref.WeakSet] = {}
+
+    def register(self, key: str, event: threading.Event) -> None:
+        with self._lock:
+            self._events.setdefault(key, weakref.WeakSet()).add(event)
+
+    def unregister(self, key: str, event: threading.Event) -> None:
+        with self._lock:
+            self._events.get(key, weakref.WeakSet()).discard(event)
+
+    def notify(self, key: str) -> None:
+        with self._lock:
+            events = list(self._events.get(key, ()))
+        for event in events:
+            event.set()
+
+
+_wakeups = _Wakeups()
+
+
+# ---------------------------------------------------------------------------------------------
+# Client: the producer API
+# ---------------------------------------------------------------------------------------------
+
+
+class Client:
+    """Producer and inspector of runs and schedules; also a context manager.
+
+    The DSN is parsed (and validated) at once; the database is first touched by the first call.
+    Thread-safe: each call borrows a pooled connection for its duration.
+    """
+
+    def __init__(self, dsn: str | None = None):
+        self._configure(dsn)
+
+    def _configure(self, dsn: str | None) -> None:
+        self._dsn = _parse_dsn(dsn)
+        self._dialect = _make_dialect(self._dsn)
+        self._pool = _Pool(
+            self._dialect.connect,
+            ping=self._dsn.kind == "postgres",
+            size=1 if self._dsn.memory else POOL_SIZE,
+        )
+        self._migrated = False
+
+    @property
+    def dsn(self) -> str:
+        """The connection string, with any password masked."""
+        return self._dsn.text
+
+    @property
+    def dialect(self) -> str:
+        """``"sqlite"`` or ``"postgres"``."""
+        return self._dialect.name
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._dsn.text!r})"
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close pooled connections. Further calls raise ``MinflowError``."""
+        self._pool.close()
+        if self._dsn.memory and self._dialect._shared is not None:  # type: ignore[attr-defined]
+            self._dialect._shared.raw.close()  # type: ignore[attr-defined]
+
+    def _query(self, name: str, params: dict | None = None) -> list:
+        with self._pool.connection() as conn:
+            return conn.query(self._dialect.sql[name], params)
+
+    # -- schema ----------------------------------------------------------------------------
+    def migrate(self) -> int:
+        """Create or upgrade the schema; returns how many migrations were applied.
+
+        Idempotent and safe when many processes call it at once. On a database created by the
+        Go library it only adds (a version table, indexes, nullable columns).
+        """
+        with self._pool.connection() as conn:
+            applied = self._dialect.migrate(conn)
+        self._migrated = True
+        if applied:
+            log.info(
+                "migrated %s to schema version %d (%d migrations)",
+                self._dsn.text,
+                SCHEMA_VERSION,
+                applied,
+            )
+        return applied
+
+    def schema_version(self) -> int:
+        """The applied schema version (0 on an empty database)."""
+        try:
+            rows = self._query("schema_version")
+        except MinflowError as exc:
+            if "schema is missing" in str(exc):
+                return 0
+            raise
+        return rows[0][0] or 0
+
+    def _ensure_schema(self) -> None:
+        if not self._migrated and self.schema_version() < SCHEMA_VERSION:
+            self.migrate()
+        self._migrated = True
+
+    # -- submitting ------------------------------------------------------------------------
+    def submit(
+        self,
+        type: str,
+        payload: Any = None,
+        *,
+        priority: int = DEFAULT_PRIORITY,
+        idempotency_key: str | None = None,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        run_at: _dt.datetime | None = None,
+        run_in: float | _dt.timedelta | None = None,
+    ) -> str:
+        """Record a run and return its id.
+
+        With an ``idempotency_key`` that already exists, nothing is created and the EXISTING
+        run's id is returned (keys are unique forever). ``run_at`` (aware datetime) or ``run_in``
+        (seconds or timedelta) delay the first execution. Raises ``InvalidInput`` before
+        touching the database when an argument is malformed.
+        """
+        job = Job(type, payload, priority, idempotency_key, max_attempts, run_at, run_in)
+        return self._submit([job])[0][0]
+
+    def submit_many(self, jobs: Iterable[Job]) -> list[str]:
+        """Record several runs in one transaction (all or none); ids in input order.
+
+        Jobs whose idempotency key already exists yield the existing run's id.
+        """
+        jobs = list(jobs)
+        if not all(isinstance(job, Job) for job in jobs):
+            raise InvalidInput("submit_many takes minflow.Job objects")
+        return [run_id for run_id, _ in self._submit(jobs)] if jobs else []
+
+    def _submit(self, jobs: list[Job]) -> list[tuple[str, bool]]:
+        rows = [self._job_row(job) for job in jobs]
+        with self._pool.connection() as conn:
+            out = self._dialect.submit(conn, rows)
+        _wakeups.notify(self._dsn.key)
+        return out
+
+    @staticmethod
+    def _job_row(job: Job) -> dict:
+        run_at, delay = _check_run_at(job.run_at, job.run_in)
+        key = job.idempotency_key
+        if key is not None:
+            _check_text("idempotency_key", key, max_length=1000)
+        return {
+            "id": _new_id(),
+            "type": _check_type(job.type),
+            "payload": _dumps(job.payload),
+            "priority": _check_int("priority", job.priority),
+            "run_at": run_at,
+            "delay": delay,
+            "key": key,
+            "max_attempts": _check_int("max_attempts", job.max_attempts, minimum=1),
+        }
+
+    # -- reading ---------------------------------------------------------------------------
+    def _run(self, row: Sequence) -> Run:
+        d = self._dialect
+        return Run(
+            id=str(row[0]),
+            type=row[1],
+            payload=d.decode_json(row[2]),
+            status=row[3],
+            priority=row[4],
+            run_at=_parse_time(row[5]),
+            idempotency_key=row[6],
+            attempt=row[7],
+            max_attempts=row[8],
+            leased_by=row[9],
+            lease_until=_parse_time(row[10]),
+            last_error=row[11],
+            result=d.decode_json(row[12]),
+            created_at=_parse_time(row[13]),
+            updated_at=_parse_time(row[14]),
+        )
+
+    def get(self, run_id: str) -> Run | None:
+        """The run with this id, or ``None``."""
+        if not self._dialect.valid_id(run_id):
+            return None
+        rows = self._query("get_run", {"id": run_id})
+        return self._run(rows[0]) if rows else None
+
+    def list(
+        self,
+        *,
+        type: str | None = None,
+        status: str | None = None,
+        idempotency_key: str | None = None,
+        limit: int = DEFAULT_LIST_LIMIT,
+        offset: int = 0,
+    ) -> list[Run]:
+        """Runs matching every given filter, newest first."""
+        if status is not None and status not in RUN_STATUSES:
+            raise InvalidInput(f"status must be one of {', '.join(RUN_STATUSES)}, got {status!r}")
+        if type is not None:
+            _check_text("type", type, max_length=MAX_TYPE_LENGTH)
+        if idempotency_key is not None:
+            _check_text("idempotency_key", idempotency_key, empty=True)
+        _check_int("limit", limit, minimum=1)
+        if limit > MAX_LIST_LIMIT:
+            raise InvalidInput(f"limit must be at most {MAX_LIST_LIMIT}, got {limit}")
+        _check_int("offset", offset, minimum=0)
+        where, params = ["deleted_at IS NULL"], {"limit": limit, "offset": offset}
+        for column, value in (
+            ("type", type),
+            ("status", status),
+            ("idempotency_key", idempotency_key),
+        ):
+            if value is not None:
+                where.append(f"{column} = :{column}")
+                params[column] = value
+        sql = (
+            f"SELECT {_RUN_COLUMNS} FROM workflow_run WHERE {' AND '.join(where)} "
+            "ORDER BY created_at DESC, id DESC LIMIT :limit OFFSET :offset"
+        )
+        with self._pool.connection() as conn:
+            return [self._run(row) for row in conn.query(sql, params)]
+
+    def events(self, run_id: str) -> list[Event]:
+        """The run's audit trail, oldest first (empty for an unknown id)."""
+        if not self._dialect.valid_id(run_id):
+            return []
+        decode = self._dialect.decode_json
+        return [
+            Event(int(r[0]), str(r[1]), r[2], decode(r[3]), _parse_time(r[4]))
+            for r in self._query("events", {"id": run_id})
+        ]
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        """Run counts: ``{type: {status: count}}``."""
+        out: dict[str, dict[str, int]] = {}
+        for run_type, status, count in self._query("stats"):
+            out.setdefault(run_type, {})[status] = int(count)
+        return out
+
+    # -- changing runs ---------------------------------------------------------------------
+    def cancel(self, run_id: str) -> None:
+        """Cancel a pending or leased run; sticky, a running handler sees ``is_cancelled()``.
+
+        Raises ``NotFound`` for an unknown id and ``AlreadyComplete`` for a finished run.
+        """
+        self._change(run_id, "cancel", "cancelled", AlreadyComplete)
+
+    def retry(self, run_id: str) -> None:
+        """Put a failed or cancelled run back to pending now, with its attempt count reset.
+
+        Raises ``NotFound`` for an unknown id and ``InvalidState`` for other states.
+        """
+        self._change(run_id, "retry", "retried", InvalidState)
+        _wakeups.notify(self._dsn.key)
+
+    def _change(self, run_id: str, statement: str, event: str, refusal: type[MinflowError]) -> None:
+        if not self._dialect.valid_id(run_id):
+            raise NotFound(f"run {run_id!r} not found")
+        with self._pool.connection() as conn, conn.transaction():
+            rows = conn.query(self._dialect.sql[statement], {"id": run_id})
+            if rows:
+                data = (
+                    json.dumps({"reason": "manual", "attempt": 0}) if event == "retried" else None
+                )
+                conn.query(
+                    self._dialect.sql["insert_event"],
+                    {"id": run_id, "event_type": event, "data": data},
+                )
+                if event == "retried":
+                    self._dialect.notify(conn, {rows[0][1]})
+                return
+            state = conn.query(self._dialect.sql["run_state"], {"id": run_id})
+        if not state:
+            raise NotFound(f"run {run_id!r} not found")
+        raise refusal(f"run {run_id} is {state[0][0]}; cannot {statement} it")
+
+    # -- schedules -------------------------------------------------------------------------
+    def _schedule(self, row: Sequence) -> Schedule:
+        return Schedule(
+            id=str(row[0]),
+            type=row[1],
+            payload=self._dialect.decode_json(row[2]),
+            cron=row[3],
+            timezone=row[4],
+            next_run_at=_parse_time(row[5]),
+            last_run_at=_parse_time(row[6]),
+            enabled=bool(row[7]),
+            priority=row[8],
+            max_attempts=row[9],
+            name=row[10],
+            created_at=_parse_time(row[11]),
+        )
+
+    def _db_now(self, conn: _Connection) -> _dt.datetime:
+        return _parse_time(conn.query(self._dialect.sql["now"])[0][0])  # type: ignore[return-value]
+
+    def schedule(
+        self,
+        type: str,
+        payload: Any = None,
+        *,
+        cron: str,
+        timezone: str = "UTC",
+        priority: int = DEFAULT_PRIORITY,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        name: str | None = None,
+    ) -> str:
+        """Create a cron schedule and return its id.
+
+        ``cron`` is a standard 5-field expression or an alias (``@hourly``, ``@daily``, ...),
+        evaluated in the IANA ``timezone``. With a ``name``, an existing live schedule of that
+        name is updated in place and its id returned, so a program may declare its schedules
+        at every start-up without piling up duplicates.
+        """
+        _check_type(type)
+        body = _dumps(payload)
+        _check_int("priority", priority)
+        _check_int("max_attempts", max_attempts, minimum=1)
+        if name is not None:
+            _check_text("name", name, max_length=MAX_TYPE_LENGTH)
+        _check_cron(cron, timezone)
+        params = {
+            "type": type,
+            "payload": body,
+            "cron": cron,
+            "timezone": timezone,
+            "priority": priority,
+            "max_attempts": max_attempts,
+            "name": name,
+        }
+        with self._pool.connection() as conn, conn.transaction():
+            params["next_run_at"] = _cron_next(cron, timezone, self._db_now(conn))
+            existing = (
+                conn.query(self._dialect.sql["schedule_by_name"], {"name": name}) if name else []
+            )
+            if existing:
+                params["id"] = str(existing[0][0])
+                current = self._schedule(
+                    conn.query(self._dialect.sql["get_schedule"], {"id": params["id"]})[0]
+                )
+                if (current.cron, current.timezone) == (cron, timezone):
+                    params["next_run_at"] = current.next_run_at  # keep the slot already planned
+                conn.query(self._dialect.sql["update_schedule"], params)
+            else:
+                params["id"] = _new_id()
+                conn.query(self._dialect.sql["insert_schedule"], params)
+        return params["id"]
+
+    def schedules(self) -> list[Schedule]:
+        """All schedules, paused included, deleted excluded, oldest first."""
+        return [self._schedule(row) for row in self._query("schedules")]
+
+    def get_schedule(self, schedule_id: str) -> Schedule:
+        """One live schedule; ``NotFound`` when unknown or deleted."""
+        rows = (
+            self._query("get_schedule", {"id": schedule_id})
+            if self._dialect.valid_id(schedule_id)
+            else []
+        )
+        if not rows:
+            raise NotFound(f"schedule {schedule_id!r} not found")
+        return self._schedule(rows[0])
+
+    def pause_schedule(self, schedule_id: str) -> None:
+        """Stop a schedule from firing until resumed; ``NotFound`` when absent."""
+        self._set_enabled(schedule_id, False)
+
+    def resume_schedule(self, schedule_id: str) -> None:
+        """Resume a schedule; its next slot is computed from now, so no stale slots fire."""
+        self._set_enabled(schedule_id, True)
+
+    def _set_enabled(self, schedule_id: str, enabled: bool) -> None:
+        current = self.get_schedule(schedule_id)
+        with self._pool.connection() as conn, conn.transaction():
+            next_run_at = None
+            if enabled:
+                with contextlib.suppress(InvalidInput):  # an unparseable row keeps its time
+                    next_run_at = _cron_next(current.cron, current.timezone, self._db_now(conn))
+            rows = conn.query(
+                self._dialect.sql["set_schedule_enabled"],
+                {"id": schedule_id, "enabled": enabled, "next_run_at": next_run_at},
+            )
+        if not rows:
+            raise NotFound(f"schedule {schedule_id!r} not found")
+
+    def delete_schedule(self, schedule_id: str) -> None:
+        """Delete a schedule for good (soft delete, as the seed); ``NotFound`` when absent."""
+        if self._dialect.valid_id(schedule_id) and self._query(
+            "delete_schedule", {"id": schedule_id, "disabled": False}
+        ):
+            return
+        raise NotFound(f"schedule {schedule_id!r} not found")
+
+    def tick(self) -> int:
+        """Turn every due schedule slot into a run, once; returns how many runs were created.
+
+        Safe with many tickers at once: each slot's run has the idempotency key
+        ``schedule:<id>:<unix slot>``. Workers call this by themselves (``schedules=True``).
+        """
+        with self._pool.connection() as conn:
+            return _tick(self._dialect, conn)
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedules: cron arithmetic and the tick
+# ---------------------------------------------------------------------------------------------
+
+_croniter_module: Any = None
+
+
+def _croniter() -> Any:
+    global _croniter_module
+    if _croniter_module is None:
+        try:
+            import croniter
+        except ImportError:
+            raise MinflowError("cron schedules need croniter: pip install croniter") from None
+        _croniter_module = croniter
+    return _croniter_module
+
+
+def _zone(name: str) -> _dt.tzinfo:
+    import zoneinfo
+
+    if not isinstance(name, str) or not name:
+        raise InvalidInput("timezone must be an IANA name such as 'UTC' or 'Europe/Berlin'")
+    try:
+        return zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError) as exc:
+        raise InvalidInput(f"timezone: unknown IANA timezone {name!r} ({exc})") from None
+
+
+def _check_cron(cron: Any, timezone: str) -> None:
+    if not isinstance(cron, str) or not cron.strip():
+        raise InvalidInput("cron: a cron expression is required (e.g. '*/5 * * * *' or '@daily')")
+    module = _croniter()
+    fields = cron.split()
+    if not cron.strip().startswith("@") and len(fields) != 5:
+        raise InvalidInput(
+            f"cron: {cron!r} must have 5 fields (minute hour day month weekday), got {len(fields)}"
+        )
+    if not module.croniter.is_valid(cron):
+        raise InvalidInput(f"cron: invalid cron expression {cron!r}")
+    _zone(timezone)
+
+
+def _cron_next(cron: str, timezone: str, after: _dt.datetime) -> _dt.datetime:
+    """The first slot strictly after ``after``, computed on the wall clock of ``timezone``."""
+    _check_cron(cron, timezone)
+    zone = _zone(timezone)
+    slot = _croniter().croniter(cron, after.astimezone(zone)).get_next(_dt.datetime)
+    return slot.astimezone(UTC)
+
+
+def _cron_latest(cron: str, timezone: str, at: _dt.datetime) -> _dt.datetime:
+    """The last slot at or before ``at``."""
+    zone = _zone(timezone)
+    prev = _croniter().croniter(cron, at.astimezone(zone)).get_prev(_dt.datetime).astimezone(UTC)
+    following = _cron_next(cron, timezone, prev)
+    return following if following <= at else prev
+
+
+_broken_schedules: set[tuple] = set()
+
+
+def _tick(dialect: _Dialect, conn: _Connection, limit: int = TICK_BATCH) -> int:
+    """One ticker pass; see ``Client.tick``."""
+    sql = dialect.sql
+    if not conn.query(sql["schedule_due_exists"], {"enabled": True}):
+        return 0
+    fired = 0
+    claim = _SCHEDULE_CLAIM_DUE[dialect.name]
+    with conn.transaction():
+        now = _parse_time(conn.query(sql["now"])[0][0])
+        assert now is not None
+        for row in conn.query(claim, {"limit": limit, "enabled": True}):
+            sched_id, run_type, payload, cron, timezone, next_run_at, priority, max_attempts = row
+            sched_id, next_run_at = str(sched_id), _parse_time(next_run_at)
+            try:
+                slot = (
+                    max(next_run_at, _cron_latest(cron, timezone, now))
+                    if next_run_at
+                    else _cron_latest(cron, timezone, now)
+                )
+                following = _cron_next(cron, timezone, slot)
+            except (InvalidInput, ValueError, KeyError) as exc:
+                # A row another tool wrote with a cron or zone we cannot read: warn once, look
+                # again in an hour, and let the other schedules fire.
+                if (sched_id, cron, timezone) not in _broken_schedules:
+                    _broken_schedules.add((sched_id, cron, timezone))
+                    _ticker_log.warning("schedule %s skipped: %s", sched_id, exc)
+                conn.query(
+                    sql["advance_schedule"],
+                    {"id": sched_id, "next_run_at": now + _dt.timedelta(hours=1)},
+                )
+                continue
+            body = payload if dialect.name == "sqlite" else json.dumps(payload)
+            if isinstance(body, (bytes, memoryview)):
+                body = bytes(body).decode("utf-8")
+            run_id = _new_id()
+            key = f"schedule:{sched_id}:{int(slot.timestamp())}"
+            if conn.query(
+                sql["insert_scheduled_run"],
+                {
+                    "id": run_id,
+                    "type": run_type,
+                    "payload": body,
+                    "priority": priority,
+                    "key": key,
+                    "max_attempts": max_attempts,
+                },
+            ):
+                conn.query(
+                    sql["insert_event"],
+                    {
+                        "id": run_id,
+                        "event_type": "created",
+                        "data": json.dumps({"schedule_id": sched_id, "slot": _json_value(slot)}),
+                    },
+                )
+                fired += 1
+            conn.query(sql["advance_schedule"], {"id": sched_id, "next_run_at": following})
+        if fired:
+            dialect.notify(conn, set())
+    return fired
+
+
+# Due schedules, oldest slot first; PostgreSQL skips rows another ticker holds.
+_SCHEDULE_CLAIM_DUE = {
+    "sqlite": (
+        f"SELECT id, type, payload, schedule, timezone, next_run_at, priority, max_attempts "
+        f"FROM workflow_schedule WHERE next_run_at <= {_SQLITE_NOW} AND enabled = :enabled "
+        f"AND deleted_at IS NULL ORDER BY next_run_at LIMIT :limit"
+    ),
+    "postgres": (
+        "SELECT id, type, payload, schedule, timezone, next_run_at, priority, max_attempts "
+        "FROM workflow_schedule WHERE next_run_at <= NOW() AND enabled = :enabled "
+        "AND deleted_at IS NULL ORDER BY next_run_at LIMIT :limit FOR UPDATE SKIP LOCKED"
+    ),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# App: a Client with a handler registry (the seed's "Workflow")
+# ---------------------------------------------------------------------------------------------
+
+
+class App(Client):
+    """A Client plus the handlers a worker runs, keyed by exact run type."""
+
+    def __init__(self, dsn: str | None = None):
+        super().__init__(dsn)
+        self.handlers: dict[str, Callable[[RunContext], Any]] = {}
+
+    def handler(self, type: str) -> Callable[[Callable], Callable]:
+        """Decorator registering ``fn(run: RunContext)`` for runs of ``type``."""
+        _check_type(type)
+
+        def register(fn: Callable[[RunContext], Any]) -> Callable[[RunContext], Any]:
+            if not callable(fn):
+                raise InvalidInput(f"handler for {type!r} must be callable")
+            if type in self.handlers and self.handlers[type] is not fn:
+                raise InvalidInput(f"a handler for {type!r} is already registered")
+            self.handlers[type] = fn
+            return fn
+
+        return register
+
+    def worker(self, **options: Any) -> Worker:
+        """A ``Worker`` for this app (see ``Worker`` for the options)."""
+        return Worker(self, **options)
+
+    def run_worker(self, *, burst: bool = False, **options: Any) -> int:
+        """Build a Worker with ``options`` and run it (``burst=True``: until nothing is due)."""
+        return Worker(self, **options).run(burst=burst)
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics registry (recorded by the Worker; rendered by the HTTP section)
+# ---------------------------------------------------------------------------------------------
+
+_METRICS: dict[str, tuple[str, str]] = {
+    "workflow_run_claimed_total": ("counter", "Runs claimed by this worker."),
+    "workflow_run_completed_total": (
+        "counter",
+        "Executions finished, by recorded outcome "
+        "(succeeded, pending = retry scheduled, failed, lost).",
+    ),
+    "workflow_run_execution_duration_seconds": (
+        "histogram",
+        "Seconds from claim to recorded outcome.",
+    ),
+    "workflow_run_failed_total": ("counter", "Runs that used up their attempts (dead letters)."),
+    "workflow_run_failed_attempts_total": ("counter", "Failed executions, by attempt number."),
+    "workflow_run_rescued_total": (
+        "counter",
+        "Expired leases rescued by this worker's sweep, by new status.",
+    ),
+    "workflow_worker_poll_cycle_total": ("counter", "Claim/complete cycles run."),
+    "workflow_worker_poll_errors_total": (
+        "counter",
+        "Claim/complete cycles that failed, by error type.",
+    ),
+    "workflow_worker_uptime_seconds": ("gauge", "Seconds since the worker started."),
+    "workflow_worker_last_poll_timestamp": ("gauge", "Unix time of the last successful cycle."),
+    "workflow_worker_running": ("gauge", "Handlers executing now."),
+}
+_BUCKETS = (0.1, 0.5, 1, 5, 10, 30, 60, 300)
+
+
+def _label_text(labels: tuple[tuple[str, str], ...]) -> str:
+    if not labels:
+        return ""
+    escaped = (
+        f'{k}="{str(v).replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34)).replace(chr(10), chr(92) + "n")}"'
+        for k, v in labels
+    )
+    return "{" + ",".join(escaped) + "}"
+
+
+def _number(value: float) -> str:
+    if value == math.inf:
+        return "+Inf"
+    return repr(float(value)) if not float(value).is_integer() else str(int(value))
+
+
+class _Metrics:
+    """Counters, gauges and histograms in memory, rendered as Prometheus text format 0.0.4."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._values: dict[str, dict[tuple, float]] = {}
+        self._histograms: dict[str, dict[tuple, list[float]]] = {}
+
+    def inc(self, name: str, value: float = 1.0, **labels: Any) -> None:
+        key = tuple(sorted((k, str(v)) for k, v in labels.items()))
+        with self._lock:
+            series = self._values.setdefault(name, {})
+            series[key] = series.get(key, 0.0) + value
+
+    def set(self, name: str, value: float, **labels: Any) -> None:
+        key = tuple(sorted((k, str(v)) for k, v in labels.items()))
+        with self._lock:
+            self._values.setdefault(name, {})[key] = float(value)
+
+    def observe(self, name: str, value: float, **labels: Any) -> None:
+        key = tuple(sorted((k, str(v)) for k, v in labels.items()))
+        with self._lock:
+            # buckets..., then sum and count
+            cells = self._histograms.setdefault(name, {}).setdefault(
+                key, [0.0] * (len(_BUCKETS) + 2)
+            )
+            for i, bound in enumerate(_BUCKETS):
+                if value <= bound:
+                    cells[i] += 1
+            cells[-2] += value
+            cells[-1] += 1
+
+    def value(self, name: str, **labels: Any) -> float:
+        """One series' current value (0 when never recorded); for tests and the CLI."""
+        key = tuple(sorted((k, str(v)) for k, v in labels.items()))
+        with self._lock:
+            return self._values.get(name, {}).get(key, 0.0)
+
+    def render(self, extra: dict[str, tuple[str, str, dict[tuple, float]]] | None = None) -> str:
+        """Exposition text; ``extra`` adds scrape-time series: name -> (type, help, series)."""
+        lines: list[str] = []
+        with self._lock:
+            values = {name: dict(series) for name, series in self._values.items()}
+            histograms = {
+                name: {k: list(v) for k, v in series.items()}
+                for name, series in self._histograms.items()
+            }
+        families = {
+            name: (*_METRICS[name], values.get(name, {})) for name in _METRICS if name in values
+        }
+        families.update(extra or {})
+        for name in sorted(set(families) | set(histograms)):
+            if name in histograms:
+                kind, help_text = _METRICS[name]
+                lines += [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"]
+                for key, cells in sorted(histograms[name].items()):
+                    for i, bound in enumerate((*_BUCKETS, math.inf)):
+                        count = cells[-1] if bound == math.inf else cells[i]
+                        labels = _label_text((*key, ("le", _number(bound))))
+                        lines.append(f"{name}_bucket{labels} {_number(count)}")
+                    lines.append(f"{name}_sum{_label_text(key)} {repr(float(cells[-2]))}")
+                    lines.append(f"{name}_count{_label_text(key)} {_number(cells[-1])}")
+                continue
+            kind, help_text, series = families[name]
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+            for key, value in sorted(series.items()):
+                lines.append(f"{name}{_label_text(key)} {_number(value)}")
+        return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker
+# ---------------------------------------------------------------------------------------------
+
+
+class RunContext:
+    """What a handler receives: the run's identity, decoded payload and lease controls."""
+
+    def __init__(
+        self,
+        worker: Worker,
+        run_id: str,
+        run_type: str,
+        payload: Any,
+        attempt: int,
+        max_attempts: int,
+    ):
+        self.id = run_id
+        self.type = run_type
+        self.payload = payload
+        self.attempt = attempt  # 1 on the first execution
+        self.max_attempts = max_attempts
+        self.worker_id = worker.worker_id
+        self._worker = worker
+        self._lost = threading.Event()
+        self._claimed_at = time.monotonic()
+
+    def __repr__(self) -> str:
+        return f"RunContext(id={self.id!r}, type={self.type!r}, attempt={self.attempt}/{self.max_attempts})"
+
+    def heartbeat(self, seconds: float | None = None) -> None:
+        """Extend this run's lease to now + ``seconds`` (default: the worker's lease).
+
+        Leases are also extended automatically while the handler runs; call this to ask for a
+        longer lease before a long step. Raises ``LeaseLost`` if the run was cancelled or taken.
+        """
+        seconds = self._worker.lease if seconds is None else seconds
+        if not _is_number(seconds) or seconds <= 0 or math.isinf(seconds):
+            raise InvalidInput(f"heartbeat seconds must be a positive number, got {seconds!r}")
+        client = self._worker.app
+        sql = client._dialect.sql
+        with client._pool.connection() as conn, conn.transaction():
+            rows = conn.query(
+                sql["heartbeat"],
+                {
+                    "id": self.id,
+                    "worker": self.worker_id,
+                    "attempt": self.attempt,
+                    "seconds": float(seconds),
+                },
+            )
+            if rows:
+                conn.query(
+                    sql["insert_event"],
+                    {
+                        "id": self.id,
+                        "event_type": "heartbeat",
+                        "data": json.dumps({"extended_by_seconds": seconds}),
+                    },
+                )
+        if not rows:
+            self._lost.set()
+            raise LeaseLost(f"run {self.id}: lease lost (cancelled, rescued or taken over)")
+
+    def is_cancelled(self) -> bool:
+        """True once the run was cancelled or this worker lost its lease: stop and return."""
+        if self._lost.is_set():
+            return True
+        try:
+            rows = self._worker.app._query("run_state", {"id": self.id})
+        except MinflowError as exc:
+            _worker_log.warning("run %s: cancellation check failed: %s", self.id, exc)
+            return False
+        if not rows or tuple(rows[0]) != ("leased", self.worker_id, self.attempt):
+            self._lost.set()
+        return self._lost.is_set()
+
+
+_worker_numbers = iter(range(1, 1 << 62))
+
+
+class Worker:
+    """Claims runs of the app's handler types and executes them on a thread pool.
+
+    ``concurrency`` handlers run at once; ``lease`` seconds is how long a claim lasts without a
+    heartbeat (extended automatically every lease/3); ``types`` narrows the exact types claimed
+    (default: every registered handler); ``prefixes`` also claims types starting with these
+    literal prefixes; ``schedules`` runs the cron ticker; ``backoff(attempt) -> seconds`` sets the
+    retry delay (default: the seed's attempt² minutes + up to 10% jitter); on shutdown, running
+    handlers get ``shutdown_timeout`` seconds to finish.
+    """
+
+    def __init__(
+        self,
+        app: App,
+        *,
+        concurrency: int = DEFAULT_CONCURRENCY,
+        lease: float = DEFAULT_LEASE,
+        poll_interval: float | None = None,
+        worker_id: str | None = None,
+        types: Iterable[str] | None = None,
+        prefixes: Iterable[str] | None = None,
+        schedules: bool = True,
+        backoff: Callable[[int], float] | None = None,
+        shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
+        tick_interval: float = DEFAULT_TICK_INTERVAL,
+    ):
+        if not isinstance(app, App):
+            raise InvalidInput(f"Worker needs a minflow.App, got {type(app).__name__}")
+        self.app = app
+        self.concurrency = _check_int("concurrency", concurrency, minimum=1)
+        for name, value in (
+            ("lease", lease),
+            ("shutdown_timeout", shutdown_timeout),
+            ("tick_interval", tick_interval),
+        ):
+            if not _is_number(value) or value <= 0 or math.isinf(value):
+                raise InvalidInput(f"{name} must be a positive number of seconds, got {value!r}")
+        self.lease = float(lease)
+        if poll_interval is None:
+            poll_interval = DEFAULT_POLL_INTERVAL
+        if not _is_number(poll_interval) or poll_interval <= 0:
+            raise InvalidInput(
+                f"poll_interval must be a positive number of seconds, got {poll_interval!r}"
+            )
+        self.poll_interval = float(poll_interval)
+        self.shutdown_timeout = float(shutdown_timeout)
+        self.tick_interval = float(tick_interval)
+        number = next(_worker_numbers)
+        default_id = f"{socket.gethostname() or 'unknown'}-{os.getpid()}"
+        self.worker_id = worker_id or (default_id if number == 1 else f"{default_id}-{number}")
+        _check_text("worker_id", self.worker_id, max_length=MAX_TYPE_LENGTH)
+        self._types = (
+            None if types is None else tuple(_check_type(t) for t in _as_list(types, "types"))
+        )
+        self._prefixes = tuple(
+            _check_text("prefix", p, max_length=MAX_TYPE_LENGTH)
+            for p in _as_list(prefixes or (), "prefixes")
+        )
+        self.schedules = bool(schedules)
+        if backoff is not None and not callable(backoff):
+            raise InvalidInput("backoff must be a callable(attempt) -> seconds")
+        self._backoff = backoff or seed_backoff
+        self.metrics = _Metrics()
+        self.processed = 0
+        self._stop = threading.Event()
+        self._force = threading.Event()
+        self._wake = threading.Event()
+        self._ready = threading.Event()
+        self._finished = threading.Event()
+        self._lock = threading.Lock()
+        self._active: dict[str, RunContext] = {}
+        self._completions: list[_Completion] = []
+        self._thread: threading.Thread | None = None
+        self._fatal: BaseException | None = None
+        self._started_at = time.time()
+        self._next_due = math.inf  # monotonic time a retry this worker wrote becomes due
+
+    def __repr__(self) -> str:
+        return f"Worker({self.worker_id!r}, concurrency={self.concurrency}, dsn={self.app.dsn!r})"
+
+    # -- public control --------------------------------------------------------------------
+    def run(self, *, burst: bool = False, handle_signals: bool = True) -> int:
+        """Work until stopped; returns the number of runs executed.
+
+        Stops on ``stop()`` or SIGTERM/SIGINT (when called from the main thread): the first
+        signal stops claiming and lets running handlers finish (up to ``shutdown_timeout``), a
+        second one returns at once (unfinished leases then expire and are rescued).
+        ``burst=True`` returns as soon as nothing is due and nothing is running.
+        """
+        if self._finished.is_set() or self._thread not in (None, threading.current_thread()):
+            raise InvalidState("a Worker runs once; create a new one")
+        restore = self._install_signals() if handle_signals else {}
+        try:
+            return self._run(burst)
+        finally:
+            for signum, previous in restore.items():
+                signal.signal(signum, previous)
+
+    def start(self) -> Worker:
+        """Run in a background thread; returns once the worker is claiming."""
+        self._thread = threading.Thread(
+            target=self._run_in_thread, name=f"minflow-{self.worker_id}", daemon=True
+        )
+        self._thread.start()
+        self._ready.wait()
+        if self._fatal is not None:
+            raise self._fatal
+        return self
+
+    def _run_in_thread(self) -> None:
+        with contextlib.suppress(BaseException):
+            self.run(handle_signals=False)
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop claiming and wait for running handlers (at most ``timeout`` seconds, then abandon
+        them: their leases expire and are rescued)."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                self._force.set()
+                self._wake.set()
+                self._thread.join(10)
+
+    @property
+    def running(self) -> int:
+        """Handlers executing now."""
+        return len(self._active)
+
+    def _install_signals(self) -> dict:
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+
+        def on_signal(signum: int, frame: Any) -> None:
+            if self._stop.is_set():
+                self._force.set()
+            else:
+                self._stop.set()
+                _worker_log.info(
+                    "%s: %s received, finishing %d running handlers (again to exit now)",
+                    self.worker_id,
+                    signal.Signals(signum).name,
+                    len(self._active),
+                )
+            self._wake.set()
+
+        return {
+            signum: signal.signal(signum, on_signal) for signum in (signal.SIGTERM, signal.SIGINT)
+        }
+
+    # -- the coordinator -------------------------------------------------------------------
+    def _filter(self) -> _Filter:
+        handlers = dict(self.app.handlers)
+        types = self._types if self._types is not None else tuple(sorted(handlers))
+        missing = [t for t in types if t not in handlers]
+        if missing:
+            raise InvalidInput(f"types without a registered handler: {', '.join(missing)}")
+        if not types and not self._prefixes:
+            raise InvalidInput(
+                "no handlers registered and no prefixes given: this worker could claim nothing"
+            )
+        return _Filter(types, self._prefixes, frozenset(handlers))
+
+    def _run(self, burst: bool) -> int:
+        dialect = self.app._dialect
+        threads: list[threading.Thread] = []
+        side_stop = threading.Event()
+        conn: _Connection | None = None
+        try:
+            self._handlers = dict(self.app.handlers)
+            filt = self._filter()
+            self.app._ensure_schema()
+            conn = dialect.connect()
+            rescued = self._rescue(conn)
+            if self.schedules:
+                _tick(dialect, conn)
+            self._pool = _HandlerPool(self.concurrency, self._execute, self.worker_id)
+            threads.append(_spawn(self._housekeeper, f"{self.worker_id}-housekeeper", side_stop))
+            watch = dialect.watcher()
+            if watch is not None and not burst:
+                threads.append(
+                    _spawn(
+                        lambda stop: watch(stop, self._wake.set),
+                        f"{self.worker_id}-watch",
+                        side_stop,
+                    )
+                )
+            _wakeups.register(self.app._dsn.key, self._wake)
+        except BaseException as exc:
+            self._fatal = exc
+            self._ready.set()
+            self._finished.set()
+            if conn is not None:
+                conn.close()
+            raise
+        _worker_log.info(
+            "%s started: %s, types=%s prefixes=%s concurrency=%d lease=%.1fs%s",
+            self.worker_id,
+            self.app.dsn,
+            list(filt.types),
+            list(filt.prefixes),
+            self.concurrency,
+            self.lease,
+            f", {rescued} expired leases rescued" if rescued else "",
+        )
+        self._ready.set()
+        try:
+            conn = self._loop(conn, filt, burst)
+        finally:
+            _wakeups.unregister(self.app._dsn.key, self._wake)
+            side_stop.set()
+            self._pool.shutdown()
+            for thread in threads:
+                thread.join(5)
+            if conn is not None:
+                conn.close()
+            self._finished.set()
+            _worker_log.info("%s stopped after %d runs", self.worker_id, self.processed)
+        if self._fatal is not None:
+            raise MinflowError(f"worker {self.worker_id} stopped: {self._fatal}") from self._fatal
+        return self.processed
+
+    def _loop(self, conn: _Connection | None, filt: _Filter, burst: bool) -> _Connection | None:
+        dialect = self.app._dialect
+        retry_delay = 0.1
+        deadline = None
+        while not self._force.is_set():
+            self._wake.clear()
+            stopping = self._stop.is_set()
+            if stopping and deadline is None:
+                deadline = time.monotonic() + self.shutdown_timeout
+            with self._lock:
+                done, self._completions = self._completions, []
+                free = self.concurrency - len(self._active)
+            if stopping and not done and not self._active:
+                break
+            if deadline is not None and time.monotonic() > deadline:
+                _worker_log.warning(
+                    "%s: %d handlers still running after %.0fs; leaving them to lease expiry",
+                    self.worker_id,
+                    len(self._active),
+                    self.shutdown_timeout,
+                )
+                break
+            limit = 0 if stopping else free
+            claimed: list = []
+            try:
+                if conn is None:
+                    conn = dialect.connect()
+                if limit and not done and not dialect.may_have_work(conn, filt):
+                    limit = 0
+                if done or limit:
+                    claimed, finished = dialect.cycle(
+                        conn, self.worker_id, done, limit, self.lease, filt
+                    )
+                    self.metrics.inc("workflow_worker_poll_cycle_total", worker_id=self.worker_id)
+                    self.metrics.set(
+                        "workflow_worker_last_poll_timestamp", time.time(), worker_id=self.worker_id
+                    )
+                    self._record(done, finished)
+                    self._dispatch(claimed)
+                retry_delay = 0.1
+            except MinflowError as exc:
+                with self._lock:
+                    self._completions[:0] = done  # written on the next successful cycle
+                self.metrics.inc(
+                    "workflow_worker_poll_errors_total",
+                    worker_id=self.worker_id,
+                    error_type=type(exc).__name__.lower(),
+                )
+                _worker_log.warning(
+                    "%s: database error, retrying in %.1fs: %s", self.worker_id, retry_delay, exc
+                )
+                if conn is not None and (conn.broken or isinstance(exc, Unavailable)):
+                    conn.close()
+                    conn = None
+                self._force.wait(retry_delay)
+                retry_delay = min(retry_delay * 2, 5.0)
+                continue
+            if claimed or done:
+                continue  # more may be due (and on PostgreSQL, retries written just now)
+            if burst and not self._active and self._next_due > time.monotonic():
+                break
+            # Retries this worker scheduled are not announced by anyone: wake up for them.
+            timeout = min(self.poll_interval, max(0.0, self._next_due - time.monotonic()))
+            self._wake.wait(timeout)
+            if time.monotonic() >= self._next_due:
+                self._next_due = math.inf
+        if self._force.is_set() and conn is not None:
+            self._flush(conn, filt)
+        return conn
+
+    def _flush(self, conn: _Connection, filt: _Filter) -> None:
+        """On a forced stop, record what already finished, once, without retrying."""
+        with self._lock:
+            done, self._completions = self._completions, []
+        if done:
+            with contextlib.suppress(MinflowError):
+                _, finished = self.app._dialect.cycle(
+                    conn, self.worker_id, done, 0, self.lease, filt
+                )
+                self._record(done, finished)
+
+    def _dispatch(self, claimed: list) -> None:
+        decode = self.app._dialect.decode_json
+        # Claims come back in no particular order; start them in claim order.
+        claimed = sorted(
+            claimed,
+            key=lambda r: (
+                r[5],
+                _parse_time(r[6]) or _dt.datetime.min.replace(tzinfo=UTC),
+                _parse_time(r[7]) or _dt.datetime.min.replace(tzinfo=UTC),
+            ),
+        )
+        for run_id, run_type, payload, attempt, max_attempts, *_ in claimed:
+            try:
+                payload = decode(payload)
+            except ValueError:
+                pass  # the handler sees the raw text; decoding is its problem, not the queue's
+            ctx = RunContext(self, run_id, run_type, payload, attempt, max_attempts)
+            with self._lock:
+                self._active[run_id] = ctx
+            self.metrics.inc(
+                "workflow_run_claimed_total", workflow_type=run_type, worker_id=self.worker_id
+            )
+            self._pool.submit(ctx)
+        self.processed += len(claimed)
+        self.metrics.set("workflow_worker_running", len(self._active), worker_id=self.worker_id)
+
+    def _record(self, done: list[_Completion], finished: dict[str, tuple[str, int]]) -> None:
+        now = time.monotonic()
+        for item in done:
+            outcome = finished.get(item.id)
+            status = outcome[0] if outcome else "lost"
+            labels = {"workflow_type": item.type, "worker_id": self.worker_id}
+            self.metrics.inc("workflow_run_completed_total", status=status, **labels)
+            self.metrics.observe(
+                "workflow_run_execution_duration_seconds",
+                now - item.started,
+                status=status,
+                **labels,
+            )
+            if item.kind == _FAILED:
+                attempt = str(item.attempt) if item.attempt < 3 else "3+"
+                self.metrics.inc("workflow_run_failed_attempts_total", attempt=attempt, **labels)
+            if status == "failed":
+                self.metrics.inc("workflow_run_failed_total", **labels)
+            elif status == "pending":
+                self._next_due = min(self._next_due, now + item.delay)
+            if outcome is None:
+                _worker_log.info(
+                    "run %s (%s): outcome %s not recorded: the run was cancelled, rescued or "
+                    "taken over meanwhile",
+                    item.id,
+                    item.type,
+                    item.kind,
+                )
+            elif status == "failed":
+                _worker_log.error(
+                    "run %s (%s) failed for good after %d attempts: %s",
+                    item.id,
+                    item.type,
+                    outcome[1],
+                    item.error,
+                )
+
+    def _execute(self, ctx: RunContext) -> None:
+        """Run one handler on a pool thread and queue its outcome (never raises)."""
+        item = _Completion(ctx.id, ctx.attempt, _SUCCEEDED, type=ctx.type, started=ctx._claimed_at)
+        try:
+            fn = self._handlers.get(ctx.type)
+            if fn is None:
+                raise LookupError(
+                    f"no handler registered for type {ctx.type!r} on worker {self.worker_id}"
+                )
+            item.result = _dumps(fn(ctx), "result")
+        except Retry as request:
+            item.kind = _SNOOZED
+            item.delay = request.delay if request.delay is not None else self._delay(ctx.attempt)
+        except BaseException as exc:  # a handler's failure is a row update, never a dead worker
+            item.kind = _FAILED
+            item.error = f"{type(exc).__name__}: {exc}"[:10_000]
+            item.delay = self._delay(ctx.attempt)
+            _worker_log.warning(
+                "run %s (%s) attempt %d/%d failed: %s\n%s",
+                ctx.id,
+                ctx.type,
+                ctx.attempt,
+                ctx.max_attempts,
+                item.error,
+                traceback.format_exc().rstrip(),
+            )
+        with self._lock:
+            self._active.pop(ctx.id, None)
+            self._completions.append(item)
+        self._wake.set()
+
+    def _delay(self, attempt: int) -> float:
+        try:
+            delay = self._backoff(attempt)
+            if _is_number(delay) and delay >= 0 and not math.isinf(delay):
+                return float(delay)
+            raise ValueError(f"returned {delay!r}")
+        except Exception as exc:
+            _worker_log.error("backoff(%d) failed (%s); using the default", attempt, exc)
+            return seed_backoff(attempt)
+
+    # -- housekeeping: heartbeats, rescue, schedules ---------------------------------------
+    def _rescue(self, conn: _Connection) -> int:
+        rows = self.app._dialect.rescue(conn)
+        for run_id, run_type, status, attempt, leased_by in rows:
+            self.metrics.inc("workflow_run_rescued_total", worker_id=self.worker_id, status=status)
+            _worker_log.warning(
+                "run %s (%s): lease of %s expired after attempt %d; now %s",
+                run_id,
+                run_type,
+                leased_by,
+                attempt,
+                status,
+            )
+        if rows:
+            _wakeups.notify(self.app._dsn.key)
+        return len(rows)
+
+    def _housekeeper(self, stop: threading.Event) -> None:
+        dialect = self.app._dialect
+        conn: _Connection | None = None
+        beat_every = self.lease / 3
+        rescue_every = max(0.5, min(self.lease / 2, 15.0))
+        now = time.monotonic()
+        due = {
+            "beat": now + beat_every,
+            "rescue": now + rescue_every,
+            "tick": now + self.tick_interval,
+        }
+        delay = 0.1
+        while not stop.is_set():
+            try:
+                if conn is None:
+                    conn = dialect.connect()
+                now = time.monotonic()
+                if now >= due["beat"]:
+                    due["beat"] = now + beat_every
+                    self._extend(conn)
+                if now >= due["rescue"]:
+                    due["rescue"] = now + rescue_every
+                    self._rescue(conn)
+                if self.schedules and now >= due["tick"]:
+                    due["tick"] = now + self.tick_interval
+                    _tick(dialect, conn)
+                delay = 0.1
+                stop.wait(max(0.0, min(due.values()) - time.monotonic()))
+            except MinflowError as exc:
+                _worker_log.warning(
+                    "%s housekeeping: %s; retrying in %.1fs", self.worker_id, exc, delay
+                )
+                if conn is not None:
+                    conn.close()
+                conn = None
+                stop.wait(delay)
+                delay = min(delay * 2, 5.0)
+            except Exception as exc:  # a bug here must not leave a half-alive worker
+                _worker_log.exception(
+                    "%s housekeeping crashed; stopping the worker", self.worker_id
+                )
+                self._fatal = exc
+                self._force.set()
+                self._wake.set()
+                break
+        if conn is not None:
+            conn.close()
+
+    def _extend(self, conn: _Connection) -> None:
+        with self._lock:
+            held = [(ctx.id, ctx.attempt) for ctx in self._active.values()]
+        if not held:
+            return
+        kept = self.app._dialect.extend_leases(conn, self.worker_id, held, self.lease)
+        for run_id, _ in held:
+            if run_id not in kept:
+                ctx = self._active.get(run_id)
+                if ctx is not None and not ctx._lost.is_set():
+                    ctx._lost.set()
+                    _worker_log.info(
+                        "run %s: lease lost (cancelled or taken over); is_cancelled() is now true",
+                        run_id,
+                    )
+
+
+def _as_list(value: Any, name: str) -> list:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    try:
+        return list(value)
+    except TypeError:
+        raise InvalidInput(f"{name} must be a list of strings") from None
+
+
+def _spawn(
+    target: Callable[[threading.Event], None], name: str, stop: threading.Event
+) -> threading.Thread:
+    thread = threading.Thread(target=target, args=(stop,), name=name, daemon=True)
+    thread.start()
+    return thread
+
+
+class _HandlerPool:
+    """Daemon threads running handlers; daemon so that a forced exit never waits for them."""
+
+    def __init__(self, size: int, execute: Callable[[RunContext], None], name: str):
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._execute = execute
+        self._threads = [
+            threading.Thread(target=self._serve, name=f"{name}-handler-{i}", daemon=True)
+            for i in range(size)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            ctx = self._queue.get()
+            if ctx is None:
+                return
+            self._execute(ctx)
+
+    def submit(self, ctx: RunContext) -> None:
+        self._queue.put(ctx)
+
+    def shutdown(self) -> None:
+        for _ in self._threads:
+            self._queue.put(None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+
+class _UsageError(Exception):
+    """A user mistake on the command line: one line on stderr, exit status 2."""
+
+
+def _load_app(spec: str) -> App:
+    """Import ``MODULE[:ATTR]`` (attribute ``app`` by default) and return the App it holds."""
+    module_name, _, attr = spec.partition(":")
+    attr = attr or "app"
+    if not module_name:
+        raise _UsageError(f"expected MODULE[:ATTR], got {spec!r}")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        if getattr(exc, "name", None) and module_name.startswith(str(exc.name)):
+            raise _UsageError(f"cannot import {module_name!r}: {exc}") from None
+        raise
+    try:
+        app = getattr(module, attr)
+    except AttributeError:
+        raise _UsageError(f"module {module_name!r} has no attribute {attr!r}") from None
+    if not isinstance(app, App):
+        raise _UsageError(f"{module_name}:{attr} is a {type(app).__name__}, not a minflow.App")
+    return app
+
+
+def _cmd_migrate(args: argparse.Namespace) -> int:
+    with Client(args.dsn) as client:
+        applied = client.migrate()
+        print(
+            f"schema version {client.schema_version()} ({applied} migrations applied) on {client.dsn}"
+        )
+    return 0
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    app = _load_app(args.app)
+    if args.dsn:
+        app._configure(args.dsn)
+    worker = Worker(
+        app,
+        concurrency=args.concurrency,
+        lease=args.lease,
+        poll_interval=args.poll_interval,
+        worker_id=args.worker_id,
+        types=args.types,
+        prefixes=args.prefixes,
+        schedules=not args.no_schedules,
+        shutdown_timeout=args.shutdown_timeout,
+    )
+    if getattr(args, "metrics_port", None) is not None and "_serve_metrics" in globals():
+        globals()["_serve_metrics"](worker, args.metrics_host, args.metrics_port)
+    count = worker.run(burst=args.burst)
+    if args.burst:
+        print(f"{count} runs executed")
+    return 1 if worker._force.is_set() else 0
+
+
+def _cmd_ticker(args: argparse.Namespace) -> int:
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    with Client(args.dsn) as client:
+        client._ensure_schema()
+        _ticker_log.info("ticker started on %s, every %.1fs", client.dsn, args.interval)
+        delay = args.interval
+        while not stop.is_set():
+            try:
+                fired = client.tick()
+                if fired:
+                    _ticker_log.info("%d schedule slots fired", fired)
+                delay = args.interval
+            except Unavailable as exc:
+                _ticker_log.warning("tick failed: %s; retrying in %.1fs", exc, delay)
+                delay = min(delay * 2, 30.0)
+            stop.wait(delay)
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    import tempfile
+
+    dsn = args.dsn or "sqlite:///" + os.path.join(
+        tempfile.mkdtemp(prefix="minflow-demo-"), "demo.db"
+    )
+    app = App(dsn)
+    app.migrate()
+
+    @app.handler("demo.email.send.v1")
+    def send_email(run: RunContext) -> dict:
+        time.sleep(random.uniform(0.01, 0.05))
+        return {"sent_to": run.payload["to"]}
+
+    @app.handler("demo.invoice.charge.v1")
+    def charge(run: RunContext) -> dict:
+        if run.attempt == 1:
+            raise ConnectionError("payment gateway timed out")
+        return {"charged": run.payload["amount"], "attempt": run.attempt}
+
+    @app.handler("demo.report.render.v1")
+    def render(run: RunContext) -> None:
+        raise ValueError(f"template {run.payload['template']!r} not found")
+
+    jobs = [
+        Job("demo.email.send.v1", {"to": f"user{i}@example.com"}) for i in range(args.runs * 2 // 3)
+    ]
+    jobs += [
+        Job("demo.invoice.charge.v1", {"amount": 10 * i}, priority=50)
+        for i in range(args.runs // 4)
+    ]
+    jobs += [
+        Job("demo.report.render.v1", {"template": "weekly"}, max_attempts=3)
+        for _ in range(max(1, args.runs - len(jobs)))
+    ]
+    ids = app.submit_many(jobs)
+    print(f"minflow demo: {len(ids)} runs submitted to {app.dsn}")
+    print("  demo.email.send.v1 succeeds, demo.invoice.charge.v1 fails once then succeeds,")
+    print("  demo.report.render.v1 always fails (3 attempts, then 'failed')\n")
+    # A fast backoff so the retries finish in seconds instead of the default minutes.
+    worker = Worker(
+        app, concurrency=4, lease=10, backoff=lambda attempt: 0.2 * attempt, schedules=False
+    )
+    worker.start()
+    deadline = time.monotonic() + 120
+    tty = sys.stdout.isatty()
+    last = ""
+    try:
+        while True:
+            totals = {s: 0 for s in RUN_STATUSES}
+            for counts in app.stats().values():
+                for status, n in counts.items():
+                    totals[status] += n
+            line = "  " + "  ".join(f"{s} {n:>3}" for s, n in totals.items())
+            if line != last:
+                print(("\r" + line) if tty else line, end="" if tty else "\n", flush=True)
+                last = line
+            if totals["pending"] + totals["leased"] == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+    finally:
+        worker.stop(timeout=10)
+    print("\n" if tty else "")
+    stats = app.stats()
+    width = max(len(t) for t in stats) + 2
+    print(f"{'type':<{width}}" + "".join(f"{s:>11}" for s in RUN_STATUSES))
+    for run_type, counts in sorted(stats.items()):
+        print(f"{run_type:<{width}}" + "".join(f"{counts.get(s, 0):>11}" for s in RUN_STATUSES))
+    print("\nevent timelines:")
+    for run_type in sorted(stats):
+        run = app.list(type=run_type, limit=1)[0]
+        events = app.events(run.id)
+        start = events[0].created_at if events and events[0].created_at else None
+        print(
+            f"\n  {run.type} {run.id}: {run.status} after {run.attempt} attempt(s)"
+            + (f", last error: {run.last_error}" if run.last_error else "")
+        )
+        for event in events:
+            offset = (
+                (event.created_at - start).total_seconds() if start and event.created_at else 0.0
+            )
+            data = "" if event.data is None else " " + json.dumps(event.data)
+            print(f"    +{offset:6.3f}s  {event.event_type:<10}{data}")
+    app.close()
+    print(f"\ndatabase kept at {dsn}")
+    return 0
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="minflow", description="A durable job queue on SQLite or PostgreSQL."
+    )
+    parser.add_argument("--version", action="version", version=f"minflow {__version__}")
+    parser.add_argument(
+        "--log-level",
+        default=None,
+        choices=["debug", "info", "warning", "error"],
+        help="logging level (default: info for worker/ticker, warning otherwise)",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(
+        name: str, help_text: str, func: Callable[[argparse.Namespace], int]
+    ) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument(
+            "--dsn",
+            default=None,
+            help="database (default: $MINFLOW_DSN, else sqlite:///minflow.db)",
+        )
+        sub.set_defaults(func=func)
+        return sub
+
+    command("migrate", "create or upgrade the schema", _cmd_migrate)
+
+    sub = command("worker", "run a worker for the handlers of an App", _cmd_worker)
+    sub.add_argument(
+        "app",
+        metavar="MODULE[:ATTR]",
+        help="module holding a minflow.App (attribute 'app' by default)",
+    )
+    sub.add_argument(
+        "--concurrency",
+        type=int,
+        default=DEFAULT_CONCURRENCY,
+        help="handlers run at once (default 4)",
+    )
+    sub.add_argument(
+        "--lease", type=float, default=DEFAULT_LEASE, help="lease seconds (default 30)"
+    )
+    sub.add_argument(
+        "--poll-interval", type=float, default=None, help="fallback poll seconds (default 1)"
+    )
+    sub.add_argument(
+        "--types", default=None, help="comma-separated exact types to claim (default: all handlers)"
+    )
+    sub.add_argument(
+        "--prefixes", default=None, help="comma-separated literal type prefixes to claim as well"
+    )
+    sub.add_argument("--worker-id", default=None, help="worker id (default: hostname-pid)")
+    sub.add_argument(
+        "--burst", action="store_true", help="exit once nothing is due and nothing runs"
+    )
+    sub.add_argument(
+        "--no-schedules", action="store_true", help="do not run the cron ticker in this worker"
+    )
+    sub.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=DEFAULT_SHUTDOWN_TIMEOUT,
+        help="seconds running handlers get after SIGTERM (default 30)",
+    )
+
+    sub = command(
+        "ticker", "run the cron ticker alone (workers also run it by default)", _cmd_ticker
+    )
+    sub.add_argument(
+        "--interval", type=float, default=DEFAULT_TICK_INTERVAL, help="seconds between ticks"
+    )
+
+    sub = command("demo", "run a self-contained demo on a fresh SQLite file", _cmd_demo)
+    sub.add_argument("--runs", type=int, default=36, help="how many runs to submit (default 36)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The ``minflow`` command; returns the exit status."""
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    level = args.log_level or (
+        "info" if args.command in ("worker", "ticker", "serve") else "warning"
+    )
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if args.command == "demo" and not args.log_level:
+        logging.getLogger("minflow.worker").setLevel(logging.CRITICAL)  # the failures are the point
+    try:
+        return args.func(args)
+    except _UsageError as exc:
+        print(f"minflow: error: {exc}", file=sys.stderr)
+        return 2
+    except (InvalidInput, NotFound, AlreadyComplete, InvalidState) as exc:
+        print(f"minflow: error: {exc}", file=sys.stderr)
+        return 2
+    except MinflowError as exc:
+        print(f"minflow: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    # `python -m minflow` runs this file as __main__; user code that does `import minflow` would
+    # get a second module whose App class and handlers this copy cannot see. Hand over to the
+    # importable module so there is only one.
+    import minflow as _minflow
+
+    sys.exit(_minflow.main())
