@@ -1026,6 +1026,7 @@ class _PgConnection(_Connection):
             statement = self._prepared.get(sql)
             if statement is None:
                 statement = self._prepared[sql] = self.raw.prepare(sql)
+            params = {k: _pg_array(v) if isinstance(v, list) else v for k, v in params.items()}
             return statement.run(**params) or []
         except self._errors.DatabaseError as exc:
             error = _translate_pg(exc)
@@ -1049,6 +1050,23 @@ class _PgConnection(_Connection):
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self.raw.close()
+
+
+def _pg_array(values: list) -> str:
+    """An array literal with every element quoted.
+
+    pg8000 leaves a lower-case ``null`` string unquoted, which PostgreSQL reads as NULL: a JSON
+    ``null`` payload, or a type or idempotency key spelled "null", would silently become NULL.
+    Statements cast the literal to the element type they need.
+    """
+    parts = []
+    for value in values:
+        if value is None:
+            parts.append("NULL")
+        else:
+            text = str(value).replace("\\", "\\\\").replace('"', '\\"')
+            parts.append(f'"{text}"')
+    return "{" + ",".join(parts) + "}"
 
 
 _PG_NETWORK = re.compile(r"network|connection|closed|timed? ?out|socket|EOF|read|write|SSL", re.I)
