@@ -1726,7 +1726,7 @@ class _PostgresDialect(_Dialect):
                         conn.query(f"LISTEN {_quote_ident(self.channel)}")
                         delay = 0.1
                         wake()  # anything submitted while we were not listening
-                    readable, _, _ = select.select([conn.raw._usock], [], [], 1.0)
+                    readable, _, _ = select.select([conn.raw._usock], [], [], 0.2)
                     if readable:
                         conn.query("")  # lets pg8000 read the pending notifications
                         if conn.raw.notifications:
@@ -2923,7 +2923,9 @@ class Worker:
                 continue
             if claimed or done:
                 continue  # more may be due (and on PostgreSQL, retries written just now)
-            if burst and not self._active and self._next_due > time.monotonic():
+            with self._lock:
+                idle = not self._active and not self._completions
+            if burst and idle and self._next_due > time.monotonic():
                 break
             # Retries this worker scheduled are not announced by anyone: wake up for them.
             timeout = min(self.poll_interval, max(0.0, self._next_due - time.monotonic()))
