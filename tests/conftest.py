@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -232,11 +233,17 @@ class PrivateCluster:
 
 
 @pytest.fixture
-def private_pg(tmp_path_factory):
+def private_pg():
     """Start a private PostgreSQL cluster on a free port; stopped by pid at teardown."""
-    cluster = PrivateCluster(tmp_path_factory.mktemp("pgcluster")).init().start()
-    yield cluster
-    cluster.stop("immediate")
+    # Not under tmp_path: pytest keeps that in a 0700 directory of the user running the tests,
+    # which the postgres OS user (who must own the data directory) cannot enter.
+    base = Path(tempfile.mkdtemp(prefix="minflow-pg-"))
+    try:
+        cluster = PrivateCluster(base).init().start()
+        yield cluster
+        cluster.stop("immediate")
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def db(client, statement: str, **params) -> list:
