@@ -937,6 +937,11 @@ class _Connection:
     def query(self, sql: str, params: dict | None = None) -> list:
         raise NotImplementedError
 
+    def spoke_while_idle(self) -> bool:
+        """True if the server sent something while nobody was asking (e.g. the error and EOF
+        of a terminated session); costs no round trip."""
+        return False
+
     @contextlib.contextmanager
     def transaction(self) -> Iterator[_Connection]:
         self.begin()
@@ -1047,6 +1052,12 @@ class _PgConnection(_Connection):
     def begin(self) -> None:
         self.query("BEGIN")
 
+    def spoke_while_idle(self) -> bool:
+        try:
+            return bool(select.select([self.raw._usock], [], [], 0)[0])
+        except (OSError, ValueError, AttributeError):
+            return True
+
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self.raw.close()
@@ -1126,8 +1137,14 @@ class _Pool:
                 self._idle, self._pid = [], os.getpid()
             conn = self._idle.pop() if self._idle else None
         # A connection idle for a while may have been cut by a server restart; one cheap
-        # round trip here spares the caller an error for something already healed.
-        if conn is not None and self._ping and time.monotonic() - conn.idle_since > 1.0:
+        # round trip here spares the caller an error for something already healed. A session
+        # the server ended (restart, pg_terminate_backend) has left its farewell unread on the
+        # socket, which shows without a round trip, however short the idle time.
+        if (
+            conn is not None
+            and self._ping
+            and (time.monotonic() - conn.idle_since > 1.0 or conn.spoke_while_idle())
+        ):
             try:
                 conn.query("SELECT 1")
             except MinflowError:
