@@ -2728,7 +2728,9 @@ class Worker:
         self._ready = threading.Event()
         self._finished = threading.Event()
         self._lock = threading.Lock()
-        self._active: dict[str, RunContext] = {}
+        # Keyed by (id, attempt): after a lease expired, this worker may claim the run again
+        # while the stale execution is still running, and the two must not be confused.
+        self._active: dict[tuple[str, int], RunContext] = {}
         self._completions: list[_Completion] = []
         self._thread: threading.Thread | None = None
         self._fatal: BaseException | None = None
@@ -2982,7 +2984,7 @@ class Worker:
                 pass  # the handler sees the raw text; decoding is its problem, not the queue's
             ctx = RunContext(self, run_id, run_type, payload, attempt, max_attempts)
             with self._lock:
-                self._active[run_id] = ctx
+                self._active[(run_id, attempt)] = ctx
             self.metrics.inc(
                 "workflow_run_claimed_total", workflow_type=run_type, worker_id=self.worker_id
             )
@@ -3054,7 +3056,7 @@ class Worker:
                 traceback.format_exc().rstrip(),
             )
         with self._lock:
-            self._active.pop(ctx.id, None)
+            self._active.pop((ctx.id, ctx.attempt), None)
             self._completions.append(item)
         self._wake.set()
 
@@ -3139,9 +3141,9 @@ class Worker:
         if not held:
             return
         kept = self.app._dialect.extend_leases(conn, self.worker_id, held, self.lease)
-        for run_id, _ in held:
+        for run_id, attempt in held:
             if run_id not in kept:
-                ctx = self._active.get(run_id)
+                ctx = self._active.get((run_id, attempt))
                 if ctx is not None and not ctx._lost.is_set():
                     ctx._lost.set()
                     _worker_log.info(
