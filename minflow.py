@@ -804,8 +804,9 @@ SCHEMA_VERSION = max(version for version, _, _ in _PG_MIGRATIONS)
 # SQL: statements shared by both dialects
 # ---------------------------------------------------------------------------------------------
 # {now} is the database clock, {later:NAME} "database clock + :NAME seconds", {json:NAME} a JSON
-# parameter, {uuid:NAME} an id parameter. Each dialect renders them once at start-up; values are
-# always bound, never formatted in.
+# parameter ({rawjson:NAME} one the Go library reads as json.RawMessage), {uuid:NAME} an id
+# parameter. Each dialect renders them once at start-up; values are always bound, never
+# formatted in.
 
 _RUN_COLUMNS = (
     "id, type, payload, status, priority, run_at, idempotency_key, attempt, "
@@ -877,11 +878,11 @@ _SQL: dict[str, str] = {
     "insert_schedule": (
         "INSERT INTO workflow_schedule (id, type, payload, schedule, timezone, next_run_at, "
         "priority, max_attempts, name, created_at, updated_at) VALUES ({uuid:id}, :type, "
-        "{json:payload}, :cron, :timezone, {time:next_run_at}, :priority, :max_attempts, "
+        "{rawjson:payload}, :cron, :timezone, {time:next_run_at}, :priority, :max_attempts, "
         ":name, {now}, {now})"
     ),
     "update_schedule": (
-        "UPDATE workflow_schedule SET type = :type, payload = {json:payload}, schedule = :cron, "
+        "UPDATE workflow_schedule SET type = :type, payload = {rawjson:payload}, schedule = :cron, "
         "timezone = :timezone, next_run_at = {time:next_run_at}, priority = :priority, "
         "max_attempts = :max_attempts, updated_at = {now} WHERE id = {uuid:id}"
     ),
@@ -914,13 +915,13 @@ _SQL: dict[str, str] = {
 
 
 def _render(template: str, fragments: dict[str, str]) -> str:
-    """Fill a shared statement's {now}, {later:x}, {json:x}, {uuid:x}, {time:x}, {bool:x} slots."""
+    """Fill a shared statement's {now}, {later:x}, {json:x}, {uuid:x}, ... slots."""
 
     def fill(match: re.Match) -> str:
         kind, _, name = match.group(1).partition(":")
         return fragments[kind].replace("NAME", name)
 
-    return re.sub(r"\{(now|(?:later|json|uuid|time|bool):\w+)\}", fill, template)
+    return re.sub(r"\{(now|(?:later|json|rawjson|uuid|time|bool):\w+)\}", fill, template)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1283,6 +1284,9 @@ class _SQLiteDialect(_Dialect):
         "now": "strftime('%Y-%m-%d %H:%M:%f', 'now')",
         "later": "strftime('%Y-%m-%d %H:%M:%f', 'now', printf('%+.3f seconds', :NAME))",
         "json": ":NAME",
+        # Schedule payloads: the Go ticker scans them into json.RawMessage, which database/sql
+        # fills from a BLOB but refuses from TEXT (seed-spec §1.6), so store them as Go does.
+        "rawjson": "CAST(:NAME AS BLOB)",
         "uuid": ":NAME",
         "time": ":NAME",
         "bool": ":NAME",
@@ -1566,6 +1570,7 @@ class _PostgresDialect(_Dialect):
         "now": "NOW()",
         "later": "NOW() + make_interval(secs => :NAME)",
         "json": "CAST(:NAME AS jsonb)",
+        "rawjson": "CAST(:NAME AS jsonb)",
         "uuid": "CAST(:NAME AS uuid)",
         "time": "CAST(:NAME AS timestamptz)",
         "bool": ":NAME",
