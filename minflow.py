@@ -410,7 +410,7 @@ class _DSN:
     host: str = "localhost"
     port: int = 5432
     user: str = "postgres"
-    password: str | None = None
+    password: str | None = dataclasses.field(default=None, repr=False)  # never in logs
     database: str | None = None
     unix_sock: str | None = None
     search_path: tuple[str, ...] = (DEFAULT_SCHEMA,)
@@ -491,6 +491,8 @@ def _query_options(query: str, allowed: Iterable[str], what: str) -> dict[str, s
             raise InvalidInput(
                 f"unsupported {what} DSN parameter {key!r}; supported: {', '.join(sorted(allowed))}"
             )
+        if key in options:
+            raise InvalidInput(f"{what} DSN parameter {key!r} given twice")
         options[key] = value
     return options
 
@@ -504,7 +506,7 @@ def _parse_pg_url(text: str) -> _DSN:
     options = _query_options(parts.query, _PG_OPTIONS, "postgres")
     host = unquote(parts.hostname or "") or "localhost"
     return _pg_dsn(
-        text,
+        _mask_url(text, parts),
         host=host,
         port=port or 5432,
         user=unquote(parts.username) if parts.username else "postgres",
@@ -548,11 +550,23 @@ def _parse_pg_keywords(text: str) -> _DSN:
     )
 
 
+def _mask_url(text: str, parts: Any) -> str:
+    """The URL with the password of its user-info (as written, escapes and all) replaced."""
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    if not at or ":" not in userinfo:
+        return text
+    user = userinfo.partition(":")[0]
+    return text.replace(f"//{parts.netloc}", f"//{user}:***@{hostport}", 1)
+
+
 def _mask_keywords(text: str) -> str:
     return re.sub(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", text)
 
 
-_IDENT = re.compile(r"^[^\x00]{1,63}$")
+def _valid_ident(name: str) -> bool:
+    # PostgreSQL truncates identifiers to 63 bytes (not characters): two longer names sharing
+    # a prefix would silently be one schema.
+    return 0 < len(name.encode()) <= 63 and "\x00" not in name
 
 
 def _pg_dsn(
@@ -569,9 +583,11 @@ def _pg_dsn(
     path = options.get("search_path")
     if schema is not None and path is not None and [schema] != _split_path(path)[:1]:
         raise InvalidInput("DSN gives both schema and search_path with different schemas; give one")
-    search_path = _split_path(path) if path is not None else [schema or DEFAULT_SCHEMA]
-    if not search_path or not all(_IDENT.match(s) for s in search_path):
-        raise InvalidInput(f"invalid schema name(s) {search_path!r}: 1 to 63 characters, no NUL")
+    search_path = (
+        _split_path(path) if path is not None else [DEFAULT_SCHEMA if schema is None else schema]
+    )
+    if not search_path or not all(_valid_ident(s) for s in search_path):
+        raise InvalidInput(f"invalid schema name(s) {search_path!r}: 1 to 63 bytes, no NUL")
     sslmode = options.get("sslmode", "disable")
     if sslmode not in _SSLMODES:
         raise InvalidInput(f"sslmode must be one of {', '.join(_SSLMODES)}, got {sslmode!r}")
@@ -587,8 +603,6 @@ def _pg_dsn(
     unix_sock = None
     if host.startswith("/"):
         unix_sock = f"{host.rstrip('/')}/.s.PGSQL.{port}"
-    if password is not None:
-        text = text.replace(":" + password + "@", ":***@")
     return _DSN(
         "postgres",
         text,
@@ -1583,9 +1597,10 @@ class _PostgresDialect(_Dialect):
         self._errors = pg8000.exceptions
         schema = dsn.schema
         # NOTIFY channel per schema, so queues in different schemas do not wake each other.
+        # A channel name is an identifier too: at most 63 bytes.
         self.channel = (
             ("minflow_" + schema)
-            if len(schema) <= 50
+            if len(schema.encode()) <= 55
             else "minflow_" + uuid.uuid5(uuid.NAMESPACE_OID, schema).hex
         )
 
