@@ -369,6 +369,12 @@ def test_minflow_rows_read_by_the_seed(dsn, dialect, minflow_db):
         _same_time(seed, last_run_at, mine.last_run_at)
         assert _go_time(seed, next_run_at) > dt.datetime.now(UTC)
         assert seed.run(CLAIM_DUE[dialect]) == []
+        # The seed never reads a schedule's created_at/updated_at, but they are its columns too.
+        [(created, updated)] = seed.run(
+            "SELECT created_at, updated_at FROM workflow_schedule WHERE id = $1", schedule_id
+        )
+        _same_time(seed, created, mine.created_at)
+        assert _go_time(seed, updated) >= _go_time(seed, created)
 
         # The seed's claim takes a due minflow run (pending since a second ago at least).
         fresh = app.submit(
