@@ -413,3 +413,67 @@ def test_schedule_payload_is_scannable_by_the_go_ticker(tmp_path):
         raw.close()
     assert client.get_schedule(first).payload == {"k": 2}
     client.close()
+
+
+def test_go_schedules_fire_in_minflow_with_the_seed_slot_key(dsn, dialect, seed_db):
+    """A schedule the Go client created fires in minflow's ticker under the key a Go ticker
+    would use for the same slot, so a mixed fleet still fires each slot once."""
+    # Yearly, so that no newer slot can come due while the test runs.
+    cron = "0 0 1 1 *"
+    slot = dt.datetime(dt.datetime.now(UTC).year, 1, 1, tzinfo=UTC)
+    create = (
+        "INSERT INTO workflow_schedule (id, type, payload, schedule, timezone, next_run_at, "
+        "priority, max_attempts) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+    )
+    blob_id, default_id = (
+        "3f2b1c4d-5e6f-4a7b-8c9d-0e1f2a3b4c5d",
+        "4a3b2c1d-6e5f-4b7a-9c8d-1f0e3b2a5c4d",
+    )
+    payload = b'{"report": "weekly"}' if dialect == "sqlite" else '{"report": "weekly"}'
+    seed_db.run(
+        create, blob_id, "go.report", payload, "*/5 * * * *", "UTC", go_utc_text(slot), 50, 2
+    )
+    # Raw SQL relying on the payload default '{}' (TEXT on SQLite, which Go itself cannot scan).
+    seed_db.run(
+        "INSERT INTO workflow_schedule (id, type, schedule, next_run_at) VALUES ($1, $2, $3, $4)",
+        default_id,
+        "go.report",
+        cron,
+        go_utc_text(slot),
+    )
+
+    app = minflow.App(dsn)
+    app.migrate()
+    assert {s.id: s.payload for s in app.schedules()} == {
+        blob_id: {"report": "weekly"},
+        default_id: {},
+    }
+    assert app.tick() == 2
+    assert app.tick() == 0
+    runs = {r.idempotency_key: r for r in app.list(type="go.report")}
+    unix = int(slot.timestamp())
+    assert set(runs) == {f"schedule:{blob_id}:{unix}", f"schedule:{default_id}:{unix}"}
+    fired = runs[f"schedule:{blob_id}:{unix}"]
+    assert (fired.payload, fired.priority, fired.max_attempts) == ({"report": "weekly"}, 50, 2)
+    for schedule in app.schedules():
+        assert schedule.next_run_at == slot.replace(year=slot.year + 1)
+        assert schedule.last_run_at is not None
+
+    # A Go ticker that processed the same slot inserts with the same key: nothing new.
+    go_insert = (
+        "INSERT INTO workflow_run (id, type, payload, priority, run_at, idempotency_key, "
+        "max_attempts) VALUES ($1, $2, $3, $4, {now}, $5, $6) "
+        "ON CONFLICT (idempotency_key) DO NOTHING RETURNING id"
+    ).replace("{now}", "datetime('now')" if dialect == "sqlite" else "NOW()")
+    again = seed_db.run(
+        go_insert,
+        "5b4c3d2e-7f6a-4c8b-ad9e-2a1b4c3d6e5f",
+        "go.report",
+        payload,
+        50,
+        f"schedule:{blob_id}:{unix}",
+        2,
+    )
+    assert again == []
+    assert len(app.list(type="go.report")) == 2
+    app.close()
