@@ -430,9 +430,7 @@ def test_go_schedules_fire_in_minflow_with_the_seed_slot_key(dsn, dialect, seed_
         "4a3b2c1d-6e5f-4b7a-9c8d-1f0e3b2a5c4d",
     )
     payload = b'{"report": "weekly"}' if dialect == "sqlite" else '{"report": "weekly"}'
-    seed_db.run(
-        create, blob_id, "go.report", payload, "*/5 * * * *", "UTC", go_utc_text(slot), 50, 2
-    )
+    seed_db.run(create, blob_id, "go.report", payload, cron, "UTC", go_utc_text(slot), 50, 2)
     # Raw SQL relying on the payload default '{}' (TEXT on SQLite, which Go itself cannot scan).
     seed_db.run(
         "INSERT INTO workflow_schedule (id, type, schedule, next_run_at) VALUES ($1, $2, $3, $4)",
