@@ -138,7 +138,18 @@ def test_four_processes_drain_2000_runs_exactly_once(dsn, dialect, records, work
         )
         for i in range(processes)
     ]
-    codes = [p.wait(120) for p in procs]
+    # One deadline for all four, inside pytest's own timeout, so a stall fails with the
+    # workers' logs and the queue's state rather than a bare timeout.
+    deadline = started + 100
+    for p in procs:
+        try:
+            p.proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pytest.fail(
+                f"drain not finished after 100s: {client.stats()}\n"
+                + "\n".join(f"--- {q.pid}:\n{q.stderr()[-1500:]}" for q in procs)
+            )
+    codes = [p.proc.returncode for p in procs]
     wall = time.monotonic() - started
     assert codes == [0] * processes, [p.stderr()[-2000:] for p in procs]
     executed = sum(int(p.stdout().split()[0]) for p in procs)
@@ -285,7 +296,8 @@ def _starts(records: Path) -> list[list[str]]:
     ]
 
 
-def test_sigterm_lets_running_handlers_finish_and_exits_zero(dsn, records, workers):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_first_signal_lets_running_handlers_finish_and_exits_zero(dsn, records, workers, signum):
     client = minflow.Client(dsn)
     client.migrate()
     ids = [client.submit("proc.gate", {"n": n}) for n in range(5)]
@@ -293,8 +305,9 @@ def test_sigterm_lets_running_handlers_finish_and_exits_zero(dsn, records, worke
     in_flight = wait_for(lambda: len(_starts(records)) == 3 and _starts(records), 30, 0.02)
     running = {fields[1] for fields in in_flight}
 
-    worker.proc.send_signal(signal.SIGTERM)
-    wait_for(lambda: "SIGTERM received" in worker.stderr(), 15, 0.02, "the worker to log SIGTERM")
+    worker.proc.send_signal(signum)
+    name = signal.Signals(signum).name
+    wait_for(lambda: f"{name} received" in worker.stderr(), 15, 0.02, f"the worker to log {name}")
     # Handlers are still blocked on the gate: the worker must be waiting for them, not gone.
     assert worker.proc.poll() is None
     (records / "gate").touch()
