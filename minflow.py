@@ -3482,12 +3482,14 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
 
 def _cmd_ticker(args: argparse.Namespace) -> int:
+    if not (_is_number(args.interval) and 0 < args.interval < math.inf):
+        raise _UsageError(f"--interval must be a positive number of seconds, got {args.interval}")
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     with Client(args.dsn) as client:
         client._ensure_schema()
-        _ticker_log.info("ticker started on %s, every %.1fs", client.dsn, args.interval)
+        _ticker_log.info("ticker started on %s, every %gs", client.dsn, args.interval)
         delay = args.interval
         while not stop.is_set():
             try:
