@@ -508,15 +508,19 @@ def test_delete_is_final(client):
     assert len(scheduled_runs(client)) == 1  # runs it created stay
 
 
-def test_due_schedules_fire_oldest_first_in_batches(client):
+def test_due_schedules_fire_oldest_first_in_batches(client, monkeypatch):
     ids = [client.schedule("t", {"n": n}, cron=RARE) for n in range(5)]
     base = db_now(client).replace(microsecond=0) - dt.timedelta(minutes=10)
-    for n, sid in enumerate(ids):
+    for n, sid in enumerate(reversed(ids)):  # the last created is the most overdue
         make_due(client, sid, base + dt.timedelta(seconds=n))
+    tick = minflow._tick
     with client._pool.connection() as conn:
-        assert minflow._tick(client._dialect, conn, limit=2) == 5
-    runs = sorted(scheduled_runs(client), key=lambda r: r.created_at)
-    assert {r.payload["n"] for r in runs} == set(range(5))
+        monkeypatch.setattr(minflow, "_TICK_BATCHES", 1)
+        assert tick(client._dialect, conn, limit=2) == 2  # one batch: the two oldest slots
+        assert sorted(r.payload["n"] for r in scheduled_runs(client)) == [3, 4]
+        monkeypatch.undo()
+        assert tick(client._dialect, conn, limit=2) == 3  # batches until none is due
+    assert sorted(r.payload["n"] for r in scheduled_runs(client)) == [0, 1, 2, 3, 4]
 
 
 def test_unusable_rows_warn_once_and_do_not_block_others(client, caplog):
