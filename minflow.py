@@ -314,8 +314,22 @@ class Job:
     run_in: float | _dt.timedelta | None = None
 
 
+def _json_value(value: Any) -> Any:
+    if isinstance(value, _dt.datetime):
+        return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    return value
+
+
+class _Record:
+    """JSON rendering shared by the read models."""
+
+    def to_json(self) -> dict:
+        """A JSON-ready dict: snake_case keys, times as RFC 3339 UTC text, JSON values as is."""
+        return {k: _json_value(v) for k, v in dataclasses.asdict(self).items()}  # type: ignore[call-overload]
+
+
 @dataclasses.dataclass(frozen=True)
-class Run:
+class Run(_Record):
     """A run as stored (the seed's read model). Times are aware UTC; payload/result decoded JSON.
 
     ``attempt`` counts how many times the run has been claimed (1 while its first execution runs).
@@ -337,13 +351,9 @@ class Run:
     created_at: _dt.datetime | None
     updated_at: _dt.datetime | None
 
-    def to_json(self) -> dict:
-        """A JSON-ready dict (times as RFC 3339 text, payload/result as JSON values)."""
-        return {k: _json_value(v) for k, v in dataclasses.asdict(self).items()}
-
 
 @dataclasses.dataclass(frozen=True)
-class Event:
+class Event(_Record):
     """One entry of a run's audit trail (``workflow_event``)."""
 
     id: int
@@ -352,13 +362,9 @@ class Event:
     data: Any
     created_at: _dt.datetime | None
 
-    def to_json(self) -> dict:
-        """A JSON-ready dict."""
-        return {k: _json_value(v) for k, v in dataclasses.asdict(self).items()}
-
 
 @dataclasses.dataclass(frozen=True)
-class Schedule:
+class Schedule(_Record):
     """A cron schedule (``workflow_schedule``); ``cron`` is the seed's ``schedule`` column."""
 
     id: str
@@ -373,16 +379,6 @@ class Schedule:
     max_attempts: int
     name: str | None = None
     created_at: _dt.datetime | None = None
-
-    def to_json(self) -> dict:
-        """A JSON-ready dict with snake_case keys."""
-        return {k: _json_value(v) for k, v in dataclasses.asdict(self).items()}
-
-
-def _json_value(value: Any) -> Any:
-    if isinstance(value, _dt.datetime):
-        return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
-    return value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1036,6 +1032,7 @@ class _PgConnection(_Connection):
             statement = self._prepared.get(sql)
             if statement is None:
                 statement = self._prepared[sql] = self.raw.prepare(sql)
+            params = {k: _pg_array(v) if isinstance(v, list) else v for k, v in params.items()}
             return statement.run(**params) or []
         except self._errors.DatabaseError as exc:
             error = _translate_pg(exc)
@@ -1059,6 +1056,23 @@ class _PgConnection(_Connection):
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self.raw.close()
+
+
+def _pg_array(values: list) -> str:
+    """An array literal with every element quoted.
+
+    pg8000 leaves a lower-case ``null`` string unquoted, which PostgreSQL reads as NULL: a JSON
+    ``null`` payload, or a type or idempotency key spelled "null", would silently become NULL.
+    Statements cast the literal to the element type they need.
+    """
+    parts = []
+    for value in values:
+        if value is None:
+            parts.append("NULL")
+        else:
+            text = str(value).replace("\\", "\\\\").replace('"', '\\"')
+            parts.append(f'"{text}"')
+    return "{" + ",".join(parts) + "}"
 
 
 _PG_NETWORK = re.compile(r"network|connection|closed|timed? ?out|socket|EOF|read|write|SSL", re.I)
@@ -1718,7 +1732,7 @@ class _PostgresDialect(_Dialect):
                         conn.query(f"LISTEN {_quote_ident(self.channel)}")
                         delay = 0.1
                         wake()  # anything submitted while we were not listening
-                    readable, _, _ = select.select([conn.raw._usock], [], [], 1.0)
+                    readable, _, _ = select.select([conn.raw._usock], [], [], 0.2)
                     if readable:
                         conn.query("")  # lets pg8000 read the pending notifications
                         if conn.raw.notifications:
@@ -2962,7 +2976,9 @@ class Worker:
                 continue
             if claimed or done:
                 continue  # more may be due (and on PostgreSQL, retries written just now)
-            if burst and not self._active and self._next_due > time.monotonic():
+            with self._lock:
+                idle = not self._active and not self._completions
+            if burst and idle and self._next_due > time.monotonic():
                 break
             # Retries this worker scheduled are not announced by anyone: wake up for them.
             timeout = min(self.poll_interval, max(0.0, self._next_due - time.monotonic()))

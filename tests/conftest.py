@@ -237,3 +237,14 @@ def private_pg(tmp_path_factory):
     cluster = PrivateCluster(tmp_path_factory.mktemp("pgcluster")).init().start()
     yield cluster
     cluster.stop("immediate")
+
+
+def db(client, statement: str, **params) -> list:
+    """Run raw SQL on the client's database; ``{now}``, ``{time:x}``, ``{uuid:x}``... as in minflow."""
+    sql = minflow._render(statement, client._dialect.fragments)
+    with client._pool.connection() as conn:
+        return conn.query(sql, params or None)
+
+
+def event_types(client, run_id: str) -> list[str]:
+    return [e.event_type for e in client.events(run_id)]
