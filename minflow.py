@@ -3832,9 +3832,13 @@ class _Server(http.server.ThreadingHTTPServer):
             _http_log.exception("%s: request handling failed", client_address[0])
 
 
-def _start_server(server: _Server) -> threading.Thread:
+def _start_server(server: _Server, poll_interval: float = 0.5) -> threading.Thread:
+    """Run ``server`` on a daemon thread; ``server.shutdown()`` returns within ``poll_interval``."""
     thread = threading.Thread(
-        target=server.serve_forever, name=f"minflow-http-{server.server_address[1]}", daemon=True
+        target=server.serve_forever,
+        args=(poll_interval,),
+        name=f"minflow-http-{server.server_address[1]}",
+        daemon=True,
     )
     thread.start()
     return thread

@@ -30,7 +30,8 @@ class Api:
     def __init__(self, client: minflow.Client, **options):
         self.server = minflow._Server("127.0.0.1", 0, client, **options)
         self.port = self.server.server_address[1]
-        self.thread = minflow._start_server(self.server)
+        # A short poll interval makes shutdown() at teardown quick.
+        self.thread = minflow._start_server(self.server, poll_interval=0.02)
 
     def call(self, method, path, body=None, headers=None, raw=None):
         """(status, headers, decoded body); ``raw`` sends bytes as they are."""
@@ -327,8 +328,9 @@ def test_body_limits(sqlite_client):
             api.port, b"POST /api/v1/workflows HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n"
         )
         assert status == 400 and "Content-Length" in body["error"]
-        status, body = raw_exchange(api.port, b"GARBAGE\r\n\r\n")
-        assert status == 400 and "error" in body  # http.server's own errors are JSON too
+        many = b"".join(b"X-H%d: v\r\n" % i for i in range(200))
+        status, body = raw_exchange(api.port, b"GET /healthz HTTP/1.1\r\n" + many + b"\r\n")
+        assert status == 431 and "error" in body  # http.server's own errors are JSON too
     finally:
         api.close()
     assert [r.type for r in sqlite_client.list()] == ["t"]
@@ -455,11 +457,11 @@ def test_schemathesis_finds_no_server_errors(client, tmp_path):
                 "--header",
                 f"X-API-Key: {key}",
                 "--max-examples",
-                "8",
+                "5",
                 "--seed",
                 "20240601",
                 "--workers",
-                "2",
+                "1",  # hypothesis' lambda introspection is not thread-safe on every Python
             ],
             capture_output=True,
             text=True,
