@@ -3642,13 +3642,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             raise _HTTPError(
                 401, "invalid or missing API key", {"WWW-Authenticate": 'Bearer realm="minflow"'}
             )
-        allowed = []
+        allowed: list[str] = []
         for method, pattern, fn in server.routes:
             match = pattern.match(url.path)
             if match is None:
                 continue
             if method != self.command:
-                allowed.append(method)
+                if method not in allowed:
+                    allowed.append(method)
                 continue
             body = self._read_body()
             try:
@@ -3810,7 +3811,7 @@ class _Server(http.server.ThreadingHTTPServer):
                     + body
                 )
             self.shutdown_request(request)
-            _http_log.warning("%s: all %s", client_address[0], "handler threads busy; 503")
+            _http_log.warning("%s: all handler threads busy; answered 503", client_address[0])
             return
         try:
             super().process_request(request, client_address)
@@ -4437,6 +4438,12 @@ def _duration_arg(text: str) -> float:
     return seconds
 
 
+def _port_arg(text: str) -> int:
+    if not text.isdigit() or not 0 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is a number from 0 to 65535, got {text!r}")
+    return int(text)
+
+
 def _time_arg(text: str) -> _dt.datetime:
     try:
         return _parse_rfc3339(text, "time")
@@ -4554,7 +4561,8 @@ def _cmd_show(args: argparse.Namespace) -> int:
     for event in events:
         offset = (event.created_at - start).total_seconds() if start and event.created_at else 0.0
         data = "" if event.data is None else "  " + compact(event.data)
-        print(f"  {_fmt_time(event.created_at)}  +{offset:8.3f}s  {event.event_type:<9}{data}")
+        line = f"  {_fmt_time(event.created_at)}  +{offset:8.3f}s  {event.event_type:<9}{data}"
+        print(line.rstrip())
     return 0
 
 
@@ -4970,7 +4978,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     sub.add_argument(
         "--metrics-port",
-        type=int,
+        type=_port_arg,
         default=None,
         help="serve Prometheus /metrics (and /healthz) on this port",
     )
@@ -5004,7 +5012,10 @@ def _build_parser() -> argparse.ArgumentParser:
         help=f"address to listen on (default {DEFAULT_HTTP_HOST})",
     )
     sub.add_argument(
-        "--port", type=int, default=DEFAULT_HTTP_PORT, help=f"port (default {DEFAULT_HTTP_PORT})"
+        "--port",
+        type=_port_arg,
+        default=DEFAULT_HTTP_PORT,
+        help=f"port (default {DEFAULT_HTTP_PORT})",
     )
     sub.add_argument(
         "--max-body",

@@ -6,6 +6,8 @@ import datetime as dt
 import http.client
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 import uuid
@@ -264,3 +266,19 @@ def test_worker_command_serves_metrics_and_stops_on_sigterm(dsn, tmp_path):
             out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     assert "worker metrics on http://127.0.0.1:" in err and "cli-worker stopped" in err
+
+
+def test_readme_command_lines_parse():
+    """Every `python -m minflow ...` in the README's code blocks is accepted by the parser."""
+    text = (ROOT / "README.md").read_text().replace("\\\n", " ")
+    blocks = "\n".join(re.findall(r"```[a-z]*\n(.*?)```", text, re.S))
+    lines = [line for line in blocks.splitlines() if "python -m minflow " in line]
+    assert len(lines) >= 10
+    parser = minflow._build_parser()
+    for line in lines:
+        command = line.split("python -m minflow ", 1)[1].split("|")[0]
+        argv = shlex.split(command, comments=True)
+        try:
+            parser.parse_args(argv)
+        except SystemExit:
+            pytest.fail(f"README command line rejected: {line.strip()}")

@@ -10,6 +10,8 @@ import http.client
 import json
 import logging
 import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -518,3 +520,50 @@ def test_serve_command_runs_until_sigterm(tmp_path):
     assert '"POST /api/v1/workflows HTTP/1.1" 201' in err
     with minflow.Client(dsn) as c:
         assert [r.type for r in c.list()] == ["a.v1"]
+
+
+def test_readme_curl_session_works(sqlite_client):
+    """The README's curl examples, run as written against a live server."""
+    if not shutil.which("curl"):
+        pytest.skip("curl not installed")
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## HTTP API") : text.index("## Metrics")]
+    script = [b for b in re.findall(r"```sh\n(.*?)```", section, re.S) if "curl" in b][0]
+    key = "readme-" + uuid.uuid4().hex
+    api = Api(sqlite_client, api_key=key)
+    try:
+        result = subprocess.run(
+            [
+                "bash",
+                "-euo",
+                "pipefail",
+                "-c",
+                script.replace("localhost:8080", f"127.0.0.1:{api.port}"),
+            ],
+            env={**os.environ, "MINFLOW_API_KEY": key},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        api.close()
+    assert result.returncode == 0, result.stderr
+    for expected in (
+        "idempotency conflict",
+        '"payload": {"order": 42}',
+        '"event_type": "created"',
+        '{"status": "cancelled"}',
+        '{"status": "pending"}',
+        '{"status": "paused"}',
+        '{"status": "resumed"}',
+        '"name": "daily-report"',
+        '{"status": "deleted"}',
+        '{"status": "ok"}',
+        "# TYPE workflow_run_queue_depth gauge",
+        '"openapi": "3.1.0"',
+    ):
+        assert expected in result.stdout, expected
+    assert "invalid or missing API key" not in result.stdout
+    (run,) = sqlite_client.list()
+    assert (run.type, run.priority, run.status) == ("billing.invoice.v1", 10, "pending")
+    assert sqlite_client.schedules() == []
