@@ -61,6 +61,7 @@ import re
 import select
 import signal
 import socket
+import socketserver
 import sqlite3
 import sys
 import threading
@@ -3793,6 +3794,12 @@ class _Server(http.server.ThreadingHTTPServer):
             self.address_family = socket.AF_INET6
         super().__init__((host, port), _Handler)
 
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind also resolves the host's FQDN, a DNS lookup that can stall
+        # start-up in containers; the name is only used in CGI variables.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = str(self.server_address[0]), self.server_address[1]
+
     @property
     def url(self) -> str:
         """The base URL this server listens on."""
@@ -3865,357 +3872,205 @@ def _serve_metrics(worker: Worker, host: str, port: int) -> _Server:
 
 _openapi_cache: dict = {}
 
+_ERROR_TEXT = {
+    400: "Invalid input (the body, a parameter or a value).",
+    401: "Missing or wrong API key (only when MINFLOW_API_KEY is set).",
+    404: "No such run or schedule.",
+    409: "Conflict: the idempotency key exists (the body carries that run's id), or the run is "
+    "not in a state that allows the operation.",
+    413: "Request body too large.",
+    503: "Database unavailable.",
+}
+
 
 def _openapi_document() -> dict:
     """OpenAPI 3.1 description of ``_API_ROUTES``; built once."""
     if _openapi_cache:
         return _openapi_cache
     ref = lambda name: {"$ref": f"#/components/schemas/{name}"}  # noqa: E731
+    array = lambda name: {"type": "array", "items": ref(name)}  # noqa: E731
     nullable = lambda schema: {"oneOf": [schema, {"type": "null"}]}  # noqa: E731
+    status = lambda word: {  # noqa: E731
+        "type": "object",
+        "properties": {"status": {"const": word}},
+        "required": ["status"],
+    }
+    created = {"type": "object", "properties": {"id": {"type": "string"}}, "required": ["id"]}
     when = {"type": "string", "format": "date-time"}
+    text = {"type": "string"}
+    integer = {"type": "integer"}
+    anything = {"description": "Any JSON value."}
     int32 = {"type": "integer", "minimum": _INT32[0], "maximum": _INT32[1]}
-    # Non-blank text without NUL, as the Client validates it.
-    no_nul = r"^[^\u0000]*$"
+    # What the Client accepts: non-blank text without NUL; filters may also be empty (no filter).
     name_text = {
         "type": "string",
         "minLength": 1,
         "maxLength": MAX_TYPE_LENGTH,
         "pattern": r"^[^\u0000]*[^\s\u0000][^\u0000]*$",
     }
-    # Query filters and the idempotency key: empty means "not given".
     filter_text = {**name_text, "minLength": 0, "pattern": r"^([^\u0000]*[^\s\u0000][^\u0000]*)?$"}
-    error = {"description": "", "content": {"application/json": {"schema": ref("Error")}}}
-
-    def errors(*codes: int) -> dict:
-        text = {
-            400: "Invalid input (the body, a parameter or a value).",
-            401: "Missing or wrong API key (only when MINFLOW_API_KEY is set).",
-            404: "No such run or schedule.",
-            409: "Conflict: the idempotency key exists (the body carries the run's id), or the "
-            "run is not in a state that allows the operation.",
-            413: "Request body too large.",
-            503: "Database unavailable.",
-        }
-        return {str(c): {**error, "description": text[c]} for c in codes}
-
-    def ok(status: int, schema: dict, description: str, links: dict | None = None) -> dict:
-        response = {"description": description, "content": {"application/json": {"schema": schema}}}
-        if links:
-            # Lets generated tests (and readers) follow a new id to the routes that take it.
-            response["links"] = {
-                target: {"operationId": target, "parameters": {"id": "$response.body#/id"}}
-                for target in links
-            }
-        return {str(status): response}
-
-    created = {"type": "object", "properties": {"id": {"type": "string"}}, "required": ["id"]}
-
-    id_param = {
-        "name": "id",
-        "in": "path",
-        "required": True,
-        "schema": {"type": "string"},
-        "description": "Run or schedule id (a UUID).",
+    runs, schedules, run, schedule = (
+        f"{_API}/workflows",
+        f"{_API}/schedules",
+        f"{_API}/workflows/{{id}}",
+        f"{_API}/schedules/{{id}}",
+    )
+    # method, path, operationId, summary, (success status, body schema; None = text), errors
+    operations = [
+        ("get", "/healthz", "healthz", "Database check; no API key needed", (200, status("ok")), (503,)),
+        ("get", "/metrics", "metrics", "Prometheus metrics (text format 0.0.4)", (200, None), (401,)),
+        ("get", f"{_API}/openapi.json", "openapi", "This document", (200, {"type": "object"}), (401,)),
+        ("get", f"{_API}/health", "health", "Database check", (200, status("ok")), (401, 503)),
+        ("post", runs, "submitRun", "Submit a run", (201, created), (400, 401, 409, 413, 503)),
+        ("get", runs, "listRuns", "Runs, newest first", (200, array("Run")), (400, 401, 503)),
+        ("get", run, "getRun", "One run", (200, ref("Run")), (401, 404, 503)),
+        ("delete", run, "cancelRun", "Cancel a run", (200, status("cancelled")), (401, 404, 409, 503)),
+        ("get", f"{run}/events", "runEvents", "A run's events, oldest first", (200, array("Event")), (401, 404, 503)),
+        ("post", f"{run}/retry", "retryRun", "A failed or cancelled run back to pending", (200, status("pending")), (401, 404, 409, 503)),
+        ("post", schedules, "createSchedule", "Create (or, by name, update) a schedule", (201, created), (400, 401, 413, 503)),
+        ("get", schedules, "listSchedules", "Schedules, oldest first", (200, array("Schedule")), (401, 503)),
+        ("get", schedule, "getSchedule", "One schedule", (200, ref("Schedule")), (401, 404, 503)),
+        ("delete", schedule, "deleteSchedule", "Delete a schedule", (200, status("deleted")), (401, 404, 503)),
+        ("patch", f"{schedule}/pause", "pauseSchedule", "Pause a schedule", (200, status("paused")), (401, 404, 503)),
+        ("patch", f"{schedule}/resume", "resumeSchedule", "Resume a schedule from now", (200, status("resumed")), (401, 404, 503)),
+    ]  # fmt: skip
+    query = lambda name, schema: {"name": name, "in": "query", "schema": schema}  # noqa: E731
+    extras: dict[str, dict] = {
+        "healthz": {"security": []},
+        "listRuns": {
+            "parameters": [
+                query("type", filter_text),
+                query("status", {"type": "string", "enum": ["", *RUN_STATUSES]}),
+                query("idempotency_key", {"type": "string", "pattern": r"^[^\u0000]*$"}),
+                query("limit", {"type": "integer", "minimum": 1, "maximum": MAX_LIST_LIMIT}),
+                query("offset", {"type": "integer", "minimum": 0, "maximum": _INT32[1]}),
+            ]
+        },
     }
-
-    def body(name: str, example: dict) -> dict:
-        return {
-            "required": True,
-            "content": {"application/json": {"schema": ref(name), "example": example}},
+    examples = {
+        "submitRun": ("SubmitRequest", {"type": "billing.invoice.v1", "payload": {"order": 42}}),
+        "createSchedule": ("ScheduleRequest", {"type": "reports.daily.v1", "cron": "0 6 * * *"}),
+    }
+    # A new id leads to the routes that take it (readers, and generated stateful tests).
+    links = {
+        "submitRun": ("getRun", "runEvents", "cancelRun", "retryRun"),
+        "createSchedule": ("getSchedule", "pauseSchedule", "resumeSchedule", "deleteSchedule"),
+    }
+    paths: dict[str, dict] = {}
+    for method, path, op_id, summary, (code, schema), errors in operations:
+        media = "text/plain" if schema is None else "application/json"
+        success: dict[str, Any] = {
+            "description": summary,
+            "content": {media: {"schema": schema or text}},
         }
+        if op_id in links:
+            success["links"] = {
+                target: {"operationId": target, "parameters": {"id": "$response.body#/id"}}
+                for target in links[op_id]
+            }
+        responses = {str(code): success}
+        for error in errors:
+            responses[str(error)] = {
+                "description": _ERROR_TEXT[error],
+                "content": {"application/json": {"schema": ref("Error")}},
+            }
+        operation = {"operationId": op_id, "summary": summary, "responses": responses}
+        operation.update(extras.get(op_id, {}))
+        if "{id}" in path:
+            operation["parameters"] = [
+                {"name": "id", "in": "path", "required": True, "schema": text}
+            ]
+        if op_id in examples:
+            name, example = examples[op_id]
+            operation["requestBody"] = {
+                "required": True,
+                "content": {"application/json": {"schema": ref(name), "example": example}},
+            }
+        paths.setdefault(path, {})[method] = operation
 
-    def status_body(word: str) -> dict:
+    def model(cls: type, **properties: dict) -> dict:
+        """A response object: every field of the dataclass, nothing else."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        assert set(properties) == set(names), cls
         return {
             "type": "object",
-            "properties": {"status": {"const": word}},
-            "required": ["status"],
+            "properties": properties,
+            "required": names,
+            "additionalProperties": False,
         }
 
-    def op(op_id: str, summary: str, responses: dict, **extra: Any) -> dict:
-        return {"operationId": op_id, "summary": summary, "responses": responses, **extra}
+    def request(required: list[str], **properties: dict) -> dict:
+        return {
+            "type": "object",
+            "properties": properties,
+            "required": required,
+            "additionalProperties": False,
+        }
 
-    one_run = [id_param]
-    paths = {
-        "/healthz": {
-            "get": op(
-                "healthz",
-                "Liveness and database check (no API key needed)",
-                {**ok(200, status_body("ok"), "Healthy."), **errors(503)},
-                security=[],
-            )
-        },
-        "/metrics": {
-            "get": op(
-                "metrics",
-                "Prometheus metrics (text format 0.0.4)",
-                {
-                    "200": {
-                        "description": "Exposition text.",
-                        "content": {"text/plain": {"schema": {"type": "string"}}},
-                    },
-                    **errors(401),
-                },
-            )
-        },
-        f"{_API}/openapi.json": {
-            "get": op(
-                "openapi",
-                "This document",
-                {**ok(200, {"type": "object"}, "OpenAPI document."), **errors(401)},
-            )
-        },
-        f"{_API}/health": {
-            "get": op(
-                "health",
-                "Database check (the seed's route)",
-                {**ok(200, status_body("ok"), "Healthy."), **errors(401, 503)},
-            )
-        },
-        f"{_API}/workflows": {
-            "post": op(
-                "submitRun",
-                "Submit a run",
-                {
-                    **ok(
-                        201, created, "Created.", ["getRun", "runEvents", "cancelRun", "retryRun"]
-                    ),
-                    **errors(400, 401, 409, 413, 503),
-                },
-                requestBody=body(
-                    "SubmitRequest",
-                    {
-                        "type": "billing.invoice.v1",
-                        "payload": {"order": 42},
-                        "idempotency_key": "order-42",
-                    },
-                ),
-            ),
-            "get": op(
-                "listRuns",
-                "List runs, newest first",
-                {
-                    **ok(200, {"type": "array", "items": ref("Run")}, "Runs."),
-                    **errors(400, 401, 503),
-                },
-                parameters=[
-                    {"name": "type", "in": "query", "schema": filter_text},
-                    {
-                        "name": "status",
-                        "in": "query",
-                        "schema": {"type": "string", "enum": ["", *RUN_STATUSES]},
-                    },
-                    {
-                        "name": "idempotency_key",
-                        "in": "query",
-                        "schema": {"type": "string", "pattern": no_nul},
-                    },
-                    {
-                        "name": "limit",
-                        "in": "query",
-                        "schema": {
-                            "type": "integer",
-                            "minimum": 1,
-                            "maximum": MAX_LIST_LIMIT,
-                            "default": DEFAULT_LIST_LIMIT,
-                        },
-                    },
-                    {
-                        "name": "offset",
-                        "in": "query",
-                        "schema": {"type": "integer", "minimum": 0, "maximum": _INT32[1]},
-                    },
-                ],
-            ),
-        },
-        f"{_API}/workflows/{{id}}": {
-            "get": op(
-                "getRun",
-                "One run",
-                {**ok(200, ref("Run"), "The run."), **errors(401, 404, 503)},
-                parameters=one_run,
-            ),
-            "delete": op(
-                "cancelRun",
-                "Cancel a pending or leased run",
-                {
-                    **ok(200, status_body("cancelled"), "Cancelled."),
-                    **errors(401, 404, 409, 503),
-                },
-                parameters=one_run,
-            ),
-        },
-        f"{_API}/workflows/{{id}}/events": {
-            "get": op(
-                "runEvents",
-                "A run's audit trail, oldest first",
-                {
-                    **ok(200, {"type": "array", "items": ref("Event")}, "Events."),
-                    **errors(401, 404, 503),
-                },
-                parameters=one_run,
-            )
-        },
-        f"{_API}/workflows/{{id}}/retry": {
-            "post": op(
-                "retryRun",
-                "Put a failed or cancelled run back to pending",
-                {
-                    **ok(200, status_body("pending"), "Pending again."),
-                    **errors(401, 404, 409, 503),
-                },
-                parameters=one_run,
-            )
-        },
-        f"{_API}/schedules": {
-            "post": op(
-                "createSchedule",
-                "Create a cron schedule (with a name: create or update that schedule)",
-                {
-                    **ok(
-                        201,
-                        created,
-                        "Created.",
-                        ["getSchedule", "pauseSchedule", "resumeSchedule", "deleteSchedule"],
-                    ),
-                    **errors(400, 401, 413, 503),
-                },
-                requestBody=body(
-                    "ScheduleRequest",
-                    {"type": "reports.daily.v1", "cron": "0 6 * * *", "timezone": "Europe/Berlin"},
-                ),
-            ),
-            "get": op(
-                "listSchedules",
-                "All schedules (paused included, deleted excluded), oldest first",
-                {
-                    **ok(200, {"type": "array", "items": ref("Schedule")}, "Schedules."),
-                    **errors(401, 503),
-                },
-            ),
-        },
-        f"{_API}/schedules/{{id}}": {
-            "get": op(
-                "getSchedule",
-                "One schedule",
-                {**ok(200, ref("Schedule"), "The schedule."), **errors(401, 404, 503)},
-                parameters=one_run,
-            ),
-            "delete": op(
-                "deleteSchedule",
-                "Delete a schedule",
-                {**ok(200, status_body("deleted"), "Deleted."), **errors(401, 404, 503)},
-                parameters=one_run,
-            ),
-        },
-        f"{_API}/schedules/{{id}}/pause": {
-            "patch": op(
-                "pauseSchedule",
-                "Pause a schedule",
-                {**ok(200, status_body("paused"), "Paused."), **errors(401, 404, 503)},
-                parameters=one_run,
-            )
-        },
-        f"{_API}/schedules/{{id}}/resume": {
-            "patch": op(
-                "resumeSchedule",
-                "Resume a schedule (its next slot is computed from now)",
-                {**ok(200, status_body("resumed"), "Resumed."), **errors(401, 404, 503)},
-                parameters=one_run,
-            )
-        },
-    }
     schemas = {
         "Error": {
             "type": "object",
-            "properties": {
-                "error": {"type": "string"},
-                "id": {"type": "string", "description": "The existing run (idempotency conflict)."},
-            },
+            "properties": {"error": text, "id": {**text, "description": "The existing run (409)."}},
             "required": ["error"],
         },
-        "Run": {
-            "type": "object",
-            "properties": {
-                "id": {"type": "string"},
-                "type": {"type": "string"},
-                "payload": {"description": "Any JSON value."},
-                "status": {"type": "string", "enum": list(RUN_STATUSES)},
-                "priority": {"type": "integer"},
-                "run_at": nullable(when),
-                "idempotency_key": nullable({"type": "string"}),
-                "attempt": {"type": "integer"},
-                "max_attempts": {"type": "integer"},
-                "leased_by": nullable({"type": "string"}),
-                "lease_until": nullable(when),
-                "last_error": nullable({"type": "string"}),
-                "result": {"description": "Any JSON value (null until succeeded)."},
-                "created_at": nullable(when),
-                "updated_at": nullable(when),
-            },
-            "required": [f.name for f in dataclasses.fields(Run)],
-            "additionalProperties": False,
-        },
-        "Event": {
-            "type": "object",
-            "properties": {
-                "id": {"type": "integer"},
-                "workflow_id": {"type": "string"},
-                "event_type": {"type": "string", "enum": list(EVENT_TYPES)},
-                "data": {"description": "Any JSON value or null."},
-                "created_at": nullable(when),
-            },
-            "required": [f.name for f in dataclasses.fields(Event)],
-            "additionalProperties": False,
-        },
-        "Schedule": {
-            "type": "object",
-            "properties": {
-                "id": {"type": "string"},
-                "type": {"type": "string"},
-                "payload": {"description": "Any JSON value."},
-                "cron": {"type": "string"},
-                "timezone": {"type": "string"},
-                "next_run_at": nullable(when),
-                "last_run_at": nullable(when),
-                "enabled": {"type": "boolean"},
-                "priority": {"type": "integer"},
-                "max_attempts": {"type": "integer"},
-                "name": nullable({"type": "string"}),
-                "created_at": nullable(when),
-            },
-            "required": [f.name for f in dataclasses.fields(Schedule)],
-            "additionalProperties": False,
-        },
+        "Run": model(
+            Run,
+            id=text,
+            type=text,
+            payload=anything,
+            status={"type": "string", "enum": list(RUN_STATUSES)},
+            priority=integer,
+            run_at=nullable(when),
+            idempotency_key=nullable(text),
+            attempt=integer,
+            max_attempts=integer,
+            leased_by=nullable(text),
+            lease_until=nullable(when),
+            last_error=nullable(text),
+            result=anything,
+            created_at=nullable(when),
+            updated_at=nullable(when),
+        ),
+        "Event": model(
+            Event,
+            id=integer,
+            workflow_id=text,
+            event_type={"type": "string", "enum": list(EVENT_TYPES)},
+            data=anything,
+            created_at=nullable(when),
+        ),
+        "Schedule": model(
+            Schedule,
+            id=text,
+            type=text,
+            payload=anything,
+            cron=text,
+            timezone=text,
+            next_run_at=nullable(when),
+            last_run_at=nullable(when),
+            enabled={"type": "boolean"},
+            priority=integer,
+            max_attempts=integer,
+            name=nullable(text),
+            created_at=nullable(when),
+        ),
         "SubmitRequest": {
-            "type": "object",
-            "properties": {
-                "type": name_text,
-                "payload": {"description": "Any JSON value (default null)."},
-                "priority": nullable(
-                    {**int32, "description": f"Lower first; default {DEFAULT_PRIORITY}."}
-                ),
-                "idempotency_key": nullable({**filter_text, "maxLength": 1000}),
-                "max_attempts": nullable({**int32, "minimum": 1}),
-                "run_after": nullable({**when, "description": "Earliest start (RFC 3339, zoned)."}),
-                "run_at": nullable({**when, "description": "Alias of run_after."}),
-                "run_in": nullable(
-                    {
-                        "type": "number",
-                        "minimum": 0,
-                        "maximum": _MAX_DELAY,
-                        "description": "Seconds.",
-                    }
-                ),
-            },
-            "required": ["type"],
-            "additionalProperties": False,
+            **request(
+                ["type"],
+                type=name_text,
+                payload=anything,
+                priority=nullable({**int32, "description": "Lower runs first; default 100."}),
+                idempotency_key=nullable({**filter_text, "maxLength": 1000}),
+                max_attempts=nullable({**int32, "minimum": 1, "description": "Default 3."}),
+                run_after=nullable({**when, "description": "Earliest start, with a zone."}),
+                run_at=nullable({**when, "description": "Alias of run_after."}),
+                run_in=nullable({"type": "number", "minimum": 0, "maximum": _MAX_DELAY}),
+            ),
             # At most one of run_after, run_at and run_in (null counts as absent).
             "not": {
                 "anyOf": [
-                    {
-                        "properties": {a: {"not": {"type": "null"}}, b: {"not": {"type": "null"}}},
-                        "required": [a, b],
-                    }
+                    {"properties": {a: {"not": {"type": "null"}}, b: {"not": {"type": "null"}}}}
+                    | {"required": [a, b]}
                     for a, b in (
                         ("run_after", "run_at"),
                         ("run_after", "run_in"),
@@ -4224,24 +4079,16 @@ def _openapi_document() -> dict:
                 ]
             },
         },
-        "ScheduleRequest": {
-            "type": "object",
-            "properties": {
-                "type": name_text,
-                "cron": {
-                    "type": "string",
-                    "minLength": 1,
-                    "description": "5-field cron expression or @hourly, @daily, ...",
-                },
-                "payload": {"description": "Any JSON value, copied into every run."},
-                "timezone": nullable({"type": "string", "description": "IANA name; default UTC."}),
-                "priority": nullable(int32),
-                "max_attempts": nullable({**int32, "minimum": 1}),
-                "name": nullable(name_text),
-            },
-            "required": ["type", "cron"],
-            "additionalProperties": False,
-        },
+        "ScheduleRequest": request(
+            ["type", "cron"],
+            type=name_text,
+            cron={**text, "minLength": 1, "description": "5-field cron, or @hourly, @daily..."},
+            payload=anything,
+            timezone=nullable({**text, "description": "IANA name; default UTC."}),
+            priority=nullable(int32),
+            max_attempts=nullable({**int32, "minimum": 1}),
+            name=nullable(name_text),
+        ),
     }
     _openapi_cache.update(
         {

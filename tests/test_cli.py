@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shlex
+import socket
 import subprocess
 import sys
 import uuid
@@ -154,6 +155,12 @@ def test_user_mistakes_are_one_line_errors(tmp_path):
     ):
         one_line_error(cli(tmp_path, *args, "--dsn", dsn), status, needle)
     one_line_error(cli(tmp_path, "list", "--dsn", "mysql://x"), 2, "unsupported DSN scheme")
+    one_line_error(cli(tmp_path, "serve", "--port", "70000", "--dsn", dsn), 2, "65535")
+    with socket.socket() as taken:  # a port someone else listens on
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = str(taken.getsockname()[1])
+        one_line_error(cli(tmp_path, "serve", "--port", busy, "--dsn", dsn), 1, "cannot listen")
     one_line_error(cli(tmp_path), 2, "required: COMMAND")
     with minflow.Client(dsn) as client:
         assert client.list() == []  # none of the mistakes wrote anything
