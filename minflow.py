@@ -3789,7 +3789,8 @@ class _Server(http.server.ThreadingHTTPServer):
         if not _is_number(request_timeout) or request_timeout <= 0:
             raise InvalidInput(f"request timeout must be positive seconds, got {request_timeout!r}")
         self.request_timeout = float(request_timeout)
-        self._slots = threading.BoundedSemaphore(_check_int("threads", threads, minimum=1))
+        self._max_threads = _check_int("threads", threads, minimum=1)
+        self._slots = threading.BoundedSemaphore(self._max_threads)
         if ":" in host:
             self.address_family = socket.AF_INET6
         super().__init__((host, port), _Handler)
@@ -3831,6 +3832,18 @@ class _Server(http.server.ThreadingHTTPServer):
             super().process_request_thread(request, client_address)
         finally:
             self._slots.release()
+
+    def drain(self, timeout: float) -> bool:
+        """After ``shutdown()``: wait until no request is in flight, at most ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        taken = 0
+        while taken < self._max_threads and self._slots.acquire(
+            timeout=max(0.0, deadline - time.monotonic())
+        ):
+            taken += 1
+        for _ in range(taken):
+            self._slots.release()
+        return taken == self._max_threads
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         exc = sys.exc_info()[1]
@@ -4238,12 +4251,19 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             _API,
             "required" if api_key else "not required: set MINFLOW_API_KEY to require one",
         )
+        if not api_key and not server.url.startswith(("http://127.", "http://[::1]")):
+            _http_log.warning("the API is reachable from the network without a key")
         try:
             stop.wait()
         finally:
             server.shutdown()
             server.server_close()
             thread.join(5)
+            # Requests in flight finish before the database connections close.
+            if not server.drain(args.request_timeout):
+                _http_log.warning(
+                    "requests still running after %.0fs; stopping anyway", args.request_timeout
+                )
         _http_log.info("server stopped")
     return 0
 

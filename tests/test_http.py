@@ -13,8 +13,10 @@ import os
 import re
 import shutil
 import socket
+import sqlite3
 import subprocess
 import sys
+import threading
 import time
 import uuid
 
@@ -567,3 +569,30 @@ def test_readme_curl_session_works(sqlite_client):
     (run,) = sqlite_client.list()
     assert (run.type, run.priority, run.status) == ("billing.invoice.v1", 10, "pending")
     assert sqlite_client.schedules() == []
+
+
+def test_shutdown_drains_requests_in_flight(tmp_path):
+    path = tmp_path / "drain.db"
+    with minflow.Client(f"sqlite:///{path}") as client:
+        client.migrate()
+        api = Api(client)
+        # Another connection holds the write lock, so a submit waits inside the server.
+        blocker = sqlite3.connect(path, isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")
+        result = {}
+        caller = threading.Thread(
+            target=lambda: result.update(answer=api.call("POST", f"{API}/workflows", {"type": "t"}))
+        )
+        caller.start()
+        try:
+            wait_for(lambda: not api.server.drain(0), message="the request to be in flight")
+            api.server.shutdown()  # no new connections from here on
+            assert not api.server.drain(0.1)  # the request is still running
+            blocker.execute("ROLLBACK")
+            assert api.server.drain(10)
+            caller.join(10)
+            assert result["answer"][0] == 201
+        finally:
+            blocker.close()
+            api.close()
+        assert [r.type for r in client.list()] == ["t"]
