@@ -871,7 +871,7 @@ _SQL: dict[str, str] = {
         "updated_at = {now} WHERE id = {uuid:id} AND status = 'leased' AND leased_by = :worker "
         "AND attempt = :attempt RETURNING id"
     ),
-    # Schedules: list, one, create, pause/resume, delete, advance after firing.
+    # Schedules: list (paused included), one live schedule.
     "schedules": (
         f"SELECT {_SCHEDULE_COLUMNS} FROM workflow_schedule WHERE deleted_at IS NULL "
         "ORDER BY created_at, id"
@@ -880,35 +880,46 @@ _SQL: dict[str, str] = {
         f"SELECT {_SCHEDULE_COLUMNS} FROM workflow_schedule "
         "WHERE id = {uuid:id} AND deleted_at IS NULL"
     ),
-    "schedule_by_name": "SELECT id FROM workflow_schedule WHERE name = :name AND deleted_at IS NULL",
-    "insert_schedule": (
+    # Create a schedule, or update the live one of the same name in place (race-free); the
+    # planned slot survives an update that keeps cron and timezone.
+    "upsert_schedule": (
         "INSERT INTO workflow_schedule (id, type, payload, schedule, timezone, next_run_at, "
         "priority, max_attempts, name, created_at, updated_at) VALUES ({uuid:id}, :type, "
         "{json:payload}, :cron, :timezone, {time:next_run_at}, :priority, :max_attempts, "
-        ":name, {now}, {now})"
+        ":name, {now}, {now}) "
+        "ON CONFLICT (name) WHERE name IS NOT NULL AND deleted_at IS NULL DO UPDATE SET "
+        "type = excluded.type, payload = excluded.payload, schedule = excluded.schedule, "
+        "timezone = excluded.timezone, next_run_at = CASE WHEN workflow_schedule.schedule = "
+        "excluded.schedule AND workflow_schedule.timezone = excluded.timezone THEN "
+        "workflow_schedule.next_run_at ELSE excluded.next_run_at END, priority = excluded.priority, "
+        "max_attempts = excluded.max_attempts, updated_at = excluded.updated_at RETURNING id"
     ),
-    "update_schedule": (
-        "UPDATE workflow_schedule SET type = :type, payload = {json:payload}, schedule = :cron, "
-        "timezone = :timezone, next_run_at = {time:next_run_at}, priority = :priority, "
-        "max_attempts = :max_attempts, updated_at = {now} WHERE id = {uuid:id}"
-    ),
-    "set_schedule_enabled": (
-        "UPDATE workflow_schedule SET enabled = {bool:enabled}, "
-        "next_run_at = COALESCE({time:next_run_at}, next_run_at), updated_at = {now} "
+    # Pause: the ticker's claim skips disabled rows; next_run_at is recomputed on resume.
+    "pause_schedule": (
+        "UPDATE workflow_schedule SET enabled = {bool:enabled}, updated_at = {now} "
         "WHERE id = {uuid:id} AND deleted_at IS NULL RETURNING id"
     ),
+    # Resume at the first slot after now (no burst of stale slots); no-op when not paused.
+    "resume_schedule": (
+        "UPDATE workflow_schedule SET next_run_at = CASE WHEN enabled = {bool:enabled} "
+        "THEN next_run_at ELSE COALESCE({time:next_run_at}, next_run_at) END, "
+        "enabled = {bool:enabled}, updated_at = {now} "
+        "WHERE id = {uuid:id} AND deleted_at IS NULL RETURNING id"
+    ),
+    # Soft delete, as the seed: final, runs already created stay.
     "delete_schedule": (
         "UPDATE workflow_schedule SET deleted_at = {now}, enabled = {bool:disabled}, "
         "updated_at = {now} WHERE id = {uuid:id} AND deleted_at IS NULL RETURNING id"
     ),
-    # Is any schedule due? The cheap check a ticker runs when nothing is due.
-    "schedule_due_exists": (
-        "SELECT 1 FROM workflow_schedule WHERE next_run_at <= {now} "
-        "AND enabled = {bool:enabled} AND deleted_at IS NULL LIMIT 1"
-    ),
+    # After firing a slot: the next slot, and when the ticker last processed the schedule.
     "advance_schedule": (
         "UPDATE workflow_schedule SET next_run_at = {time:next_run_at}, last_run_at = {now}, "
         "updated_at = {now} WHERE id = {uuid:id}"
+    ),
+    # Move a row the ticker cannot use out of the way for a while (see _BROKEN_RETRY_SECONDS).
+    "defer_schedule": (
+        "UPDATE workflow_schedule SET next_run_at = {later:seconds}, updated_at = {now} "
+        "WHERE id = {uuid:id}"
     ),
     # Insert a run created by a schedule slot; the slot key makes several tickers fire it once.
     "insert_scheduled_run": (
@@ -2178,12 +2189,18 @@ class Client:
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         name: str | None = None,
     ) -> str:
-        """Create a cron schedule and return its id.
+        """Create a cron schedule and return its id; each slot becomes one run of ``type``.
 
-        ``cron`` is a standard 5-field expression or an alias (``@hourly``, ``@daily``, ...),
-        evaluated in the IANA ``timezone``. With a ``name``, an existing live schedule of that
-        name is updated in place and its id returned, so a program may declare its schedules
-        at every start-up without piling up duplicates.
+        ``cron`` is a standard 5-field expression (minute hour day-of-month month day-of-week)
+        or ``@hourly``, ``@daily``/``@midnight``, ``@weekly``, ``@monthly``,
+        ``@yearly``/``@annually`` (stored in 5-field form), evaluated on the wall clock of the
+        IANA ``timezone``. ``payload`` is any JSON value, copied into every run.
+
+        With a ``name``, the call is an upsert: a live schedule of that name is updated in place
+        (type, payload, cron, timezone, priority, max_attempts; its next slot is kept when cron
+        and timezone are unchanged; a paused one stays paused) and its id returned, so a
+        program may declare its schedules at every start-up without piling up duplicates.
+        Raises ``InvalidInput`` (message starting with the field name) before writing anything.
         """
         _check_type(type)
         body = _dumps(payload)
@@ -2191,33 +2208,21 @@ class Client:
         _check_int("max_attempts", max_attempts, minimum=1)
         if name is not None:
             _check_text("name", name, max_length=MAX_TYPE_LENGTH)
-        _check_cron(cron, timezone)
+        expr = _check_cron(cron, timezone)
         params = {
+            "id": _new_id(),
             "type": type,
             "payload": body,
-            "cron": cron,
+            "cron": expr,
             "timezone": timezone,
             "priority": priority,
             "max_attempts": max_attempts,
             "name": name,
         }
         with self._pool.connection() as conn, conn.transaction():
-            params["next_run_at"] = _cron_next(cron, timezone, self._db_now(conn))
-            existing = (
-                conn.query(self._dialect.sql["schedule_by_name"], {"name": name}) if name else []
-            )
-            if existing:
-                params["id"] = str(existing[0][0])
-                current = self._schedule(
-                    conn.query(self._dialect.sql["get_schedule"], {"id": params["id"]})[0]
-                )
-                if (current.cron, current.timezone) == (cron, timezone):
-                    params["next_run_at"] = current.next_run_at  # keep the slot already planned
-                conn.query(self._dialect.sql["update_schedule"], params)
-            else:
-                params["id"] = _new_id()
-                conn.query(self._dialect.sql["insert_schedule"], params)
-        return params["id"]
+            params["next_run_at"] = _cron_next(expr, timezone, self._db_now(conn))
+            rows = conn.query(self._dialect.sql["upsert_schedule"], params)
+        return str(rows[0][0])
 
     def schedules(self) -> list[Schedule]:
         """All schedules, paused included, deleted excluded, oldest first."""
@@ -2235,50 +2240,96 @@ class Client:
         return self._schedule(rows[0])
 
     def pause_schedule(self, schedule_id: str) -> None:
-        """Stop a schedule from firing until resumed; ``NotFound`` when absent."""
-        self._set_enabled(schedule_id, False)
+        """Stop a schedule from firing until resumed; ``NotFound`` when unknown or deleted."""
+        if not (
+            self._dialect.valid_id(schedule_id)
+            and self._query("pause_schedule", {"id": schedule_id, "enabled": False})
+        ):
+            raise NotFound(f"schedule {schedule_id!r} not found")
 
     def resume_schedule(self, schedule_id: str) -> None:
-        """Resume a schedule; its next slot is computed from now, so no stale slots fire."""
-        self._set_enabled(schedule_id, True)
-
-    def _set_enabled(self, schedule_id: str, enabled: bool) -> None:
+        """Resume a paused schedule at its first slot after now: slots missed while paused do
+        not fire. A no-op on a running schedule; ``NotFound`` when unknown or deleted."""
         current = self.get_schedule(schedule_id)
         with self._pool.connection() as conn, conn.transaction():
             next_run_at = None
-            if enabled:
-                with contextlib.suppress(InvalidInput):  # an unparseable row keeps its time
-                    next_run_at = _cron_next(current.cron, current.timezone, self._db_now(conn))
+            # A row we cannot parse keeps its time; the ticker warns about it.
+            with contextlib.suppress(InvalidInput):
+                next_run_at = _cron_next(current.cron, current.timezone, self._db_now(conn))
             rows = conn.query(
-                self._dialect.sql["set_schedule_enabled"],
-                {"id": schedule_id, "enabled": enabled, "next_run_at": next_run_at},
+                self._dialect.sql["resume_schedule"],
+                {"id": schedule_id, "enabled": True, "next_run_at": next_run_at},
             )
         if not rows:
             raise NotFound(f"schedule {schedule_id!r} not found")
 
     def delete_schedule(self, schedule_id: str) -> None:
-        """Delete a schedule for good (soft delete, as the seed); ``NotFound`` when absent."""
-        if self._dialect.valid_id(schedule_id) and self._query(
-            "delete_schedule", {"id": schedule_id, "disabled": False}
+        """Delete a schedule for good (soft delete, as the seed); runs it created stay.
+
+        ``NotFound`` when unknown or already deleted; its name becomes free for a new schedule.
+        """
+        if not (
+            self._dialect.valid_id(schedule_id)
+            and self._query("delete_schedule", {"id": schedule_id, "disabled": False})
         ):
-            return
-        raise NotFound(f"schedule {schedule_id!r} not found")
+            raise NotFound(f"schedule {schedule_id!r} not found")
 
     def tick(self) -> int:
         """Turn every due schedule slot into a run, once; returns how many runs were created.
 
-        Safe with many tickers at once: each slot's run has the idempotency key
-        ``schedule:<id>:<unix slot>``. Workers call this by themselves (``schedules=True``).
+        Safe with many tickers at once (threads, processes, the Go library): each slot's run has
+        the idempotency key ``schedule:<id>:<unix slot>``. Workers tick by themselves
+        (``schedules=True``), as does ``python -m minflow ticker``.
         """
         with self._pool.connection() as conn:
-            return _tick(self._dialect, conn)
+            fired = _tick(self._dialect, conn)
+        if fired:
+            _wakeups.notify(self._dsn.key)
+        return fired
 
 
 # ---------------------------------------------------------------------------------------------
 # Schedules: cron arithmetic and the tick
 # ---------------------------------------------------------------------------------------------
+# A cron expression is evaluated on the wall clock of the schedule's zone and mapped to UTC
+# here, not by croniter: croniter's arithmetic on aware datetimes fires a repeated wall time
+# twice when clocks go back (01:30 EDT, then 01:30 EST). croniter only ever sees wall-clock
+# times labelled UTC, where its arithmetic is plain calendar arithmetic. The policy (README):
+# - a wall time that occurs twice (clocks go back) stands for its first occurrence only;
+# - a wall time that does not exist (clocks go forward) stands for the moment the gap ends, so
+#   a daily 02:30 job runs at 03:00 that day, and several skipped times collapse into one slot.
 
 _croniter_module: Any = None
+
+# The Go ticker's parser rejects @-aliases, so they are stored in their 5-field form: every
+# schedule minflow writes stays readable by a Go ticker sharing the schema.
+_CRON_ALIASES = {
+    "@yearly": "0 0 1 1 *",
+    "@annually": "0 0 1 1 *",
+    "@monthly": "0 0 1 * *",
+    "@weekly": "0 0 * * 0",
+    "@daily": "0 0 * * *",
+    "@midnight": "0 0 * * *",
+    "@hourly": "0 * * * *",
+}
+# The standard five fields as the Go parser (robfig/cron) reads them:
+# (name, lowest, highest, names counted from lowest, whether '?' is allowed).
+_MONTHS = ("JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT", "NOV", "DEC")
+_WEEKDAYS = ("SUN", "MON", "TUE", "WED", "THU", "FRI", "SAT")
+_CRON_FIELDS: tuple[tuple[str, int, int, tuple[str, ...], bool], ...] = (
+    ("minute", 0, 59, (), False),
+    ("hour", 0, 23, (), False),
+    ("day of month", 1, 31, (), True),
+    ("month", 1, 12, _MONTHS, False),
+    ("day of week", 0, 6, _WEEKDAYS, True),
+)
+_CRON_TERM = re.compile(r"^(?:([*?])|([0-9A-Za-z]+)(?:-([0-9A-Za-z]+))?)(?:/([0-9]+))?$")
+# The Go parser accepts "TZ=Zone expr" and "CRON_TZ=Zone expr", overriding the timezone column.
+_CRON_TZ_PREFIX = re.compile(r"^(?:CRON_)?TZ=(\S+) (.*)$")
+_cron_cache: dict[tuple[Any, Any], tuple[str, _dt.tzinfo]] = {}
+# Candidates inside a repeated hour are skipped one by one (at most one per minute); needing
+# more steps than this means the expression is unusable, never an endless loop in the ticker.
+_CRON_MAX_STEPS = 10_000
 
 
 def _croniter() -> Any:
@@ -2292,124 +2343,314 @@ def _croniter() -> Any:
     return _croniter_module
 
 
-def _zone(name: str) -> _dt.tzinfo:
+def _zone(name: Any) -> _dt.tzinfo:
+    """The IANA zone ``name``; ``InvalidInput`` naming the ``timezone`` field otherwise."""
     import zoneinfo
 
-    if not isinstance(name, str) or not name:
-        raise InvalidInput("timezone must be an IANA name such as 'UTC' or 'Europe/Berlin'")
+    if not isinstance(name, str) or not name.strip():
+        raise InvalidInput("timezone: must be an IANA name such as 'UTC' or 'Europe/Berlin'")
+    if name == "UTC":
+        return UTC  # needs no tz database on the host
     try:
         return zoneinfo.ZoneInfo(name)
-    except (zoneinfo.ZoneInfoNotFoundError, ValueError) as exc:
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError) as exc:
         raise InvalidInput(f"timezone: unknown IANA timezone {name!r} ({exc})") from None
 
 
-def _check_cron(cron: Any, timezone: str) -> None:
+def _cron_value(text: str, field: tuple) -> int:
+    name, low, high, names, _ = field
+    if text.isdigit():
+        value = int(text)
+    elif text.upper() in names:
+        value = low + names.index(text.upper())
+    else:
+        raise InvalidInput(f"cron: {text!r} is not a valid {name}")
+    if not low <= value <= high:
+        hint = " (Sunday is 0; the Go ticker rejects 7)" if name == "day of week" else ""
+        raise InvalidInput(f"cron: {name} {value} is out of range {low}-{high}{hint}")
+    return value
+
+
+def _check_cron_field(text: str, field: tuple) -> None:
+    name, _, _, _, question_mark = field
+    for term in text.split(","):
+        match = _CRON_TERM.match(term)
+        if not match:
+            raise InvalidInput(
+                f"cron: {term!r} in the {name} field is not standard cron "
+                "(croniter's L, W, #, R and H extensions are not supported)"
+            )
+        wildcard, first, last, step = match.groups()
+        if wildcard == "?" and not question_mark:
+            raise InvalidInput(f"cron: '?' is only allowed in the day fields, not in {name}")
+        if step is not None and int(step) == 0:
+            raise InvalidInput(f"cron: step 0 in the {name} field")
+        if first is not None:
+            low = _cron_value(first, field)
+            if last is not None and _cron_value(last, field) < low:
+                raise InvalidInput(f"cron: range {term!r} in the {name} field runs backwards")
+
+
+def _check_cron(cron: Any, timezone: Any) -> str:
+    """Validate a new schedule's cron and timezone; return the expression to store.
+
+    Accepts what the Go library's parser reads too: 5 fields (no seconds), numbers, month and
+    weekday names, ``*``, ``?``, ranges, steps and lists, plus the usual @-aliases (stored
+    expanded). Raises ``InvalidInput`` whose message starts with ``cron:`` or ``timezone:``.
+    """
     if not isinstance(cron, str) or not cron.strip():
         raise InvalidInput("cron: a cron expression is required (e.g. '*/5 * * * *' or '@daily')")
-    module = _croniter()
-    fields = cron.split()
-    if not cron.strip().startswith("@") and len(fields) != 5:
+    text = " ".join(cron.split())
+    if _CRON_TZ_PREFIX.match(text):
+        raise InvalidInput("cron: give the zone as timezone=..., not as a TZ= prefix")
+    if text.startswith("@"):
+        if text.lower() == "@reboot":
+            raise InvalidInput("cron: @reboot has no meaning for a stored schedule")
+        if text.lower() not in _CRON_ALIASES:
+            raise InvalidInput(
+                f"cron: unknown alias {text!r}; use one of {', '.join(sorted(_CRON_ALIASES))}"
+            )
+        text = _CRON_ALIASES[text.lower()]
+    fields = text.split(" ")
+    if len(fields) != 5:
         raise InvalidInput(
-            f"cron: {cron!r} must have 5 fields (minute hour day month weekday), got {len(fields)}"
+            f"cron: {cron!r} must have 5 fields (minute hour day-of-month month day-of-week), "
+            f"got {len(fields)}; a seconds field is not supported"
         )
-    if not module.croniter.is_valid(cron):
-        raise InvalidInput(f"cron: invalid cron expression {cron!r}")
+    for value, field in zip(fields, _CRON_FIELDS, strict=True):
+        _check_cron_field(value, field)
     _zone(timezone)
+    # Whatever croniter still refuses, and expressions that never match (0 0 30 2 *), which the
+    # Go library stores as the year-1 "zero time" and keeps due forever (seed-spec C-11).
+    _cron_next(text, timezone, _dt.datetime.now(UTC))
+    return text
+
+
+def _parse_cron(cron: Any, timezone: Any) -> tuple[str, _dt.tzinfo]:
+    """(croniter expression, zone) of a stored schedule; ``InvalidInput`` when unusable.
+
+    More lenient than ``_check_cron``, because rows other tools wrote may use a ``TZ=`` prefix
+    (the Go library), aliases or croniter's deterministic extensions (the seed's Python client).
+    """
+    key = (cron, timezone)
+    cached = _cron_cache.get(key)
+    if cached is not None:
+        return cached
+    if not isinstance(cron, str) or not cron.strip():
+        raise InvalidInput("cron: empty cron expression")
+    text = " ".join(cron.split())
+    prefix = _CRON_TZ_PREFIX.match(text)
+    if prefix:
+        timezone, text = prefix.groups()
+    text = _CRON_ALIASES.get(text.lower(), text)
+    fields = text.split(" ")
+    # Six fields would mean seconds to croniter; random terms (R) differ between tickers.
+    if len(fields) != 5 or any(re.search(r"(?:^|,)R", f, re.I) for f in fields):
+        raise InvalidInput(f"cron: {cron!r} is not a 5-field cron expression")
+    if not _croniter().croniter.is_valid(text):
+        raise InvalidInput(f"cron: invalid cron expression {cron!r}")
+    zone = _zone(timezone if timezone != "" else "UTC")  # Go reads an empty zone as UTC
+    if len(_cron_cache) > 4096:
+        _cron_cache.clear()
+    _cron_cache[key] = (text, zone)
+    return text, zone
+
+
+def _wall(moment: _dt.datetime, zone: _dt.tzinfo) -> _dt.datetime:
+    """The wall-clock reading of ``moment`` in ``zone``, labelled UTC for croniter."""
+    return moment.astimezone(zone).replace(tzinfo=UTC, fold=0)
+
+
+def _instant(wall: _dt.datetime, zone: _dt.tzinfo) -> _dt.datetime:
+    """The instant a cron wall time stands for: first occurrence if repeated, gap end if skipped."""
+    local = wall.replace(tzinfo=zone, fold=0)
+    moment = local.astimezone(UTC)
+    if moment.astimezone(zone).replace(tzinfo=None) == local.replace(tzinfo=None):
+        return moment  # the time exists; fold=0 is the first of two occurrences
+    # In a gap, fold=0 reads the wall time with the offset from before the change, landing after
+    # the gap, and fold=1 with the offset from after it, landing before. The change lies between
+    # the two: bisect on whole seconds for the first one with the new offset.
+    new_offset = moment.astimezone(zone).utcoffset()
+    low = int(local.replace(fold=1).astimezone(UTC).timestamp())
+    high = int(moment.timestamp())
+    while high - low > 1:
+        middle = (low + high) // 2
+        if _dt.datetime.fromtimestamp(middle, zone).utcoffset() == new_offset:
+            high = middle
+        else:
+            low = middle
+    return _dt.datetime.fromtimestamp(high, UTC)
+
+
+def _cron_walk(expr: str, zone: _dt.tzinfo, start: _dt.datetime, backwards: bool) -> Any:
+    """Slots (instants) from ``start``'s wall clock onwards (or backwards), as croniter lists them."""
+    module = _croniter()
+    it = module.croniter(expr, _wall(start, zone))
+    step = it.get_prev if backwards else it.get_next
+    for _ in range(_CRON_MAX_STEPS):
+        try:
+            wall = step(_dt.datetime)
+        except module.CroniterBadDateError:
+            raise InvalidInput(f"cron: {expr!r} never matches") from None
+        yield _instant(wall, zone)
+    raise InvalidInput(f"cron: {expr!r} has no usable slot near {start.isoformat()}")
+
+
+def _next_slot(expr: str, zone: _dt.tzinfo, after: _dt.datetime) -> _dt.datetime:
+    # Wall time -> instant never goes backwards, and ``after``'s own wall time maps to ``after``
+    # or (inside a repeated hour) earlier: no slot after ``after`` is skipped, and only
+    # candidates inside a repeated hour can come out too early.
+    for slot in _cron_walk(expr, zone, after, backwards=False):
+        if slot > after:
+            return slot
+    raise AssertionError("unreachable")  # _cron_walk raises when it gives up
 
 
 def _cron_next(cron: str, timezone: str, after: _dt.datetime) -> _dt.datetime:
     """The first slot strictly after ``after``, computed on the wall clock of ``timezone``."""
-    _check_cron(cron, timezone)
-    zone = _zone(timezone)
-    slot = _croniter().croniter(cron, after.astimezone(zone)).get_next(_dt.datetime)
-    return slot.astimezone(UTC)
+    expr, zone = _parse_cron(cron, timezone)
+    return _next_slot(expr, zone, after)
 
 
 def _cron_latest(cron: str, timezone: str, at: _dt.datetime) -> _dt.datetime:
     """The last slot at or before ``at``."""
-    zone = _zone(timezone)
-    prev = _croniter().croniter(cron, at.astimezone(zone)).get_prev(_dt.datetime).astimezone(UTC)
-    following = _cron_next(cron, timezone, prev)
-    return following if following <= at else prev
+    expr, zone = _parse_cron(cron, timezone)
+    # croniter's previous wall time is strictly before ``at``'s, so it maps to at most ``at``;
+    # step forwards to catch a slot exactly at ``at``, or later ones inside a repeated hour.
+    slot = next(_cron_walk(expr, zone, at, backwards=True))
+    for _ in range(_CRON_MAX_STEPS):
+        following = _next_slot(expr, zone, slot)
+        if following > at:
+            return slot
+        slot = following
+    raise InvalidInput(f"cron: {cron!r} has no usable slot near {at.isoformat()}")
 
 
-_broken_schedules: set[tuple] = set()
+def _due_slot(
+    cron: str, timezone: str, planned: _dt.datetime | None, now: _dt.datetime
+) -> tuple[_dt.datetime, _dt.datetime]:
+    """(slot to fire, next ``next_run_at``) for a due schedule planned at ``planned``.
+
+    Missed slots fire once: the latest slot at or before ``now``. A planned time off the cron
+    grid but later than that (written by another tool, e.g. the Go ticker, which computes from
+    "now") is itself the slot, so both tickers derive the same idempotency key. The next time
+    is computed from the slot, not from ``now``, and is always after ``now``.
+    """
+    latest = _cron_latest(cron, timezone, now)
+    slot = planned if planned is not None and latest < planned <= now else latest
+    return slot, _cron_next(cron, timezone, slot)
+
+
+# Warned about once per process: (schedule id, cron, timezone).
+_broken_schedules: set[tuple[str, Any, Any]] = set()
+# An unusable row is moved this far ahead instead of being retried every tick, as the seed did:
+# ten such rows starved every other schedule there (seed-spec C-11). An hour bounds the log
+# noise and the delay after someone repairs the row; its last_run_at is left alone.
+_BROKEN_RETRY_SECONDS = 3600.0
+# Batches per tick; a larger backlog continues on the next tick.
+_TICK_BATCHES = 10
 
 
 def _tick(dialect: _Dialect, conn: _Connection, limit: int = TICK_BATCH) -> int:
-    """One ticker pass; see ``Client.tick``."""
-    sql = dialect.sql
-    if not conn.query(sql["schedule_due_exists"], {"enabled": True}):
+    """One ticker pass over ``conn``; returns the number of runs created. See ``Client.tick``."""
+    statements = _SCHEDULE_SQL[dialect.name]
+    if not conn.query(statements["due"]):  # the idle path: one indexed query
         return 0
     fired = 0
-    claim = _SCHEDULE_CLAIM_DUE[dialect.name]
-    with conn.transaction():
-        now = _parse_time(conn.query(sql["now"])[0][0])
-        assert now is not None
-        for row in conn.query(claim, {"limit": limit, "enabled": True}):
-            sched_id, run_type, payload, cron, timezone, next_run_at, priority, max_attempts = row
-            sched_id, next_run_at = str(sched_id), _parse_time(next_run_at)
-            try:
-                slot = (
-                    max(next_run_at, _cron_latest(cron, timezone, now))
-                    if next_run_at
-                    else _cron_latest(cron, timezone, now)
-                )
-                following = _cron_next(cron, timezone, slot)
-            except (InvalidInput, ValueError, KeyError) as exc:
-                # A row another tool wrote with a cron or zone we cannot read: warn once, look
-                # again in an hour, and let the other schedules fire.
-                if (sched_id, cron, timezone) not in _broken_schedules:
-                    _broken_schedules.add((sched_id, cron, timezone))
-                    _ticker_log.warning("schedule %s skipped: %s", sched_id, exc)
-                conn.query(
-                    sql["advance_schedule"],
-                    {"id": sched_id, "next_run_at": now + _dt.timedelta(hours=1)},
-                )
-                continue
-            body = payload if dialect.name == "sqlite" else json.dumps(payload)
-            if isinstance(body, (bytes, memoryview)):
-                body = bytes(body).decode("utf-8")
-            run_id = _new_id()
-            key = f"schedule:{sched_id}:{int(slot.timestamp())}"
-            if conn.query(
-                sql["insert_scheduled_run"],
-                {
-                    "id": run_id,
-                    "type": run_type,
-                    "payload": body,
-                    "priority": priority,
-                    "key": key,
-                    "max_attempts": max_attempts,
-                },
-            ):
-                conn.query(
-                    sql["insert_event"],
-                    {
-                        "id": run_id,
-                        "event_type": "created",
-                        "data": json.dumps({"schedule_id": sched_id, "slot": _json_value(slot)}),
-                    },
-                )
-                fired += 1
-            conn.query(sql["advance_schedule"], {"id": sched_id, "next_run_at": following})
-        if fired:
-            dialect.notify(conn, set())
+    for _ in range(_TICK_BATCHES):
+        with conn.transaction():
+            rows = conn.query(statements["claim"], {"limit": limit})
+            types = set()
+            for row in rows:
+                if _fire(dialect, conn, row):
+                    fired += 1
+                    types.add(row[1])
+            if types:
+                dialect.notify(conn, types)
+        if len(rows) < limit:
+            break
     return fired
 
 
-# Due schedules, oldest slot first; PostgreSQL skips rows another ticker holds.
-_SCHEDULE_CLAIM_DUE = {
-    "sqlite": (
-        f"SELECT id, type, payload, schedule, timezone, next_run_at, priority, max_attempts "
-        f"FROM workflow_schedule WHERE next_run_at <= {_SQLITE_NOW} AND enabled = :enabled "
-        f"AND deleted_at IS NULL ORDER BY next_run_at LIMIT :limit"
-    ),
-    "postgres": (
-        "SELECT id, type, payload, schedule, timezone, next_run_at, priority, max_attempts "
-        "FROM workflow_schedule WHERE next_run_at <= NOW() AND enabled = :enabled "
-        "AND deleted_at IS NULL ORDER BY next_run_at LIMIT :limit FOR UPDATE SKIP LOCKED"
-    ),
+def _fire(dialect: _Dialect, conn: _Connection, row: Sequence) -> bool:
+    """Turn one due schedule row into its slot's run and advance it; True if a run was created."""
+    sched_id, run_type, payload, cron, timezone, planned, priority, max_attempts, now = row
+    sched_id, sql = str(sched_id), dialect.sql
+    try:
+        json.loads(payload)  # SQLite rows written by raw SQL may hold anything
+        slot, following = _due_slot(cron, timezone, _parse_time(planned), _parse_time(now))
+    except (InvalidInput, ValueError, TypeError, OverflowError) as exc:
+        if (sched_id, cron, timezone) not in _broken_schedules:
+            _broken_schedules.add((sched_id, cron, timezone))
+            _ticker_log.warning(
+                "schedule %s (cron %r, timezone %r) skipped, looking again in an hour: %s",
+                sched_id,
+                cron,
+                timezone,
+                exc,
+            )
+        conn.query(sql["defer_schedule"], {"id": sched_id, "seconds": _BROKEN_RETRY_SECONDS})
+        return False
+    run_id = _new_id()
+    created = conn.query(
+        sql["insert_scheduled_run"],
+        {
+            "id": run_id,
+            "type": run_type,
+            "payload": payload,
+            "priority": priority,
+            # The seed's key format, so a Go ticker beside this one never fires a slot twice.
+            "key": f"schedule:{sched_id}:{int(slot.timestamp())}",
+            # The Go builder stores 0 as given; a run needs at least one attempt.
+            "max_attempts": max(1, max_attempts),
+        },
+    )
+    if created:
+        conn.query(
+            sql["insert_event"],
+            {
+                "id": run_id,
+                "event_type": "created",
+                "data": json.dumps({"schedule_id": sched_id, "slot": _json_value(slot)}),
+            },
+        )
+    conn.query(sql["advance_schedule"], {"id": sched_id, "next_run_at": following})
+    return bool(created)
+
+
+# The ticker's statements differ by more than fragments: PostgreSQL locks the claimed rows
+# (other tickers skip them), and the literal `enabled` test lets the planner match the partial
+# indexes (idx_workflow_schedule_next_run on PostgreSQL, minflow_schedule_due on SQLite), which
+# a bound parameter would not in a generic plan.
+_SCHEDULE_COLUMNS_DUE = (
+    "id, type, CAST(payload AS TEXT), schedule, timezone, next_run_at, priority, max_attempts"
+)
+_SCHEDULE_SQL = {
+    "sqlite": {
+        # Is any schedule due? The whole cost of an idle tick.
+        "due": (
+            f"SELECT 1 FROM workflow_schedule WHERE next_run_at <= {_SQLITE_NOW} "
+            "AND enabled = 1 AND deleted_at IS NULL LIMIT 1"
+        ),
+        # Due schedules, oldest slot first, with the database clock (BEGIN IMMEDIATE holds the
+        # write lock, so tickers take turns).
+        "claim": (
+            f"SELECT {_SCHEDULE_COLUMNS_DUE}, {_SQLITE_NOW} FROM workflow_schedule "
+            f"WHERE next_run_at <= {_SQLITE_NOW} AND enabled = 1 AND deleted_at IS NULL "
+            "ORDER BY next_run_at LIMIT :limit"
+        ),
+    },
+    "postgres": {
+        "due": (
+            "SELECT 1 FROM workflow_schedule WHERE next_run_at <= NOW() "
+            "AND enabled = true AND deleted_at IS NULL LIMIT 1"
+        ),
+        "claim": (
+            f"SELECT {_SCHEDULE_COLUMNS_DUE}, NOW() FROM workflow_schedule "
+            "WHERE next_run_at <= NOW() AND enabled = true AND deleted_at IS NULL "
+            "ORDER BY next_run_at LIMIT :limit FOR UPDATE SKIP LOCKED"
+        ),
+    },
 }
 
 
@@ -4205,12 +4446,14 @@ def _listen(make: Callable[[], _Server]) -> _Server:
 
 
 def _cmd_ticker(args: argparse.Namespace) -> int:
+    if not (_is_number(args.interval) and 0 < args.interval < math.inf):
+        raise _UsageError(f"--interval must be a positive number of seconds, got {args.interval}")
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     with Client(args.dsn) as client:
         client._ensure_schema()
-        _ticker_log.info("ticker started on %s, every %.1fs", client.dsn, args.interval)
+        _ticker_log.info("ticker started on %s, every %gs", client.dsn, args.interval)
         delay = args.interval
         while not stop.is_set():
             try:
