@@ -3775,6 +3775,17 @@ def _compile_routes(routes: list[_Route]) -> list[tuple[str, re.Pattern, Callabl
 # -- metrics at scrape time -------------------------------------------------------------------
 
 
+def _queue_snapshot(client: Client) -> list[tuple[str, str, int, float | None]]:
+    """Pending and leased runs by type and status, with how long the oldest due pending run
+    has waited past its run_at (None: none is due), from one aggregate query."""
+    out = []
+    for run_type, status, count, oldest, now in client._query("queue_snapshot"):
+        since, clock = _parse_time(oldest), _parse_time(now)
+        waited = max(0.0, (clock - since).total_seconds()) if since and clock else None
+        out.append((run_type, status, int(count), waited))
+    return out
+
+
 def _render_metrics(client: Client, worker: Worker | None = None) -> str:
     """The exposition: the worker's own series (if any) plus the queue read from the database
     in one aggregate query, so queue depth is right even while every worker is busy."""
@@ -3792,17 +3803,15 @@ def _render_metrics(client: Client, worker: Worker | None = None) -> str:
                 depth[(("workflow_type", run_type), ("status", status))] = 0.0
             age[(("workflow_type", run_type),)] = 0.0
     try:
-        rows = client._query("queue_snapshot")
+        rows = _queue_snapshot(client)
         up = 1.0
     except MinflowError as exc:
         _http_log.warning("metrics: queue query failed: %s", exc)
         rows, up = [], 0.0
-    for run_type, status, count, oldest, now in rows:
+    for run_type, status, count, waited in rows:
         depth[(("workflow_type", run_type), ("status", status))] = float(count)
         if status == "pending":
-            since, clock = _parse_time(oldest), _parse_time(now)
-            waited = (clock - since).total_seconds() if since and clock else 0.0
-            age[(("workflow_type", run_type),)] = max(0.0, waited)
+            age[(("workflow_type", run_type),)] = waited or 0.0
     if up:
         extra["workflow_run_queue_depth"] = depth
         extra["workflow_run_oldest_pending_age_seconds"] = age
@@ -4696,20 +4705,12 @@ def _cmd_retry(args: argparse.Namespace) -> int:
     return 0
 
 
-def _queue_ages(client: Client) -> dict[str, float]:
-    """Seconds the oldest due pending run of each type has waited past its run_at."""
-    ages = {}
-    for run_type, status, _count, oldest, now in client._query("queue_snapshot"):
-        since, clock = _parse_time(oldest), _parse_time(now)
-        if status == "pending" and since and clock:
-            ages[run_type] = max(0.0, (clock - since).total_seconds())
-    return ages
-
-
 def _cmd_stats(args: argparse.Namespace) -> int:
     with Client(args.dsn) as client:
         counts = client.stats()
-        ages = {} if args.json else _queue_ages(client)
+        ages = (
+            {} if args.json else {t: w for t, _, _, w in _queue_snapshot(client) if w is not None}
+        )
     if args.json:
         _print_json(counts)
         return 0
