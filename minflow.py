@@ -2696,45 +2696,70 @@ class App(Client):
 # minflow.py alone still works. Names, types, labels and buckets are the seed's (seed-spec §8);
 # the seed's defects are fixed where the values are produced (Worker, scrape-time queries).
 
-_METRICS: dict[str, tuple[str, str]] = {
-    "workflow_run_claimed_total": ("counter", "Runs claimed by this worker."),
+_RUN = ("workflow_type", "worker_id")
+# name -> (type, help, label names in exposition order: the seed's declaration order)
+_METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "workflow_run_claimed_total": ("counter", "Runs claimed by this worker.", _RUN),
     "workflow_run_completed_total": (
         "counter",
         "Executions finished, by recorded outcome "
         "(succeeded, pending = retry scheduled, failed, lost).",
+        (*_RUN, "status"),
     ),
     "workflow_run_execution_duration_seconds": (
         "histogram",
         "Seconds from claim to recorded outcome.",
+        (*_RUN, "status"),
     ),
-    "workflow_run_failed_total": ("counter", "Runs that used up their attempts (dead letters)."),
-    "workflow_run_failed_attempts_total": ("counter", "Failed executions, by attempt number."),
+    "workflow_run_failed_total": (
+        "counter",
+        "Runs that used up their attempts (dead letters).",
+        _RUN,
+    ),
+    "workflow_run_failed_attempts_total": (
+        "counter",
+        "Failed executions, by attempt number.",
+        (*_RUN, "attempt"),
+    ),
     "workflow_run_rescued_total": (
         "counter",
         "Expired leases rescued by this worker's sweep, by new status.",
+        ("worker_id", "status"),
     ),
-    "workflow_worker_poll_cycle_total": ("counter", "Database polls for work."),
+    "workflow_worker_poll_cycle_total": ("counter", "Database polls for work.", ("worker_id",)),
     "workflow_worker_poll_errors_total": (
         "counter",
         "Database polls or claim/complete cycles that failed, by error type.",
+        ("worker_id", "error_type"),
     ),
-    "workflow_worker_uptime_seconds": ("gauge", "Seconds since the worker started."),
-    "workflow_worker_last_poll_timestamp": ("gauge", "Unix time of the last successful poll."),
-    "workflow_worker_running": ("gauge", "Handlers executing now."),
+    "workflow_worker_uptime_seconds": (
+        "gauge",
+        "Seconds since the worker started.",
+        ("worker_id",),
+    ),
+    "workflow_worker_last_poll_timestamp": (
+        "gauge",
+        "Unix time of the last successful poll.",
+        ("worker_id",),
+    ),
+    "workflow_worker_running": ("gauge", "Handlers executing now.", ("worker_id",)),
     # Read from the database at scrape time, so every process reports the same queue.
     "workflow_run_queue_depth": (
         "gauge",
         "Runs by type in status pending (waiting, due or not) or leased (running), "
         "database-wide at scrape time.",
+        ("workflow_type", "status"),
     ),
     "workflow_run_oldest_pending_age_seconds": (
         "gauge",
         "Seconds the oldest due pending run of each type has been waiting past its run_at "
         "(0 when none is due), database-wide at scrape time.",
+        ("workflow_type",),
     ),
     "workflow_database_up": (
         "gauge",
         "1 if the scrape-time database query succeeded, else 0.",
+        (),
     ),
 }
 _BUCKETS = (0.1, 0.5, 1, 5, 10, 30, 60, 300)
@@ -2760,8 +2785,12 @@ def _number(value: float) -> str:
     return str(int(value)) if value.is_integer() and abs(value) < 1e15 else repr(value)
 
 
-def _label_key(labels: dict[str, Any]) -> tuple[tuple[str, str], ...]:
-    return tuple(sorted((k, str(v)) for k, v in labels.items()))
+def _label_key(name: str, labels: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+    """The series key: label values in the metric's declared order (exactly its labels)."""
+    names = _METRICS[name][2]
+    if set(labels) != set(names):
+        raise KeyError(f"{name} takes labels {names}, got {tuple(labels)}")
+    return tuple((k, str(labels[k])) for k in names)
 
 
 class _Metrics:
@@ -2774,14 +2803,14 @@ class _Metrics:
 
     @staticmethod
     def _known(name: str, *kinds: str) -> None:
-        # A typo in a metric name would otherwise vanish silently from the exposition.
+        # A typo in a metric or label name would otherwise vanish silently from the exposition.
         if name not in _METRICS or _METRICS[name][0] not in kinds:
             raise KeyError(f"unknown {'/'.join(kinds)} metric {name!r}")
 
     def inc(self, name: str, value: float = 1.0, **labels: Any) -> None:
         """Add ``value`` to a counter (or gauge) series."""
         self._known(name, "counter", "gauge")
-        key = _label_key(labels)
+        key = _label_key(name, labels)
         with self._lock:
             series = self._values.setdefault(name, {})
             series[key] = series.get(key, 0.0) + value
@@ -2789,14 +2818,14 @@ class _Metrics:
     def set(self, name: str, value: float, **labels: Any) -> None:
         """Set a gauge series."""
         self._known(name, "gauge")
-        key = _label_key(labels)
+        key = _label_key(name, labels)
         with self._lock:
             self._values.setdefault(name, {})[key] = float(value)
 
     def observe(self, name: str, value: float, **labels: Any) -> None:
         """Record one observation in a histogram series (the seed's buckets)."""
         self._known(name, "histogram")
-        key = _label_key(labels)
+        key = _label_key(name, labels)
         with self._lock:
             # Cumulative bucket counts, then sum and count.
             cells = self._histograms.setdefault(name, {}).setdefault(
@@ -2810,7 +2839,7 @@ class _Metrics:
 
     def value(self, name: str, **labels: Any) -> float:
         """One series' current value (0 when never recorded); a histogram gives its count."""
-        key = _label_key(labels)
+        key = _label_key(name, labels)
         with self._lock:
             if name in self._histograms:
                 cells = self._histograms[name].get(key)
@@ -2829,11 +2858,11 @@ class _Metrics:
         for name, series in (extra or {}).items():
             self._known(name, "counter", "gauge")
             values.setdefault(name, {}).update(
-                {tuple(sorted((k, str(v)) for k, v in key)): val for key, val in series.items()}
+                {_label_key(name, dict(key)): val for key, val in series.items()}
             )
         lines: list[str] = []
         for name in sorted(set(values) | set(histograms)):
-            kind, help_text = _METRICS[name]
+            kind, help_text, _ = _METRICS[name]
             help_text = help_text.replace("\\", "\\\\").replace("\n", "\\n")
             lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
             if kind == "histogram":

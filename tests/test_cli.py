@@ -262,11 +262,11 @@ def test_worker_command_serves_metrics_and_stops_on_sigterm(dsn, tmp_path):
                     return False
 
             line = (
-                'workflow_run_claimed_total{worker_id="cli-worker",workflow_type="cli.echo.v1"} 1'
+                'workflow_run_claimed_total{workflow_type="cli.echo.v1",worker_id="cli-worker"} 1'
             )
             text = wait_for(lambda: (t := scrape()) and line in t and t, message="metrics")
             assert (
-                'workflow_run_queue_depth{status="pending",workflow_type="cli.echo.v1"} 0' in text
+                'workflow_run_queue_depth{workflow_type="cli.echo.v1",status="pending"} 0' in text
             )
         finally:
             proc.terminate()  # SIGTERM, by pid

@@ -257,7 +257,7 @@ def test_health_metrics_and_routing(api):
     submit(api)
     status, headers, text = api.call("GET", "/metrics")
     assert status == 200 and headers["Content-Type"].startswith("text/plain; version=0.0.4")
-    assert b'workflow_run_queue_depth{status="pending",workflow_type="t.v1"} 1\n' in text
+    assert b'workflow_run_queue_depth{workflow_type="t.v1",status="pending"} 1\n' in text
     assert b"workflow_database_up 1\n" in text
 
     status, _, body = api.call("GET", f"{API}/nowhere")

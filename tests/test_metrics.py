@@ -91,7 +91,7 @@ def test_exposition_format_escapes_and_promtool_accepts_it():
     assert value(samples, "workflow_run_claimed_total", workflow_type=tricky, worker_id="w") == 1
     assert value(samples, "workflow_run_claimed_total", workflow_type="plain", worker_id="w") == 2
     assert 'workflow_worker_last_poll_timestamp{worker_id="w"} 1717171717.25\n' in text
-    assert 'workflow_run_queue_depth{status="pending",workflow_type="x"} NaN\n' in text
+    assert 'workflow_run_queue_depth{workflow_type="x",status="pending"} NaN\n' in text
     bucket = dict(
         workflow_type=tricky, worker_id="w", status="succeeded"
     )  # le="0.5" excludes 0.7, le="1" includes it, buckets are cumulative
@@ -108,6 +108,11 @@ def test_exposition_format_escapes_and_promtool_accepts_it():
     promtool_check(text)
     with pytest.raises(KeyError):
         metrics.inc("workflow_run_claimd_total")  # a typo fails loudly instead of vanishing
+    with pytest.raises(KeyError):
+        metrics.inc("workflow_run_claimed_total", workflow_type="t")  # so does a missing label
+    # Labels come in the seed's declaration order, histograms' le last.
+    assert 'workflow_run_claimed_total{workflow_type="plain",worker_id="w"} 2\n' in text
+    assert 'status="succeeded",le="+Inf"} 1\n' in text
     assert minflow._Metrics().render() == ""
 
 
