@@ -47,7 +47,10 @@ import argparse
 import contextlib
 import dataclasses
 import datetime as _dt
+import hmac
+import http.server
 import importlib
+import io
 import json
 import logging
 import math
@@ -58,6 +61,7 @@ import re
 import select
 import signal
 import socket
+import socketserver
 import sqlite3
 import sys
 import threading
@@ -862,6 +866,13 @@ _SQL: dict[str, str] = {
     "stats": (
         "SELECT type, status, COUNT(*) FROM workflow_run WHERE deleted_at IS NULL "
         "GROUP BY type, status ORDER BY type, status"
+    ),
+    # Metrics at scrape time: live runs by type and status, the oldest due run_at, the clock.
+    # Finished runs are left out, so the partial pending/leased indexes keep this cheap.
+    "queue_snapshot": (
+        "SELECT type, status, COUNT(*), MIN(CASE WHEN status = 'pending' AND run_at <= {now} "
+        "THEN run_at END), {now} FROM workflow_run WHERE status IN ('pending', 'leased') "
+        "AND deleted_at IS NULL GROUP BY type, status ORDER BY type, status"
     ),
     # Extend the lease of one run this worker holds (explicit heartbeat).
     "heartbeat": (
@@ -2723,50 +2734,105 @@ class App(Client):
 # ---------------------------------------------------------------------------------------------
 # Metrics registry (recorded by the Worker; rendered by the HTTP section)
 # ---------------------------------------------------------------------------------------------
+# Prometheus text exposition format 0.0.4, written by hand: no client library, so copying
+# minflow.py alone still works. Names, types, labels and buckets are the seed's (seed-spec §8);
+# the seed's defects are fixed where the values are produced (Worker, scrape-time queries).
 
-_METRICS: dict[str, tuple[str, str]] = {
-    "workflow_run_claimed_total": ("counter", "Runs claimed by this worker."),
+_RUN = ("workflow_type", "worker_id")
+# name -> (type, help, label names in exposition order: the seed's declaration order)
+_METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "workflow_run_claimed_total": ("counter", "Runs claimed by this worker.", _RUN),
     "workflow_run_completed_total": (
         "counter",
         "Executions finished, by recorded outcome "
         "(succeeded, pending = retry scheduled, failed, lost).",
+        (*_RUN, "status"),
     ),
     "workflow_run_execution_duration_seconds": (
         "histogram",
         "Seconds from claim to recorded outcome.",
+        (*_RUN, "status"),
     ),
-    "workflow_run_failed_total": ("counter", "Runs that used up their attempts (dead letters)."),
-    "workflow_run_failed_attempts_total": ("counter", "Failed executions, by attempt number."),
+    "workflow_run_failed_total": (
+        "counter",
+        "Runs that used up their attempts (dead letters).",
+        _RUN,
+    ),
+    "workflow_run_failed_attempts_total": (
+        "counter",
+        "Failed executions, by attempt number.",
+        (*_RUN, "attempt"),
+    ),
     "workflow_run_rescued_total": (
         "counter",
         "Expired leases rescued by this worker's sweep, by new status.",
+        ("worker_id", "status"),
     ),
-    "workflow_worker_poll_cycle_total": ("counter", "Claim/complete cycles run."),
+    "workflow_worker_poll_cycle_total": ("counter", "Database polls for work.", ("worker_id",)),
     "workflow_worker_poll_errors_total": (
         "counter",
-        "Claim/complete cycles that failed, by error type.",
+        "Database polls or claim/complete cycles that failed, by error type.",
+        ("worker_id", "error_type"),
     ),
-    "workflow_worker_uptime_seconds": ("gauge", "Seconds since the worker started."),
-    "workflow_worker_last_poll_timestamp": ("gauge", "Unix time of the last successful cycle."),
-    "workflow_worker_running": ("gauge", "Handlers executing now."),
+    "workflow_worker_uptime_seconds": (
+        "gauge",
+        "Seconds since the worker started.",
+        ("worker_id",),
+    ),
+    "workflow_worker_last_poll_timestamp": (
+        "gauge",
+        "Unix time of the last successful poll.",
+        ("worker_id",),
+    ),
+    "workflow_worker_running": ("gauge", "Handlers executing now.", ("worker_id",)),
+    # Read from the database at scrape time, so every process reports the same queue.
+    "workflow_run_queue_depth": (
+        "gauge",
+        "Runs by type in status pending (waiting, due or not) or leased (running), "
+        "database-wide at scrape time.",
+        ("workflow_type", "status"),
+    ),
+    "workflow_run_oldest_pending_age_seconds": (
+        "gauge",
+        "Seconds the oldest due pending run of each type has been waiting past its run_at "
+        "(0 when none is due), database-wide at scrape time.",
+        ("workflow_type",),
+    ),
+    "workflow_database_up": (
+        "gauge",
+        "1 if the scrape-time database query succeeded, else 0.",
+        (),
+    ),
 }
 _BUCKETS = (0.1, 0.5, 1, 5, 10, 30, 60, 300)
+
+
+def _escape_label(value: str) -> str:
+    """A label value as the exposition format quotes it: backslash, quote and newline escaped."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 def _label_text(labels: tuple[tuple[str, str], ...]) -> str:
     if not labels:
         return ""
-    escaped = (
-        f'{k}="{str(v).replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34)).replace(chr(10), chr(92) + "n")}"'
-        for k, v in labels
-    )
-    return "{" + ",".join(escaped) + "}"
+    return "{" + ",".join(f'{k}="{_escape_label(str(v))}"' for k, v in labels) + "}"
 
 
 def _number(value: float) -> str:
-    if value == math.inf:
-        return "+Inf"
-    return repr(float(value)) if not float(value).is_integer() else str(int(value))
+    value = float(value)
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return str(int(value)) if value.is_integer() and abs(value) < 1e15 else repr(value)
+
+
+def _label_key(name: str, labels: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+    """The series key: label values in the metric's declared order (exactly its labels)."""
+    names = _METRICS[name][2]
+    if set(labels) != set(names):
+        raise KeyError(f"{name} takes labels {names}, got {tuple(labels)}")
+    return tuple((k, str(labels[k])) for k in names)
 
 
 class _Metrics:
@@ -2777,21 +2843,33 @@ class _Metrics:
         self._values: dict[str, dict[tuple, float]] = {}
         self._histograms: dict[str, dict[tuple, list[float]]] = {}
 
+    @staticmethod
+    def _known(name: str, *kinds: str) -> None:
+        # A typo in a metric or label name would otherwise vanish silently from the exposition.
+        if name not in _METRICS or _METRICS[name][0] not in kinds:
+            raise KeyError(f"unknown {'/'.join(kinds)} metric {name!r}")
+
     def inc(self, name: str, value: float = 1.0, **labels: Any) -> None:
-        key = tuple(sorted((k, str(v)) for k, v in labels.items()))
+        """Add ``value`` to a counter (or gauge) series."""
+        self._known(name, "counter", "gauge")
+        key = _label_key(name, labels)
         with self._lock:
             series = self._values.setdefault(name, {})
             series[key] = series.get(key, 0.0) + value
 
     def set(self, name: str, value: float, **labels: Any) -> None:
-        key = tuple(sorted((k, str(v)) for k, v in labels.items()))
+        """Set a gauge series."""
+        self._known(name, "gauge")
+        key = _label_key(name, labels)
         with self._lock:
             self._values.setdefault(name, {})[key] = float(value)
 
     def observe(self, name: str, value: float, **labels: Any) -> None:
-        key = tuple(sorted((k, str(v)) for k, v in labels.items()))
+        """Record one observation in a histogram series (the seed's buckets)."""
+        self._known(name, "histogram")
+        key = _label_key(name, labels)
         with self._lock:
-            # buckets..., then sum and count
+            # Cumulative bucket counts, then sum and count.
             cells = self._histograms.setdefault(name, {}).setdefault(
                 key, [0.0] * (len(_BUCKETS) + 2)
             )
@@ -2802,41 +2880,45 @@ class _Metrics:
             cells[-1] += 1
 
     def value(self, name: str, **labels: Any) -> float:
-        """One series' current value (0 when never recorded); for tests and the CLI."""
-        key = tuple(sorted((k, str(v)) for k, v in labels.items()))
+        """One series' current value (0 when never recorded); a histogram gives its count."""
+        key = _label_key(name, labels)
         with self._lock:
+            if name in self._histograms:
+                cells = self._histograms[name].get(key)
+                return cells[-1] if cells else 0.0
             return self._values.get(name, {}).get(key, 0.0)
 
-    def render(self, extra: dict[str, tuple[str, str, dict[tuple, float]]] | None = None) -> str:
-        """Exposition text; ``extra`` adds scrape-time series: name -> (type, help, series)."""
-        lines: list[str] = []
+    def render(self, extra: dict[str, dict[tuple, float]] | None = None) -> str:
+        """Exposition text. ``extra`` adds scrape-time series of gauges named in ``_METRICS``:
+        name -> {label key: value}, label keys as ``(("label", "value"), ...)``."""
         with self._lock:
             values = {name: dict(series) for name, series in self._values.items()}
             histograms = {
                 name: {k: list(v) for k, v in series.items()}
                 for name, series in self._histograms.items()
             }
-        families = {
-            name: (*_METRICS[name], values.get(name, {})) for name in _METRICS if name in values
-        }
-        families.update(extra or {})
-        for name in sorted(set(families) | set(histograms)):
-            if name in histograms:
-                kind, help_text = _METRICS[name]
-                lines += [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"]
-                for key, cells in sorted(histograms[name].items()):
+        for name, series in (extra or {}).items():
+            self._known(name, "counter", "gauge")
+            values.setdefault(name, {}).update(
+                {_label_key(name, dict(key)): val for key, val in series.items()}
+            )
+        lines: list[str] = []
+        for name in sorted(set(values) | set(histograms)):
+            kind, help_text, _ = _METRICS[name]
+            help_text = help_text.replace("\\", "\\\\").replace("\n", "\\n")
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+            if kind == "histogram":
+                for key, cells in sorted(histograms.get(name, {}).items()):
                     for i, bound in enumerate((*_BUCKETS, math.inf)):
                         count = cells[-1] if bound == math.inf else cells[i]
                         labels = _label_text((*key, ("le", _number(bound))))
                         lines.append(f"{name}_bucket{labels} {_number(count)}")
-                    lines.append(f"{name}_sum{_label_text(key)} {repr(float(cells[-2]))}")
+                    lines.append(f"{name}_sum{_label_text(key)} {_number(cells[-2])}")
                     lines.append(f"{name}_count{_label_text(key)} {_number(cells[-1])}")
                 continue
-            kind, help_text, series = families[name]
-            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
-            for key, value in sorted(series.items()):
+            for key, value in sorted(values[name].items()):
                 lines.append(f"{name}{_label_text(key)} {_number(value)}")
-        return "\n".join(lines) + "\n"
+        return "\n".join(lines) + "\n" if lines else ""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -3172,18 +3254,23 @@ class Worker:
             try:
                 if conn is None:
                     conn = dialect.connect()
+                # An idle SQLite worker polls with the read-only pre-check alone; it counts as
+                # a poll, so last_poll_timestamp does not make an idle worker look stuck.
+                polled = bool(limit)
                 if limit and not done and not dialect.may_have_work(conn, filt):
                     limit = 0
                 if done or limit:
                     claimed, finished = dialect.cycle(
                         conn, self.worker_id, done, limit, self.lease, filt
                     )
+                    polled = True
+                    self._record(done, finished)
+                    self._dispatch(claimed)
+                if polled:
                     self.metrics.inc("workflow_worker_poll_cycle_total", worker_id=self.worker_id)
                     self.metrics.set(
                         "workflow_worker_last_poll_timestamp", time.time(), worker_id=self.worker_id
                     )
-                    self._record(done, finished)
-                    self._dispatch(claimed)
                 retry_delay = 0.1
             except MinflowError as exc:
                 with self._lock:
@@ -3460,12 +3547,914 @@ class _HandlerPool:
 
 
 # ---------------------------------------------------------------------------------------------
+# HTTP API and metrics
+# ---------------------------------------------------------------------------------------------
+# The REST API (the seed's routes under /api/v1 with clean JSON, plus retry, one schedule, an
+# OpenAPI document, /healthz and /metrics) on the stdlib's ThreadingHTTPServer: a
+# (method, pattern) -> function route table, JSON errors, an optional API key compared in
+# constant time, a body limit, a per-request deadline and a bounded number of handler threads.
+# The same server with two routes is a worker's --metrics-port listener.
+
+_http_log = logging.getLogger("minflow.http")
+
+DEFAULT_HTTP_HOST = "127.0.0.1"  # loopback unless the operator decides otherwise
+DEFAULT_HTTP_PORT = 8080  # the seed's
+DEFAULT_MAX_BODY = 1 << 20  # bytes
+DEFAULT_REQUEST_TIMEOUT = 10.0  # seconds to receive a whole request (the seed's read timeout)
+DEFAULT_HTTP_THREADS = 32  # requests handled at once; beyond that, an immediate 503
+_DRAIN_LIMIT = 16 << 20  # an oversized body up to this size is read and dropped, so the 413 arrives
+_API = "/api/v1"
+_MAX_DELAY = 100 * 365.25 * 86400  # run_in beyond a century is a mistake, not a plan
+_METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class _HTTPError(Exception):
+    """An HTTP error response: status, ``{"error": message, **fields}`` and extra headers."""
+
+    def __init__(self, status: int, message: str, headers: dict | None = None, **fields: Any):
+        super().__init__(message)
+        self.status = status
+        self.body = {"error": message, **fields}
+        self.headers = headers or {}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Text:
+    """A non-JSON response body."""
+
+    text: str
+    content_type: str = _METRICS_CONTENT_TYPE
+
+
+@dataclasses.dataclass
+class _Request:
+    """What a route function sees."""
+
+    method: str
+    path: str
+    params: dict[str, str]  # from the route pattern
+    query: dict[str, str]
+    body: bytes
+    client: Client
+    worker: Worker | None
+
+    def json_object(self, allowed: Sequence[str]) -> dict:
+        """The body as a JSON object with only ``allowed`` keys, or a 400."""
+        if not self.body.strip():
+            raise _HTTPError(400, "invalid JSON body: the body is empty")
+        try:
+            value = json.loads(self.body, parse_constant=_reject_json_constant)
+        except (ValueError, RecursionError) as exc:
+            raise _HTTPError(400, f"invalid JSON body: {exc}") from None
+        if not isinstance(value, dict):
+            raise _HTTPError(400, "invalid JSON body: expected an object")
+        unknown = sorted(set(value) - set(allowed))
+        if unknown:
+            raise _HTTPError(
+                400, f"unknown field(s): {', '.join(unknown)}; allowed: {', '.join(allowed)}"
+            )
+        try:
+            # json.loads accepts lone surrogates (\ud800), which no database driver can encode.
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise _HTTPError(400, "invalid JSON body: lone surrogate in a string") from None
+        return value
+
+    def int_param(self, name: str, default: int) -> int:
+        """An integer query parameter (absent or empty: ``default``), or a 400."""
+        text = self.query.get(name, "").strip()
+        if not text:
+            return default
+        if not re.fullmatch(r"[+-]?\d{1,12}", text):
+            raise _HTTPError(400, f"{name} must be an integer, got {text[:50]!r}")
+        return int(text)
+
+
+def _reject_json_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+_RFC3339 = re.compile(
+    r"(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?([Zz]|[+-]\d{2}:\d{2})"
+)
+
+
+def _parse_rfc3339(value: Any, what: str) -> _dt.datetime:
+    """An RFC 3339 timestamp with its zone (``Z`` or ``+hh:mm``) as an aware UTC datetime."""
+    match = _RFC3339.fullmatch(value.strip()) if isinstance(value, str) else None
+    if not match:
+        raise InvalidInput(
+            f"{what} must be an RFC 3339 time with a zone, e.g. 2030-01-31T09:00:00Z, got {value!r}"
+        )
+    *fields, frac, zone = match.groups()
+    try:
+        tz = UTC
+        if zone.upper() != "Z":
+            sign = -1 if zone[0] == "-" else 1
+            tz = _dt.timezone(sign * _dt.timedelta(hours=int(zone[1:3]), minutes=int(zone[4:6])))
+        moment = _dt.datetime(
+            *map(int, fields), int((frac or "0")[:6].ljust(6, "0")), tzinfo=tz
+        ).astimezone(UTC)
+    except (ValueError, OverflowError) as exc:
+        raise InvalidInput(f"{what}: {value!r} is not a valid time ({exc})") from None
+    return moment
+
+
+def _optional(body: dict, name: str, default: Any) -> Any:
+    """A body field; null or absent gives ``default``. JSON Schema counts 5.0 as an integer,
+    so integral floats become ints (the Client then checks types and ranges)."""
+    value = body.get(name)
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return default if value is None else value
+
+
+# -- route functions --------------------------------------------------------------------------
+
+
+def _r_healthz(req: _Request) -> tuple[int, Any]:
+    try:
+        req.client._query("now")
+    except MinflowError as exc:
+        _http_log.warning("health check: database unhealthy: %s", exc)
+        raise _HTTPError(503, "database unhealthy") from None
+    return 200, {"status": "ok"}
+
+
+def _r_metrics(req: _Request) -> tuple[int, Any]:
+    return 200, _Text(_render_metrics(req.client, req.worker))
+
+
+def _r_openapi(req: _Request) -> tuple[int, Any]:
+    return 200, _openapi_document()
+
+
+_SUBMIT_FIELDS = (
+    "type",
+    "payload",
+    "priority",
+    "idempotency_key",
+    "max_attempts",
+    "run_after",
+    "run_at",
+    "run_in",
+)
+
+
+def _r_submit(req: _Request) -> tuple[int, Any]:
+    body = req.json_object(_SUBMIT_FIELDS)
+    if body.get("type") in (None, ""):
+        raise _HTTPError(400, "type is required")
+    if body.get("run_after") is not None and body.get("run_at") is not None:
+        raise _HTTPError(400, "give run_after or run_at, not both")
+    when = _optional(body, "run_after", body.get("run_at"))
+    run_in = body.get("run_in")
+    if _is_number(run_in) and run_in > _MAX_DELAY:
+        raise _HTTPError(400, f"run_in must be at most {_MAX_DELAY:.0f} seconds (100 years)")
+    job = Job(
+        body["type"],
+        body.get("payload"),
+        priority=_optional(body, "priority", DEFAULT_PRIORITY),
+        # The seed treats an empty key as "no key"; so does this API.
+        idempotency_key=None if body.get("idempotency_key") == "" else body.get("idempotency_key"),
+        max_attempts=_optional(body, "max_attempts", DEFAULT_MAX_ATTEMPTS),
+        run_at=None if when is None else _parse_rfc3339(when, "run_after"),
+        run_in=run_in,
+    )
+    ((run_id, created),) = req.client._submit([job])
+    if not created:
+        raise _HTTPError(
+            409, "idempotency conflict: a run with this idempotency_key already exists", id=run_id
+        )
+    return 201, {"id": run_id}
+
+
+def _r_list(req: _Request) -> tuple[int, Any]:
+    runs = req.client.list(
+        type=req.query.get("type") or None,
+        status=req.query.get("status") or None,
+        idempotency_key=req.query.get("idempotency_key") or None,
+        limit=req.int_param("limit", DEFAULT_LIST_LIMIT),
+        offset=req.int_param("offset", 0),
+    )
+    return 200, [run.to_json() for run in runs]
+
+
+def _get_run(req: _Request) -> Run:
+    run = req.client.get(req.params["id"])
+    if run is None:
+        raise _HTTPError(404, "workflow run not found")
+    return run
+
+
+def _r_get(req: _Request) -> tuple[int, Any]:
+    return 200, _get_run(req).to_json()
+
+
+def _r_events(req: _Request) -> tuple[int, Any]:
+    run = _get_run(req)
+    return 200, [event.to_json() for event in req.client.events(run.id)]
+
+
+def _r_cancel(req: _Request) -> tuple[int, Any]:
+    req.client.cancel(req.params["id"])
+    return 200, {"status": "cancelled"}
+
+
+def _r_retry(req: _Request) -> tuple[int, Any]:
+    req.client.retry(req.params["id"])
+    return 200, {"status": "pending"}
+
+
+_SCHEDULE_FIELDS = ("type", "cron", "payload", "timezone", "priority", "max_attempts", "name")
+
+
+def _r_schedule_create(req: _Request) -> tuple[int, Any]:
+    body = req.json_object(_SCHEDULE_FIELDS)
+    if body.get("type") in (None, "") or body.get("cron") in (None, ""):
+        raise _HTTPError(400, "type and cron are required")
+    schedule_id = req.client.schedule(
+        body["type"],
+        body.get("payload"),
+        cron=body["cron"],
+        timezone=_optional(body, "timezone", "UTC"),
+        priority=_optional(body, "priority", DEFAULT_PRIORITY),
+        max_attempts=_optional(body, "max_attempts", DEFAULT_MAX_ATTEMPTS),
+        name=body.get("name"),
+    )
+    return 201, {"id": schedule_id}
+
+
+def _r_schedules(req: _Request) -> tuple[int, Any]:
+    return 200, [schedule.to_json() for schedule in req.client.schedules()]
+
+
+def _r_schedule_get(req: _Request) -> tuple[int, Any]:
+    return 200, req.client.get_schedule(req.params["id"]).to_json()
+
+
+def _r_pause(req: _Request) -> tuple[int, Any]:
+    req.client.pause_schedule(req.params["id"])
+    return 200, {"status": "paused"}
+
+
+def _r_resume(req: _Request) -> tuple[int, Any]:
+    req.client.resume_schedule(req.params["id"])
+    return 200, {"status": "resumed"}
+
+
+def _r_schedule_delete(req: _Request) -> tuple[int, Any]:
+    req.client.delete_schedule(req.params["id"])
+    return 200, {"status": "deleted"}
+
+
+_Route = tuple[str, str, Callable[[_Request], tuple[int, Any]]]
+
+# The REST server's routes; {id} matches one path segment. /healthz alone needs no API key.
+_API_ROUTES: list[_Route] = [
+    ("GET", "/healthz", _r_healthz),
+    ("GET", "/metrics", _r_metrics),
+    ("GET", f"{_API}/openapi.json", _r_openapi),
+    ("GET", f"{_API}/health", _r_healthz),
+    ("POST", f"{_API}/workflows", _r_submit),
+    ("GET", f"{_API}/workflows", _r_list),
+    ("GET", f"{_API}/workflows/{{id}}", _r_get),
+    ("DELETE", f"{_API}/workflows/{{id}}", _r_cancel),
+    ("GET", f"{_API}/workflows/{{id}}/events", _r_events),
+    ("POST", f"{_API}/workflows/{{id}}/retry", _r_retry),
+    ("POST", f"{_API}/schedules", _r_schedule_create),
+    ("GET", f"{_API}/schedules", _r_schedules),
+    ("GET", f"{_API}/schedules/{{id}}", _r_schedule_get),
+    ("DELETE", f"{_API}/schedules/{{id}}", _r_schedule_delete),
+    ("PATCH", f"{_API}/schedules/{{id}}/pause", _r_pause),
+    ("PATCH", f"{_API}/schedules/{{id}}/resume", _r_resume),
+]
+# A worker's --metrics-port listener.
+_METRICS_ROUTES: list[_Route] = [("GET", "/healthz", _r_healthz), ("GET", "/metrics", _r_metrics)]
+_PUBLIC_PATHS = frozenset({"/healthz"})
+
+
+def _compile_routes(routes: list[_Route]) -> list[tuple[str, re.Pattern, Callable]]:
+    return [
+        (
+            method,
+            re.compile("^" + re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>[^/]+)", re.escape(p)) + "$"),
+            fn,
+        )
+        for method, p, fn in routes
+    ]
+
+
+# -- metrics at scrape time -------------------------------------------------------------------
+
+
+def _queue_snapshot(client: Client) -> list[tuple[str, str, int, float | None]]:
+    """Pending and leased runs by type and status, with how long the oldest due pending run
+    has waited past its run_at (None: none is due), from one aggregate query."""
+    out = []
+    for run_type, status, count, oldest, now in client._query("queue_snapshot"):
+        since, clock = _parse_time(oldest), _parse_time(now)
+        waited = max(0.0, (clock - since).total_seconds()) if since and clock else None
+        out.append((run_type, status, int(count), waited))
+    return out
+
+
+def _render_metrics(client: Client, worker: Worker | None = None) -> str:
+    """The exposition: the worker's own series (if any) plus the queue read from the database
+    in one aggregate query, so queue depth is right even while every worker is busy."""
+    extra: dict[str, dict[tuple, float]] = {}
+    if worker is not None:
+        wid = (("worker_id", worker.worker_id),)
+        extra["workflow_worker_uptime_seconds"] = {wid: time.time() - worker._started_at}
+        extra["workflow_worker_running"] = {wid: float(worker.running)}
+    depth: dict[tuple, float] = {}
+    age: dict[tuple, float] = {}
+    if worker is not None:
+        # Handled types always have series, so an alert sees 0 rather than nothing.
+        for run_type in worker._types or worker.app.handlers:
+            for status in ("pending", "leased"):
+                depth[(("workflow_type", run_type), ("status", status))] = 0.0
+            age[(("workflow_type", run_type),)] = 0.0
+    try:
+        rows = _queue_snapshot(client)
+        up = 1.0
+    except MinflowError as exc:
+        _http_log.warning("metrics: queue query failed: %s", exc)
+        rows, up = [], 0.0
+    for run_type, status, count, waited in rows:
+        depth[(("workflow_type", run_type), ("status", status))] = float(count)
+        if status == "pending":
+            age[(("workflow_type", run_type),)] = waited or 0.0
+    if up:
+        extra["workflow_run_queue_depth"] = depth
+        extra["workflow_run_oldest_pending_age_seconds"] = age
+    extra["workflow_database_up"] = {(): up}
+    registry = worker.metrics if worker is not None else _Metrics()
+    return registry.render(extra)
+
+
+# -- the server -------------------------------------------------------------------------------
+
+
+class _DeadlineReader(io.RawIOBase):
+    """Socket reads that fail once the request's deadline has passed, so a client sending one
+    byte at a time cannot hold a handler thread for longer than the request time limit."""
+
+    def __init__(self, sock: socket.socket, deadline: float):
+        self._sock = sock
+        self._deadline = deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        remaining = self._deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("request not received within the time limit")
+        self._sock.settimeout(remaining)
+        return self._sock.recv_into(buffer)
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    """One connection, one request (HTTP/1.0 semantics: the connection closes after it)."""
+
+    server: _Server
+    server_version = f"minflow/{__version__}"
+    sys_version = ""
+    protocol_version = "HTTP/1.0"
+
+    def setup(self) -> None:
+        super().setup()
+        self._started = time.monotonic()
+        self.rfile = io.BufferedReader(
+            _DeadlineReader(self.connection, self._started + self.server.request_timeout)
+        )
+
+    def __getattr__(self, name: str) -> Any:
+        # Every method reaches the route table, which answers 404 or 405 (never http.server's 501).
+        if name.startswith("do_"):
+            return self._dispatch
+        raise AttributeError(name)
+
+    def _dispatch(self) -> None:
+        headers: dict[str, str] = {}
+        try:
+            status, body = self._route()
+        except _HTTPError as exc:
+            status, body, headers = exc.status, exc.body, exc.headers
+        except InvalidInput as exc:
+            status, body = 400, {"error": str(exc)}
+        except NotFound as exc:
+            status, body = 404, {"error": str(exc)}
+        except (AlreadyComplete, InvalidState) as exc:
+            status, body = 409, {"error": str(exc)}
+        except Unavailable as exc:
+            _http_log.warning("%s %s: database unavailable: %s", self.command, self.path, exc)
+            status, body, headers = 503, {"error": "database unavailable"}, {"Retry-After": "1"}
+        except (TimeoutError, ConnectionError):
+            raise  # the client is gone or too slow: nothing to answer
+        except Exception:
+            # A bug or an unexpected database error; its text stays in the log (seed-spec S-2).
+            _http_log.exception("%s %s failed", self.command, self.path)
+            status, body = 500, {"error": "internal server error; see the server log"}
+        self._send(status, body, headers)
+
+    def _route(self) -> tuple[int, Any]:
+        server = self.server
+        url = urlsplit(self.path)
+        if url.path not in _PUBLIC_PATHS and server.api_key is not None and not self._authorized():
+            raise _HTTPError(
+                401, "invalid or missing API key", {"WWW-Authenticate": 'Bearer realm="minflow"'}
+            )
+        allowed: list[str] = []
+        for method, pattern, fn in server.routes:
+            match = pattern.match(url.path)
+            if match is None:
+                continue
+            if method != self.command:
+                if method not in allowed:
+                    allowed.append(method)
+                continue
+            body = self._read_body()
+            try:
+                pairs = parse_qsl(url.query, keep_blank_values=True, max_num_fields=50)
+            except ValueError:
+                raise _HTTPError(400, "too many query parameters") from None
+            query: dict[str, str] = {}
+            for key, value in pairs:
+                if key in query:
+                    raise _HTTPError(400, f"query parameter {key!r} given more than once")
+                query[key] = value
+            params = {k: unquote(v) for k, v in match.groupdict().items()}
+            return fn(
+                _Request(self.command, url.path, params, query, body, server.client, server.worker)
+            )
+        if allowed:
+            raise _HTTPError(
+                405,
+                f"method {self.command} not allowed here; allowed: {', '.join(allowed)}",
+                {"Allow": ", ".join(allowed)},
+            )
+        raise _HTTPError(404, f"no such endpoint: {url.path}")
+
+    def _authorized(self) -> bool:
+        offered = self.headers.get("X-API-Key")
+        if offered is None:
+            scheme, _, token = self.headers.get("Authorization", "").partition(" ")
+            if scheme.lower() != "bearer":
+                return False
+            offered = token.strip()
+        # Header bytes arrive decoded as Latin-1; compare the original bytes in constant time.
+        return hmac.compare_digest(offered.encode("latin-1", "replace"), self.server.api_key)
+
+    def _read_body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding"):
+            self.close_connection = True
+            raise _HTTPError(411, "send the body with a Content-Length (chunked is not supported)")
+        text = self.headers.get("Content-Length", "0").strip() or "0"
+        if not text.isdigit():
+            self.close_connection = True
+            raise _HTTPError(400, f"invalid Content-Length {text[:30]!r}")
+        length = int(text)
+        if length > self.server.max_body:
+            self.close_connection = True
+            if length <= _DRAIN_LIMIT:
+                # Read and drop the body: closing with unread data would reset the connection
+                # before the client reads the 413.
+                with contextlib.suppress(OSError):
+                    while length > 0:
+                        chunk = self.rfile.read(min(length, 1 << 16))
+                        if not chunk:
+                            break
+                        length -= len(chunk)
+            raise _HTTPError(413, f"request body larger than {self.server.max_body} bytes")
+        body = self.rfile.read(length) if length else b""
+        if len(body) != length:
+            self.close_connection = True
+            raise _HTTPError(400, "request body shorter than its Content-Length")
+        return body
+
+    def _send(self, status: int, body: Any, headers: dict[str, str]) -> None:
+        if isinstance(body, _Text):
+            data, content_type = body.text.encode("utf-8"), body.content_type
+        else:
+            data = (json.dumps(body, ensure_ascii=False) + "\n").encode("utf-8")
+            content_type = "application/json"
+        # Writing gets its own time limit, so a client that stops reading cannot hold the thread.
+        self.connection.settimeout(self.server.request_timeout)
+        self.send_response_only(status)
+        self.send_header("Server", self.version_string())
+        self.send_header("Date", self.date_time_string())
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("Connection", "close")
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+        self._access_log(status, len(data))
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own errors (malformed request line, oversized headers), as JSON."""
+        self.close_connection = True
+        text = message or self.responses.get(code, ("error",))[0]
+        self._send(code, {"error": text}, {})
+
+    def _access_log(self, status: int, size: int) -> None:
+        # Headers are never logged: they may carry the API key.
+        path = urlsplit(self.path or "").path
+        level = logging.DEBUG if path in ("/healthz", "/metrics") and status < 400 else logging.INFO
+        _http_log.log(
+            level,
+            '%s "%s" %d %d %.1fms',
+            self.client_address[0],
+            self.requestline,
+            status,
+            size,
+            (time.monotonic() - self._started) * 1000,
+        )
+
+    def log_request(self, code: Any = "-", size: Any = "-") -> None:
+        """Unused: responses are logged by ``_access_log`` once their size is known."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """http.server's own messages (timeouts, protocol errors) go to ``minflow.http``."""
+        _http_log.info("%s: %s", self.client_address[0], format % args)
+
+
+class _Server(http.server.ThreadingHTTPServer):
+    """A ThreadingHTTPServer with at most ``threads`` requests in flight; beyond that a new
+    connection gets an immediate 503, so the accept loop never waits on a slow client."""
+
+    daemon_threads = True
+    request_queue_size = 128
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        client: Client,
+        *,
+        worker: Worker | None = None,
+        routes: list[_Route] = _API_ROUTES,
+        api_key: str | None = None,
+        max_body: int = DEFAULT_MAX_BODY,
+        request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
+        threads: int = DEFAULT_HTTP_THREADS,
+    ):
+        self.client = client
+        self.worker = worker
+        self.routes = _compile_routes(routes)
+        self.api_key = api_key.encode("utf-8") if api_key else None
+        self.max_body = _check_int("max_body", max_body, minimum=0)
+        if not _is_number(request_timeout) or request_timeout <= 0:
+            raise InvalidInput(f"request timeout must be positive seconds, got {request_timeout!r}")
+        self.request_timeout = float(request_timeout)
+        self._max_threads = _check_int("threads", threads, minimum=1)
+        self._slots = threading.BoundedSemaphore(self._max_threads)
+        if ":" in host:
+            self.address_family = socket.AF_INET6
+        super().__init__((host, port), _Handler)
+
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind also resolves the host's FQDN, a DNS lookup that can stall
+        # start-up in containers; the name is only used in CGI variables.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = str(self.server_address[0]), self.server_address[1]
+
+    @property
+    def url(self) -> str:
+        """The base URL this server listens on."""
+        host, port = self.server_address[:2]
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            body = b'{"error": "server busy, retry shortly"}\n'
+            with contextlib.suppress(OSError):
+                request.sendall(
+                    b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                    b"Retry-After: 1\r\nConnection: close\r\nContent-Length: "
+                    + str(len(body)).encode()
+                    + b"\r\n\r\n"
+                    + body
+                )
+            self.shutdown_request(request)
+            _http_log.warning("%s: all handler threads busy; answered 503", client_address[0])
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def drain(self, timeout: float) -> bool:
+        """After ``shutdown()``: wait until no request is in flight, at most ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        taken = 0
+        while taken < self._max_threads and self._slots.acquire(
+            timeout=max(0.0, deadline - time.monotonic())
+        ):
+            taken += 1
+        for _ in range(taken):
+            self._slots.release()
+        return taken == self._max_threads
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        exc = sys.exc_info()[1]
+        if isinstance(exc, OSError):  # the client went away mid-request
+            _http_log.info("%s: connection error: %s", client_address[0], exc)
+        else:
+            _http_log.exception("%s: request handling failed", client_address[0])
+
+
+def _start_server(server: _Server, poll_interval: float = 0.5) -> threading.Thread:
+    """Run ``server`` on a daemon thread; ``server.shutdown()`` returns within ``poll_interval``."""
+    thread = threading.Thread(
+        target=server.serve_forever,
+        args=(poll_interval,),
+        name=f"minflow-http-{server.server_address[1]}",
+        daemon=True,
+    )
+    thread.start()
+    return thread
+
+
+def _serve_metrics(worker: Worker, host: str, port: int) -> _Server:
+    """Serve ``/metrics`` and ``/healthz`` for ``worker`` on a background thread."""
+    server = _Server(
+        host,
+        port,
+        worker.app,
+        worker=worker,
+        routes=_METRICS_ROUTES,
+        api_key=os.environ.get("MINFLOW_API_KEY") or None,
+        threads=4,
+    )
+    _start_server(server)
+    _http_log.info("worker metrics on %s/metrics", server.url)
+    return server
+
+
+# -- the OpenAPI document ---------------------------------------------------------------------
+
+_openapi_cache: dict = {}
+
+_ERROR_TEXT = {
+    400: "Invalid input (the body, a parameter or a value).",
+    401: "Missing or wrong API key (only when MINFLOW_API_KEY is set).",
+    404: "No such run or schedule.",
+    409: "Conflict: the idempotency key exists (the body carries that run's id), or the run is "
+    "not in a state that allows the operation.",
+    413: "Request body too large.",
+    503: "Database unavailable.",
+}
+
+
+def _openapi_document() -> dict:
+    """OpenAPI 3.1 description of ``_API_ROUTES``; built once."""
+    if _openapi_cache:
+        return _openapi_cache
+    ref = lambda name: {"$ref": f"#/components/schemas/{name}"}  # noqa: E731
+    array = lambda name: {"type": "array", "items": ref(name)}  # noqa: E731
+    nullable = lambda schema: {"oneOf": [schema, {"type": "null"}]}  # noqa: E731
+    status = lambda word: {  # noqa: E731
+        "type": "object",
+        "properties": {"status": {"const": word}},
+        "required": ["status"],
+    }
+    created = {"type": "object", "properties": {"id": {"type": "string"}}, "required": ["id"]}
+    when = {"type": "string", "format": "date-time"}
+    text = {"type": "string"}
+    integer = {"type": "integer"}
+    anything = {"description": "Any JSON value."}
+    int32 = {"type": "integer", "minimum": _INT32[0], "maximum": _INT32[1]}
+    # What the Client accepts: non-blank text without NUL; filters may also be empty (no filter).
+    name_text = {
+        "type": "string",
+        "minLength": 1,
+        "maxLength": MAX_TYPE_LENGTH,
+        "pattern": r"^[^\u0000]*[^\s\u0000][^\u0000]*$",
+    }
+    filter_text = {**name_text, "minLength": 0, "pattern": r"^([^\u0000]*[^\s\u0000][^\u0000]*)?$"}
+    runs, schedules, run, schedule = (
+        f"{_API}/workflows",
+        f"{_API}/schedules",
+        f"{_API}/workflows/{{id}}",
+        f"{_API}/schedules/{{id}}",
+    )
+    # method, path, operationId, summary, (success status, body schema; None = text), errors
+    operations = [
+        ("get", "/healthz", "healthz", "Database check; no API key needed", (200, status("ok")), (503,)),
+        ("get", "/metrics", "metrics", "Prometheus metrics (text format 0.0.4)", (200, None), (401,)),
+        ("get", f"{_API}/openapi.json", "openapi", "This document", (200, {"type": "object"}), (401,)),
+        ("get", f"{_API}/health", "health", "Database check", (200, status("ok")), (401, 503)),
+        ("post", runs, "submitRun", "Submit a run", (201, created), (400, 401, 409, 413, 503)),
+        ("get", runs, "listRuns", "Runs, newest first", (200, array("Run")), (400, 401, 503)),
+        ("get", run, "getRun", "One run", (200, ref("Run")), (401, 404, 503)),
+        ("delete", run, "cancelRun", "Cancel a run", (200, status("cancelled")), (401, 404, 409, 503)),
+        ("get", f"{run}/events", "runEvents", "A run's events, oldest first", (200, array("Event")), (401, 404, 503)),
+        ("post", f"{run}/retry", "retryRun", "A failed or cancelled run back to pending", (200, status("pending")), (401, 404, 409, 503)),
+        ("post", schedules, "createSchedule", "Create (or, by name, update) a schedule", (201, created), (400, 401, 413, 503)),
+        ("get", schedules, "listSchedules", "Schedules, oldest first", (200, array("Schedule")), (401, 503)),
+        ("get", schedule, "getSchedule", "One schedule", (200, ref("Schedule")), (401, 404, 503)),
+        ("delete", schedule, "deleteSchedule", "Delete a schedule", (200, status("deleted")), (401, 404, 503)),
+        ("patch", f"{schedule}/pause", "pauseSchedule", "Pause a schedule", (200, status("paused")), (401, 404, 503)),
+        ("patch", f"{schedule}/resume", "resumeSchedule", "Resume a schedule from now", (200, status("resumed")), (401, 404, 503)),
+    ]  # fmt: skip
+    query = lambda name, schema: {"name": name, "in": "query", "schema": schema}  # noqa: E731
+    extras: dict[str, dict] = {
+        "healthz": {"security": []},
+        "listRuns": {
+            "parameters": [
+                query("type", filter_text),
+                query("status", {"type": "string", "enum": ["", *RUN_STATUSES]}),
+                query("idempotency_key", {"type": "string", "pattern": r"^[^\u0000]*$"}),
+                query("limit", {"type": "integer", "minimum": 1, "maximum": MAX_LIST_LIMIT}),
+                query("offset", {"type": "integer", "minimum": 0, "maximum": _INT32[1]}),
+            ]
+        },
+    }
+    examples = {
+        "submitRun": ("SubmitRequest", {"type": "billing.invoice.v1", "payload": {"order": 42}}),
+        "createSchedule": ("ScheduleRequest", {"type": "reports.daily.v1", "cron": "0 6 * * *"}),
+    }
+    # A new id leads to the routes that take it (readers, and generated stateful tests).
+    links = {
+        "submitRun": ("getRun", "runEvents", "cancelRun", "retryRun"),
+        "createSchedule": ("getSchedule", "pauseSchedule", "resumeSchedule", "deleteSchedule"),
+    }
+    paths: dict[str, dict] = {}
+    for method, path, op_id, summary, (code, schema), errors in operations:
+        media = "text/plain" if schema is None else "application/json"
+        success: dict[str, Any] = {
+            "description": summary,
+            "content": {media: {"schema": schema or text}},
+        }
+        if op_id in links:
+            success["links"] = {
+                target: {"operationId": target, "parameters": {"id": "$response.body#/id"}}
+                for target in links[op_id]
+            }
+        responses = {str(code): success}
+        for error in errors:
+            responses[str(error)] = {
+                "description": _ERROR_TEXT[error],
+                "content": {"application/json": {"schema": ref("Error")}},
+            }
+        operation = {"operationId": op_id, "summary": summary, "responses": responses}
+        operation.update(extras.get(op_id, {}))
+        if "{id}" in path:
+            operation["parameters"] = [
+                {"name": "id", "in": "path", "required": True, "schema": text}
+            ]
+        if op_id in examples:
+            name, example = examples[op_id]
+            operation["requestBody"] = {
+                "required": True,
+                "content": {"application/json": {"schema": ref(name), "example": example}},
+            }
+        paths.setdefault(path, {})[method] = operation
+
+    def model(cls: type, **properties: dict) -> dict:
+        """A response object: every field of the dataclass, nothing else."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        assert set(properties) == set(names), cls
+        return {
+            "type": "object",
+            "properties": properties,
+            "required": names,
+            "additionalProperties": False,
+        }
+
+    def request(required: list[str], **properties: dict) -> dict:
+        return {
+            "type": "object",
+            "properties": properties,
+            "required": required,
+            "additionalProperties": False,
+        }
+
+    schemas = {
+        "Error": {
+            "type": "object",
+            "properties": {"error": text, "id": {**text, "description": "The existing run (409)."}},
+            "required": ["error"],
+        },
+        "Run": model(
+            Run,
+            id=text,
+            type=text,
+            payload=anything,
+            status={"type": "string", "enum": list(RUN_STATUSES)},
+            priority=integer,
+            run_at=nullable(when),
+            idempotency_key=nullable(text),
+            attempt=integer,
+            max_attempts=integer,
+            leased_by=nullable(text),
+            lease_until=nullable(when),
+            last_error=nullable(text),
+            result=anything,
+            created_at=nullable(when),
+            updated_at=nullable(when),
+        ),
+        "Event": model(
+            Event,
+            id=integer,
+            workflow_id=text,
+            event_type={"type": "string", "enum": list(EVENT_TYPES)},
+            data=anything,
+            created_at=nullable(when),
+        ),
+        "Schedule": model(
+            Schedule,
+            id=text,
+            type=text,
+            payload=anything,
+            cron=text,
+            timezone=text,
+            next_run_at=nullable(when),
+            last_run_at=nullable(when),
+            enabled={"type": "boolean"},
+            priority=integer,
+            max_attempts=integer,
+            name=nullable(text),
+            created_at=nullable(when),
+        ),
+        "SubmitRequest": {
+            **request(
+                ["type"],
+                type=name_text,
+                payload=anything,
+                priority=nullable({**int32, "description": "Lower runs first; default 100."}),
+                idempotency_key=nullable({**filter_text, "maxLength": 1000}),
+                max_attempts=nullable({**int32, "minimum": 1, "description": "Default 3."}),
+                run_after=nullable({**when, "description": "Earliest start, with a zone."}),
+                run_at=nullable({**when, "description": "Alias of run_after."}),
+                run_in=nullable({"type": "number", "minimum": 0, "maximum": _MAX_DELAY}),
+            ),
+            # At most one of run_after, run_at and run_in (null counts as absent).
+            "not": {
+                "anyOf": [
+                    {"properties": {a: {"not": {"type": "null"}}, b: {"not": {"type": "null"}}}}
+                    | {"required": [a, b]}
+                    for a, b in (
+                        ("run_after", "run_at"),
+                        ("run_after", "run_in"),
+                        ("run_at", "run_in"),
+                    )
+                ]
+            },
+        },
+        "ScheduleRequest": request(
+            ["type", "cron"],
+            type=name_text,
+            cron={**text, "minLength": 1, "description": "5-field cron, or @hourly, @daily..."},
+            payload=anything,
+            timezone=nullable({**text, "description": "IANA name; default UTC."}),
+            priority=nullable(int32),
+            max_attempts=nullable({**int32, "minimum": 1}),
+            name=nullable(name_text),
+        ),
+    }
+    _openapi_cache.update(
+        {
+            "openapi": "3.1.0",
+            "info": {
+                "title": "minflow",
+                "version": __version__,
+                "description": "Durable job queue: runs, their audit trail and cron schedules.",
+            },
+            "paths": paths,
+            "components": {
+                "schemas": schemas,
+                "securitySchemes": {
+                    "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+                    "bearer": {"type": "http", "scheme": "bearer"},
+                },
+            },
+            "security": [{"apiKey": []}, {"bearer": []}],
+        }
+    )
+    return _openapi_cache
+
+
+# ---------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------
 
 
 class _UsageError(Exception):
-    """A user mistake on the command line: one line on stderr, exit status 2."""
+    """A user mistake on the command line: one line on stderr, exit status 2, no traceback."""
 
 
 def _load_app(spec: str) -> App:
@@ -3494,9 +4483,11 @@ def _load_app(spec: str) -> App:
 def _cmd_migrate(args: argparse.Namespace) -> int:
     with Client(args.dsn) as client:
         applied = client.migrate()
-        print(
-            f"schema version {client.schema_version()} ({applied} migrations applied) on {client.dsn}"
-        )
+        version = client.schema_version()
+        if args.json:
+            _print_json({"schema_version": version, "applied": applied})
+        else:
+            print(f"schema version {version} ({applied} migrations applied) on {client.dsn}")
     return 0
 
 
@@ -3515,12 +4506,25 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         schedules=not args.no_schedules,
         shutdown_timeout=args.shutdown_timeout,
     )
-    if getattr(args, "metrics_port", None) is not None and "_serve_metrics" in globals():
-        globals()["_serve_metrics"](worker, args.metrics_host, args.metrics_port)
-    count = worker.run(burst=args.burst)
+    server = None
+    if args.metrics_port is not None:
+        server = _listen(lambda: _serve_metrics(worker, args.metrics_host, args.metrics_port))
+    try:
+        count = worker.run(burst=args.burst)
+    finally:
+        if server is not None:
+            server.shutdown()
+            server.server_close()
     if args.burst:
         print(f"{count} runs executed")
     return 1 if worker._force.is_set() else 0
+
+
+def _listen(make: Callable[[], _Server]) -> _Server:
+    try:
+        return make()
+    except OSError as exc:
+        raise MinflowError(f"cannot listen: {exc.strerror or exc}") from None
 
 
 def _cmd_ticker(args: argparse.Namespace) -> int:
@@ -3544,6 +4548,332 @@ def _cmd_ticker(args: argparse.Namespace) -> int:
                 delay = min(delay * 2, 30.0)
             stop.wait(delay)
     return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    api_key = os.environ.get("MINFLOW_API_KEY") or None
+    with Client(args.dsn) as client:
+        client._ensure_schema()
+        server = _listen(
+            lambda: _Server(
+                args.host,
+                args.port,
+                client,
+                api_key=api_key,
+                max_body=args.max_body,
+                request_timeout=args.request_timeout,
+                threads=args.threads,
+            )
+        )
+        stop = threading.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: stop.set())
+        thread = _start_server(server)
+        _http_log.info(
+            "serving the API for %s on %s%s (API key %s)",
+            client.dsn,
+            server.url,
+            _API,
+            "required" if api_key else "not required: set MINFLOW_API_KEY to require one",
+        )
+        if not api_key and not server.url.startswith(("http://127.", "http://[::1]")):
+            _http_log.warning("the API is reachable from the network without a key")
+        try:
+            stop.wait()
+        finally:
+            server.shutdown()
+            server.server_close()
+            thread.join(5)
+            # Requests in flight finish before the database connections close.
+            if not server.drain(args.request_timeout):
+                _http_log.warning(
+                    "requests still running after %.0fs; stopping anyway", args.request_timeout
+                )
+        _http_log.info("server stopped")
+    return 0
+
+
+# -- producer and inspector commands ----------------------------------------------------------
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, ensure_ascii=False, indent=2))
+
+
+def _json_arg(text: str | None, what: str) -> Any:
+    """A JSON value given on the command line; ``-`` reads it from standard input."""
+    if text is None:
+        return None
+    if text == "-":
+        text = sys.stdin.read()
+    try:
+        return json.loads(text, parse_constant=_reject_json_constant)
+    except (ValueError, RecursionError) as exc:
+        raise _UsageError(
+            f"{what} is not valid JSON ({exc}); quote it, e.g. '{{\"k\": 1}}'"
+        ) from None
+
+
+_DURATION = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h|d)?\s*")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def _duration_arg(text: str) -> float:
+    match = _DURATION.fullmatch(text)
+    if not match:
+        raise argparse.ArgumentTypeError(
+            f"expected a duration such as 90, 90s, 5m, 2h or 1d: {text!r}"
+        )
+    seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2) or "s"]
+    if seconds > _MAX_DELAY:
+        raise argparse.ArgumentTypeError(f"at most 100 years, got {text!r}")
+    return seconds
+
+
+def _port_arg(text: str) -> int:
+    if not text.isdigit() or not 0 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is a number from 0 to 65535, got {text!r}")
+    return int(text)
+
+
+def _time_arg(text: str) -> _dt.datetime:
+    try:
+        return _parse_rfc3339(text, "time")
+    except InvalidInput as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _fmt_time(moment: _dt.datetime | None) -> str:
+    return "-" if moment is None else moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _fmt_age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    for unit, size, sub, sub_size in (("d", 86400, "h", 3600), ("h", 3600, "m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}{(seconds % size) // sub_size:02d}{sub}"
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def _print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    cells = [[str(c) for c in row] for row in rows]
+    widths = [max([len(h)] + [len(row[i]) for row in cells]) for i, h in enumerate(headers)]
+    for row in [list(headers), *cells]:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
+    payload = _json_arg(args.payload, "PAYLOAD_JSON")
+    with Client(args.dsn) as client:
+        client._ensure_schema()
+        job = Job(
+            args.type,
+            payload,
+            priority=args.priority,
+            idempotency_key=args.key,
+            max_attempts=args.max_attempts,
+            run_at=args.run_at,
+            run_in=args.run_in,
+        )
+        ((run_id, created),) = client._submit([job])
+    if args.json:
+        _print_json({"id": run_id})
+    else:
+        print(run_id)
+        if not created:
+            print(f"minflow: idempotency key {args.key!r} exists; that run's id", file=sys.stderr)
+    return 0
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    with Client(args.dsn) as client:
+        runs = client.list(
+            type=args.type,
+            status=args.status,
+            idempotency_key=args.key,
+            limit=args.limit,
+            offset=args.offset,
+        )
+    if args.json:
+        _print_json([run.to_json() for run in runs])
+    elif not runs:
+        print("no runs")
+    else:
+        _print_table(
+            ("ID", "TYPE", "STATUS", "ATTEMPT", "PRIORITY", "RUN_AT (UTC)", "CREATED (UTC)"),
+            [
+                (
+                    r.id,
+                    r.type,
+                    r.status,
+                    f"{r.attempt}/{r.max_attempts}",
+                    r.priority,
+                    _fmt_time(r.run_at),
+                    _fmt_time(r.created_at),
+                )
+                for r in runs
+            ],
+        )
+    return 0
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    with Client(args.dsn) as client:
+        run = client.get(args.run_id)
+        if run is None:
+            raise NotFound(f"run {args.run_id!r} not found")
+        events = client.events(run.id)
+    if args.json:
+        _print_json({**run.to_json(), "events": [event.to_json() for event in events]})
+        return 0
+    compact = lambda value: json.dumps(value, ensure_ascii=False)  # noqa: E731
+    fields = [
+        ("id", run.id),
+        ("type", run.type),
+        ("status", run.status),
+        ("attempt", f"{run.attempt} of {run.max_attempts}"),
+        ("priority", run.priority),
+        ("run_at", _fmt_time(run.run_at)),
+        ("idempotency_key", run.idempotency_key or "-"),
+        ("leased_by", run.leased_by or "-"),
+        ("lease_until", _fmt_time(run.lease_until)),
+        ("last_error", run.last_error or "-"),
+        ("payload", compact(run.payload)),
+        ("result", compact(run.result)),
+        ("created_at", _fmt_time(run.created_at)),
+        ("updated_at", _fmt_time(run.updated_at)),
+    ]
+    width = max(len(name) for name, _ in fields)
+    for name, value in fields:
+        print(f"{name:<{width}}  {value}")
+    print(f"\nevents ({len(events)}, times UTC):")
+    start = events[0].created_at if events else None
+    for event in events:
+        offset = (event.created_at - start).total_seconds() if start and event.created_at else 0.0
+        data = "" if event.data is None else "  " + compact(event.data)
+        line = f"  {_fmt_time(event.created_at)}  +{offset:8.3f}s  {event.event_type:<9}{data}"
+        print(line.rstrip())
+    return 0
+
+
+def _cmd_cancel(args: argparse.Namespace) -> int:
+    with Client(args.dsn) as client:
+        client.cancel(args.run_id)
+    if args.json:
+        _print_json({"id": args.run_id, "status": "cancelled"})
+    else:
+        print(f"cancelled {args.run_id}")
+    return 0
+
+
+def _cmd_retry(args: argparse.Namespace) -> int:
+    with Client(args.dsn) as client:
+        client.retry(args.run_id)
+    if args.json:
+        _print_json({"id": args.run_id, "status": "pending"})
+    else:
+        print(f"retrying {args.run_id} (pending again, attempts reset)")
+    return 0
+
+
+def _cmd_stats(args: argparse.Namespace) -> int:
+    with Client(args.dsn) as client:
+        counts = client.stats()
+        ages = (
+            {} if args.json else {t: w for t, _, _, w in _queue_snapshot(client) if w is not None}
+        )
+    if args.json:
+        _print_json(counts)
+        return 0
+    if not counts:
+        print("no runs")
+        return 0
+    rows = [
+        (run_type, *(by_status.get(s, 0) for s in RUN_STATUSES), _fmt_age(ages.get(run_type)))
+        for run_type, by_status in sorted(counts.items())
+    ]
+    totals = [sum(by_status.get(s, 0) for by_status in counts.values()) for s in RUN_STATUSES]
+    oldest = max(ages.values()) if ages else None
+    rows.append(("TOTAL", *totals, _fmt_age(oldest)))
+    _print_table(("TYPE", *(s.upper() for s in RUN_STATUSES), "OLDEST DUE PENDING"), rows)
+    return 0
+
+
+def _cmd_schedule_add(args: argparse.Namespace) -> int:
+    payload = _json_arg(args.payload, "PAYLOAD_JSON")
+    with Client(args.dsn) as client:
+        client._ensure_schema()
+        schedule_id = client.schedule(
+            args.type,
+            payload,
+            cron=args.cron,
+            timezone=args.timezone,
+            priority=args.priority,
+            max_attempts=args.max_attempts,
+            name=args.name,
+        )
+        schedule = client.get_schedule(schedule_id)
+    if args.json:
+        _print_json({"id": schedule_id})
+    else:
+        print(schedule_id)
+        print(f"next run at {_fmt_time(schedule.next_run_at)} UTC", file=sys.stderr)
+    return 0
+
+
+def _cmd_schedule_list(args: argparse.Namespace) -> int:
+    with Client(args.dsn) as client:
+        schedules = client.schedules()
+    if args.json:
+        _print_json([s.to_json() for s in schedules])
+    elif not schedules:
+        print("no schedules")
+    else:
+        _print_table(
+            ("ID", "NAME", "TYPE", "CRON", "TIMEZONE", "STATE", "NEXT RUN (UTC)", "LAST RUN (UTC)"),
+            [
+                (
+                    s.id,
+                    s.name or "-",
+                    s.type,
+                    s.cron,
+                    s.timezone,
+                    "active" if s.enabled else "paused",
+                    _fmt_time(s.next_run_at),
+                    _fmt_time(s.last_run_at),
+                )
+                for s in schedules
+            ],
+        )
+    return 0
+
+
+def _cmd_schedule_show(args: argparse.Namespace) -> int:
+    with Client(args.dsn) as client:
+        schedule = client.get_schedule(args.schedule_id)
+    if args.json:
+        _print_json(schedule.to_json())
+    else:
+        for name, value in schedule.to_json().items():
+            if name in ("payload",):
+                value = json.dumps(value, ensure_ascii=False)
+            print(f"{name:<12}  {'-' if value is None else value}")
+    return 0
+
+
+def _schedule_change(method: str, word: str) -> Callable[[argparse.Namespace], int]:
+    def change(args: argparse.Namespace) -> int:
+        with Client(args.dsn) as client:
+            getattr(client, method)(args.schedule_id)
+        if args.json:
+            _print_json({"id": args.schedule_id, "status": word})
+        else:
+            print(f"{word} {args.schedule_id}")
+        return 0
+
+    return change
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -3634,34 +4964,166 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+_EPILOG = """\
+examples:
+  minflow migrate --dsn sqlite:///jobs.db
+  minflow submit billing.invoice.v1 '{"order": 42}' --key order-42
+  minflow worker myjobs:app --concurrency 8 --metrics-port 9100
+  minflow list --status failed --json
+  minflow show RUN_ID
+  minflow schedule add reports.daily.v1 --cron '0 6 * * *' --timezone Europe/Berlin
+  minflow serve --port 8080
+
+Every command takes --dsn (default: $MINFLOW_DSN, else sqlite:///minflow.db) and
+--help. Exit status: 0 success, 1 the operation failed (not found, wrong state,
+database error), 2 invalid arguments or input.
+"""
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="minflow", description="A durable job queue on SQLite or PostgreSQL."
+        prog="minflow",
+        description="A durable job queue on SQLite or PostgreSQL.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"minflow {__version__}")
     parser.add_argument(
         "--log-level",
         default=None,
         choices=["debug", "info", "warning", "error"],
-        help="logging level (default: info for worker/ticker, warning otherwise)",
+        help="logging level (default: info for worker/ticker/serve, warning otherwise)",
     )
+    # Also accepted before the command; a separate dest, because a subcommand's default would
+    # overwrite the value given here.
+    parser.add_argument("--dsn", dest="global_dsn", default=None, help=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def command(
-        name: str, help_text: str, func: Callable[[argparse.Namespace], int]
+        parent: Any,
+        name: str,
+        help_text: str,
+        func: Callable[[argparse.Namespace], int],
+        *,
+        json_flag: bool = True,
     ) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub = parent.add_parser(name, help=help_text, description=help_text)
         sub.add_argument(
             "--dsn",
             default=None,
             help="database (default: $MINFLOW_DSN, else sqlite:///minflow.db)",
         )
+        if json_flag:
+            sub.add_argument(
+                "--json", action="store_true", help="print JSON for scripts instead of text"
+            )
         sub.set_defaults(func=func)
         return sub
 
-    command("migrate", "create or upgrade the schema", _cmd_migrate)
+    def run_options(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument(
+            "payload",
+            metavar="PAYLOAD_JSON",
+            nargs="?",
+            default=None,
+            help="the payload as JSON (default null; '-' reads standard input)",
+        )
+        sub.add_argument(
+            "--priority",
+            type=int,
+            default=DEFAULT_PRIORITY,
+            help=f"lower runs first (default {DEFAULT_PRIORITY})",
+        )
+        sub.add_argument(
+            "--max-attempts",
+            type=int,
+            default=DEFAULT_MAX_ATTEMPTS,
+            help=f"executions before the run is failed for good (default {DEFAULT_MAX_ATTEMPTS})",
+        )
 
-    sub = command("worker", "run a worker for the handlers of an App", _cmd_worker)
+    command(
+        parent=commands, name="migrate", help_text="create or upgrade the schema", func=_cmd_migrate
+    )
+
+    sub = command(commands, "submit", "submit a run; prints its id", _cmd_submit)
+    sub.add_argument("type", metavar="TYPE", help="run type, e.g. billing.invoice.v1")
+    run_options(sub)
+    sub.add_argument(
+        "--key",
+        default=None,
+        help="idempotency key: if a run has it already, nothing is created and its id printed",
+    )
+    when = sub.add_mutually_exclusive_group()
+    when.add_argument(
+        "--run-in", type=_duration_arg, default=None, help="delay, e.g. 30, 30s, 5m, 2h, 1d"
+    )
+    when.add_argument(
+        "--run-at",
+        type=_time_arg,
+        default=None,
+        help="earliest start, RFC 3339 with a zone, e.g. 2030-01-31T09:00:00Z",
+    )
+
+    sub = command(commands, "list", "list runs, newest first", _cmd_list)
+    sub.add_argument("--type", default=None, help="only runs of this exact type")
+    sub.add_argument(
+        "--status", default=None, choices=RUN_STATUSES, help="only runs in this status"
+    )
+    sub.add_argument("--key", default=None, help="only the run with this idempotency key")
+    sub.add_argument(
+        "--limit",
+        type=int,
+        default=DEFAULT_LIST_LIMIT,
+        help=f"at most this many (default {DEFAULT_LIST_LIMIT}, max {MAX_LIST_LIMIT})",
+    )
+    sub.add_argument("--offset", type=int, default=0, help="skip this many (default 0)")
+
+    sub = command(commands, "show", "show a run and its event timeline", _cmd_show)
+    sub.add_argument("run_id", metavar="RUN_ID")
+
+    sub = command(commands, "cancel", "cancel a pending or running run", _cmd_cancel)
+    sub.add_argument("run_id", metavar="RUN_ID")
+
+    sub = command(commands, "retry", "put a failed or cancelled run back to pending", _cmd_retry)
+    sub.add_argument("run_id", metavar="RUN_ID")
+
+    command(
+        commands,
+        "stats",
+        "run counts by type and status, and how long the oldest due run has waited",
+        _cmd_stats,
+    )
+
+    schedule = commands.add_parser(
+        "schedule", help="manage cron schedules", description="Manage cron schedules."
+    )
+    actions = schedule.add_subparsers(dest="action", metavar="ACTION", required=True)
+    sub = command(
+        actions, "add", "create a schedule (or update the one with --name)", _cmd_schedule_add
+    )
+    sub.add_argument("type", metavar="TYPE", help="type of the runs it creates")
+    run_options(sub)
+    sub.add_argument(
+        "--cron", required=True, help="5-field cron expression or @hourly, @daily, ..."
+    )
+    sub.add_argument("--timezone", default="UTC", help="IANA timezone of the cron (default UTC)")
+    sub.add_argument(
+        "--name", default=None, help="unique name: adding it again updates that schedule"
+    )
+    command(actions, "list", "list schedules", _cmd_schedule_list)
+    sub = command(actions, "show", "show one schedule", _cmd_schedule_show)
+    sub.add_argument("schedule_id", metavar="SCHEDULE_ID")
+    for action, method, word, text in (
+        ("pause", "pause_schedule", "paused", "stop a schedule from firing"),
+        ("resume", "resume_schedule", "resumed", "resume a paused schedule from now"),
+        ("delete", "delete_schedule", "deleted", "delete a schedule"),
+    ):
+        sub = command(actions, action, text, _schedule_change(method, word))
+        sub.add_argument("schedule_id", metavar="SCHEDULE_ID")
+
+    sub = command(
+        commands, "worker", "run a worker for the handlers of an App", _cmd_worker, json_flag=False
+    )
     sub.add_argument(
         "app",
         metavar="MODULE[:ATTR]",
@@ -3671,7 +5133,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "--concurrency",
         type=int,
         default=DEFAULT_CONCURRENCY,
-        help="handlers run at once (default 4)",
+        help=f"handlers run at once (default {DEFAULT_CONCURRENCY})",
     )
     sub.add_argument(
         "--lease", type=float, default=DEFAULT_LEASE, help="lease seconds (default 30)"
@@ -3698,15 +5160,73 @@ def _build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_SHUTDOWN_TIMEOUT,
         help="seconds running handlers get after SIGTERM (default 30)",
     )
+    sub.add_argument(
+        "--metrics-port",
+        type=_port_arg,
+        default=None,
+        help="serve Prometheus /metrics (and /healthz) on this port",
+    )
+    sub.add_argument(
+        "--metrics-host",
+        default=DEFAULT_HTTP_HOST,
+        help=f"address for --metrics-port (default {DEFAULT_HTTP_HOST})",
+    )
 
     sub = command(
-        "ticker", "run the cron ticker alone (workers also run it by default)", _cmd_ticker
+        commands,
+        "ticker",
+        "run the cron ticker alone (workers also run it by default)",
+        _cmd_ticker,
+        json_flag=False,
     )
     sub.add_argument(
         "--interval", type=float, default=DEFAULT_TICK_INTERVAL, help="seconds between ticks"
     )
 
-    sub = command("demo", "run a self-contained demo on a fresh SQLite file", _cmd_demo)
+    sub = command(
+        commands,
+        "serve",
+        "serve the REST API, /metrics and /healthz (API key from $MINFLOW_API_KEY)",
+        _cmd_serve,
+        json_flag=False,
+    )
+    sub.add_argument(
+        "--host",
+        default=DEFAULT_HTTP_HOST,
+        help=f"address to listen on (default {DEFAULT_HTTP_HOST})",
+    )
+    sub.add_argument(
+        "--port",
+        type=_port_arg,
+        default=DEFAULT_HTTP_PORT,
+        help=f"port (default {DEFAULT_HTTP_PORT})",
+    )
+    sub.add_argument(
+        "--max-body",
+        type=int,
+        default=DEFAULT_MAX_BODY,
+        help=f"largest request body in bytes (default {DEFAULT_MAX_BODY})",
+    )
+    sub.add_argument(
+        "--request-timeout",
+        type=float,
+        default=DEFAULT_REQUEST_TIMEOUT,
+        help=f"seconds a client has to send its request (default {DEFAULT_REQUEST_TIMEOUT:g})",
+    )
+    sub.add_argument(
+        "--threads",
+        type=int,
+        default=DEFAULT_HTTP_THREADS,
+        help=f"requests handled at once; more get 503 (default {DEFAULT_HTTP_THREADS})",
+    )
+
+    sub = command(
+        commands,
+        "demo",
+        "run a self-contained demo on a fresh SQLite file",
+        _cmd_demo,
+        json_flag=False,
+    )
     sub.add_argument("--runs", type=int, default=36, help="how many runs to submit (default 36)")
     return parser
 
@@ -3715,6 +5235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The ``minflow`` command; returns the exit status."""
     parser = _build_parser()
     args = parser.parse_args(argv)
+    args.dsn = args.dsn or args.global_dsn
     level = args.log_level or (
         "info" if args.command in ("worker", "ticker", "serve") else "warning"
     )
@@ -3725,17 +5246,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger("minflow.worker").setLevel(logging.CRITICAL)  # the failures are the point
     try:
         return args.func(args)
-    except _UsageError as exc:
+    except (_UsageError, InvalidInput) as exc:
         print(f"minflow: error: {exc}", file=sys.stderr)
         return 2
-    except (InvalidInput, NotFound, AlreadyComplete, InvalidState) as exc:
-        print(f"minflow: error: {exc}", file=sys.stderr)
-        return 2
-    except MinflowError as exc:
+    except MinflowError as exc:  # not found, wrong state, database trouble
         print(f"minflow: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # Output piped into `head` and the like: stop quietly, without a second error at exit.
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":
