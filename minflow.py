@@ -98,6 +98,9 @@ DEFAULT_TICK_INTERVAL = 1.0  # a due schedule becomes a run within about a secon
 DEFAULT_LIST_LIMIT = 50
 MAX_LIST_LIMIT = 1000
 MAX_TYPE_LENGTH = 255
+MAX_DELAY = (
+    100 * 365.25 * 86400
+)  # seconds; beyond this a delay is a bug, and overflows SQLite's clock
 RESCUE_BATCH = 500
 TICK_BATCH = 100
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -189,7 +192,17 @@ def _check_text(
         raise InvalidInput(f"{name} must be at most {max_length} characters, got {len(value)}")
     if "\x00" in value:
         raise InvalidInput(f"{name} must not contain NUL characters")
+    _check_utf8(name, value)
     return value
+
+
+def _check_utf8(name: str, text: str) -> None:
+    # Lone surrogates ('\ud800') are valid in a Python str but not in UTF-8; without this the
+    # driver would raise a bare UnicodeEncodeError.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidInput(f"{name} is not valid Unicode (lone surrogate)") from None
 
 
 def _check_int(name: str, value: Any, *, minimum: int = _INT32[0]) -> int:
@@ -213,6 +226,7 @@ def _dumps(value: Any, what: str = "payload") -> str:
     # jsonb rejects \u0000; refusing it on every dialect keeps databases interchangeable.
     if "\\u0000" in text:
         raise InvalidInput(f"{what} contains a NUL character (\\u0000), which jsonb cannot store")
+    _check_utf8(what, text)
     return text
 
 
@@ -284,9 +298,9 @@ def _check_run_at(run_at: Any, run_in: Any) -> tuple[_dt.datetime | None, float]
         return None, 0.0
     if isinstance(run_in, _dt.timedelta):
         run_in = run_in.total_seconds()
-    if not _is_number(run_in) or math.isinf(run_in) or run_in < 0:
+    if not _is_number(run_in) or math.isinf(run_in) or run_in < 0 or run_in > MAX_DELAY:
         raise InvalidInput(
-            f"run_in must be a non-negative number of seconds or a timedelta, got {run_in!r}"
+            f"run_in must be 0 to {MAX_DELAY:.0f} seconds (100 years) or a timedelta, got {run_in!r}"
         )
     return None, float(run_in)
 
@@ -1355,7 +1369,7 @@ class _SQLiteDialect(_Dialect):
             raw.execute(f"PRAGMA busy_timeout = {int(self.dsn.busy_timeout_ms)}")
             raw.execute("PRAGMA foreign_keys = ON")
             if not self.dsn.memory:
-                mode = raw.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+                mode = self._enable_wal(raw)
                 if mode.lower() != "wal":
                     raise MinflowError(
                         f"could not switch {self.dsn.path} to WAL (journal_mode={mode})"
@@ -1368,6 +1382,19 @@ class _SQLiteDialect(_Dialect):
             raw.close()
             raise
         return raw
+
+    def _enable_wal(self, raw: sqlite3.Connection) -> str:
+        # Switching a fresh file to WAL needs an exclusive lock, and SQLite answers "locked"
+        # at once instead of calling the busy handler when another process is switching it
+        # too; retry within busy_timeout (the mode persists, so this is rare after creation).
+        deadline = time.monotonic() + self.dsn.busy_timeout_ms / 1000
+        while True:
+            try:
+                return raw.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(random.uniform(0.005, 0.05))
 
     def connect(self) -> _Connection:
         if not self.dsn.memory:
@@ -3103,7 +3130,7 @@ class Worker:
                 signal.signal(signum, previous)
 
     def start(self) -> Worker:
-        """Run in a background thread; returns once the worker is claiming."""
+        """Run in a background thread; returns once it is claiming (or waiting for its database)."""
         self._thread = threading.Thread(
             target=self._run_in_thread, name=f"minflow-{self.worker_id}", daemon=True
         )
@@ -3176,11 +3203,12 @@ class Worker:
         try:
             self._handlers = dict(self.app.handlers)
             filt = self._filter()
-            self.app._ensure_schema()
-            conn = dialect.connect()
-            rescued = self._rescue(conn)
-            if self.schedules:
-                _tick(dialect, conn)
+            prepared = self._prepare()
+            if prepared is None:  # stopped while waiting for the database
+                self._ready.set()
+                self._finished.set()
+                return 0
+            conn, rescued = prepared
             self._pool = _HandlerPool(self.concurrency, self._execute, self.worker_id)
             threads.append(_spawn(self._housekeeper, f"{self.worker_id}-housekeeper", side_stop))
             watch = dialect.watcher()
@@ -3226,6 +3254,38 @@ class Worker:
         if self._fatal is not None:
             raise MinflowError(f"worker {self.worker_id} stopped: {self._fatal}") from self._fatal
         return self.processed
+
+    def _prepare(self) -> tuple[_Connection, int] | None:
+        """First contact: schema, connection, rescue sweep, first tick.
+
+        Retried with backoff while the database is unavailable, as it is once running, so a
+        worker may start before its database; ``start()`` returns meanwhile.
+        """
+        dialect = self.app._dialect
+        delay = 0.1
+        while True:
+            conn = None
+            try:
+                self.app._ensure_schema()
+                conn = dialect.connect()
+                rescued = self._rescue(conn)
+                if self.schedules:
+                    _tick(dialect, conn)
+                return conn, rescued
+            except Unavailable as exc:
+                if conn is not None:
+                    conn.close()
+                _worker_log.warning(
+                    "%s: database unavailable at start-up, retrying in %.1fs: %s",
+                    self.worker_id,
+                    delay,
+                    exc,
+                )
+                self._ready.set()
+                self._wake.wait(delay)  # stop() sets it
+                if self._force.is_set() or self._stop.is_set():
+                    return None
+                delay = min(delay * 2, 5.0)
 
     def _loop(self, conn: _Connection | None, filt: _Filter, burst: bool) -> _Connection | None:
         dialect = self.app._dialect
@@ -3564,7 +3624,6 @@ DEFAULT_REQUEST_TIMEOUT = 10.0  # seconds to receive a whole request (the seed's
 DEFAULT_HTTP_THREADS = 32  # requests handled at once; beyond that, an immediate 503
 _DRAIN_LIMIT = 16 << 20  # an oversized body up to this size is read and dropped, so the 413 arrives
 _API = "/api/v1"
-_MAX_DELAY = 100 * 365.25 * 86400  # run_in beyond a century is a mistake, not a plan
 _METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
@@ -3708,9 +3767,6 @@ def _r_submit(req: _Request) -> tuple[int, Any]:
     if body.get("run_after") is not None and body.get("run_at") is not None:
         raise _HTTPError(400, "give run_after or run_at, not both")
     when = _optional(body, "run_after", body.get("run_at"))
-    run_in = body.get("run_in")
-    if _is_number(run_in) and run_in > _MAX_DELAY:
-        raise _HTTPError(400, f"run_in must be at most {_MAX_DELAY:.0f} seconds (100 years)")
     job = Job(
         body["type"],
         body.get("payload"),
@@ -3719,7 +3775,7 @@ def _r_submit(req: _Request) -> tuple[int, Any]:
         idempotency_key=None if body.get("idempotency_key") == "" else body.get("idempotency_key"),
         max_attempts=_optional(body, "max_attempts", DEFAULT_MAX_ATTEMPTS),
         run_at=None if when is None else _parse_rfc3339(when, "run_after"),
-        run_in=run_in,
+        run_in=body.get("run_in"),
     )
     ((run_id, created),) = req.client._submit([job])
     if not created:
@@ -4400,7 +4456,7 @@ def _openapi_document() -> dict:
                 max_attempts=nullable({**int32, "minimum": 1, "description": "Default 3."}),
                 run_after=nullable({**when, "description": "Earliest start, with a zone."}),
                 run_at=nullable({**when, "description": "Alias of run_after."}),
-                run_in=nullable({"type": "number", "minimum": 0, "maximum": _MAX_DELAY}),
+                run_in=nullable({"type": "number", "minimum": 0, "maximum": MAX_DELAY}),
             ),
             # At most one of run_after, run_at and run_in (null counts as absent).
             "not": {
@@ -4625,7 +4681,7 @@ def _duration_arg(text: str) -> float:
             f"expected a duration such as 90, 90s, 5m, 2h or 1d: {text!r}"
         )
     seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2) or "s"]
-    if seconds > _MAX_DELAY:
+    if seconds > MAX_DELAY:
         raise argparse.ArgumentTypeError(f"at most 100 years, got {text!r}")
     return seconds
 

@@ -244,3 +244,18 @@ def test_memory_database_shares_one_connection():
         c.migrate()
         run_id = c.submit("t", {"x": 1})
         assert c.get(run_id).payload == {"x": 1}
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"type": "t\ud800"}, "lone surrogate"),
+        ({"type": "t", "payload": {"k": "\udfff"}}, "lone surrogate"),
+        ({"type": "t", "idempotency_key": "\ud800"}, "lone surrogate"),
+        ({"type": "t", "run_in": 1e12}, "100 years"),
+    ],
+)
+def test_unencodable_text_and_absurd_delays_are_invalid_input(client, kwargs, match):
+    with pytest.raises(minflow.InvalidInput, match=match):
+        client.submit(**kwargs)
+    assert count_runs(client) == 0

@@ -299,12 +299,6 @@ def test_rerun_after_expiry_while_the_first_execution_still_runs(app):
     assert events[3].data["reason"] == "lease_expired"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Worker._run treats Unavailable during start-up (schema check, first connect, first "
-    "rescue) as fatal: `minflow worker` exits 1 when started before its database is up, instead "
-    "of retrying with backoff as it does once running",
-)
 def test_worker_started_before_the_server_waits_for_it(private_pg, tmp_path):
     dsn = private_pg.dsn + "?schema=late"
     with minflow.Client(dsn) as client:
