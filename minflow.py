@@ -4814,24 +4814,28 @@ def _cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_cancel(args: argparse.Namespace) -> int:
-    with Client(args.dsn) as client:
-        client.cancel(args.run_id)
-    if args.json:
-        _print_json({"id": args.run_id, "status": "cancelled"})
-    else:
-        print(f"cancelled {args.run_id}")
-    return 0
+def _change_command(
+    method: str, id_arg: str, status: str, message: str = "{status} {id}"
+) -> Callable[[argparse.Namespace], int]:
+    """A command that calls ``Client.<method>(id)`` and reports the new status."""
+
+    def change(args: argparse.Namespace) -> int:
+        target = getattr(args, id_arg)
+        with Client(args.dsn) as client:
+            getattr(client, method)(target)
+        if args.json:
+            _print_json({"id": target, "status": status})
+        else:
+            print(message.format(id=target, status=status))
+        return 0
+
+    return change
 
 
-def _cmd_retry(args: argparse.Namespace) -> int:
-    with Client(args.dsn) as client:
-        client.retry(args.run_id)
-    if args.json:
-        _print_json({"id": args.run_id, "status": "pending"})
-    else:
-        print(f"retrying {args.run_id} (pending again, attempts reset)")
-    return 0
+_cmd_cancel = _change_command("cancel", "run_id", "cancelled")
+_cmd_retry = _change_command(
+    "retry", "run_id", "pending", "retrying {id} (pending again, attempts reset)"
+)
 
 
 def _cmd_stats(args: argparse.Namespace) -> int:
@@ -4917,19 +4921,6 @@ def _cmd_schedule_show(args: argparse.Namespace) -> int:
                 value = json.dumps(value, ensure_ascii=False)
             print(f"{name:<12}  {'-' if value is None else value}")
     return 0
-
-
-def _schedule_change(method: str, word: str) -> Callable[[argparse.Namespace], int]:
-    def change(args: argparse.Namespace) -> int:
-        with Client(args.dsn) as client:
-            getattr(client, method)(args.schedule_id)
-        if args.json:
-            _print_json({"id": args.schedule_id, "status": word})
-        else:
-            print(f"{word} {args.schedule_id}")
-        return 0
-
-    return change
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -5174,7 +5165,7 @@ def _build_parser() -> argparse.ArgumentParser:
         ("resume", "resume_schedule", "resumed", "resume a paused schedule from now"),
         ("delete", "delete_schedule", "deleted", "delete a schedule"),
     ):
-        sub = command(actions, action, text, _schedule_change(method, word))
+        sub = command(actions, action, text, _change_command(method, "schedule_id", word))
         sub.add_argument("schedule_id", metavar="SCHEDULE_ID")
 
     sub = command(
