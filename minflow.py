@@ -1712,6 +1712,11 @@ class _PostgresDialect(_Dialect):
             raise _translate_pg(exc) from exc
         except (self._errors.InterfaceError, OSError) as exc:
             raise Unavailable(f"cannot connect to PostgreSQL at {dsn.text}: {exc}") from exc
+        if not dsn.unix_sock:
+            # pg8000 writes a statement as several small messages; with Nagle's algorithm the
+            # later ones wait for the server's delayed ACK, up to 40 ms per round trip.
+            with contextlib.suppress(OSError, AttributeError):
+                raw._usock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return _PgConnection(raw, self._errors)
 
     def migrate(self, conn: _Connection) -> int:
@@ -3502,11 +3507,9 @@ class Worker:
         beat_every = self.lease / 3
         rescue_every = max(0.5, min(self.lease / 2, 15.0))
         now = time.monotonic()
-        due = {
-            "beat": now + beat_every,
-            "rescue": now + rescue_every,
-            "tick": now + self.tick_interval,
-        }
+        due = {"beat": now + beat_every, "rescue": now + rescue_every}
+        if self.schedules:  # a deadline nobody advances would make the wait below spin
+            due["tick"] = now + self.tick_interval
         delay = 0.1
         while not stop.is_set():
             try:
@@ -3519,7 +3522,7 @@ class Worker:
                 if now >= due["rescue"]:
                     due["rescue"] = now + rescue_every
                     self._rescue(conn)
-                if self.schedules and now >= due["tick"]:
+                if "tick" in due and now >= due["tick"]:
                     due["tick"] = now + self.tick_interval
                     _tick(dialect, conn)
                 delay = 0.1

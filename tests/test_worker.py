@@ -520,3 +520,19 @@ def test_memory_database_worker():
     assert app.run_worker(burst=True, **NO_WAIT) == 1
     assert app.get(run_id).result == 42
     app.close()
+
+
+@pytest.mark.parametrize("schedules", [False, True])
+def test_an_idle_worker_sleeps(app, schedules):
+    # A housekeeping deadline that never advanced once made an idle worker spin a core and
+    # starve its own claim loop of the GIL; CPU time over a quiet second tells.
+    app.handler("t")(lambda run: None)
+    worker = minflow.Worker(app, schedules=schedules, tick_interval=0.1).start()
+    try:
+        time.sleep(0.3)  # past the first tick deadline
+        wall, cpu = time.monotonic(), time.process_time()
+        time.sleep(1.0)  # the measurement window, not synchronisation
+        used = (time.process_time() - cpu) / (time.monotonic() - wall)
+    finally:
+        worker.stop(timeout=10)
+    assert used < 0.25, f"an idle worker used {used:.0%} of a core"
