@@ -1,0 +1,471 @@
+"""The benchmark harness: targets, worker subprocesses, the scenarios S1-S3 and the results table.
+
+Every system (minflow, its peers, the raw ceilings) is a ``sys_*.py`` module with the same small
+interface (``prepare``, ``producer``, ``enqueue_bulk``, ``done_count``, ``serve``,
+``latency_inprocess``), so each scenario is written once and measures all of them the same way:
+connections are opened and worker processes are started and ready before the clock starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as dt
+import importlib
+import os
+import platform
+import signal
+import sqlite3
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+def pg_admin_dsn() -> str:
+    """The server to benchmark on: MINFLOW_BENCH_PG_DSN, else the tests' server, else localhost."""
+    return (
+        os.environ.get("MINFLOW_BENCH_PG_DSN")
+        or os.environ.get("MINFLOW_TEST_PG_DSN")
+        or DEFAULT_PG
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """Where a system runs: ``backend`` is "postgres" or "sqlite"; ``dsn`` a URL or a file path."""
+
+    backend: str
+    dsn: str
+
+
+def _pg_connect(dsn: str):
+    import urllib.parse
+
+    import pg8000.native
+
+    url = urllib.parse.urlsplit(dsn)
+    return pg8000.native.Connection(
+        user=urllib.parse.unquote(url.username or "postgres"),
+        password=urllib.parse.unquote(url.password) if url.password else None,
+        host=url.hostname or "127.0.0.1",
+        port=url.port or 5432,
+        database=(url.path or "/postgres").lstrip("/") or "postgres",
+    )
+
+
+def _with_database(dsn: str, database: str) -> str:
+    import urllib.parse
+
+    url = urllib.parse.urlsplit(dsn)
+    return urllib.parse.urlunsplit((url.scheme, url.netloc, "/" + database, url.query, ""))
+
+
+def fresh_target(system: str, backend: str, workdir: Path) -> Target:
+    """An empty database of its own for one system: a new PostgreSQL database, or a new file."""
+    slug = "".join(c if c.isalnum() else "_" for c in system.lower())
+    if backend == "sqlite":
+        directory = workdir / f"{slug}-{time.monotonic_ns()}"
+        directory.mkdir(parents=True)
+        return Target("sqlite", str(directory / "bench.db"))
+    admin = pg_admin_dsn()
+    name = f"minflow_bench_{slug}"
+    conn = _pg_connect(admin)
+    try:
+        conn.run(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        conn.run(f"CREATE DATABASE {name}")
+    finally:
+        conn.close()
+    return Target("postgres", _with_database(admin, name))
+
+
+def drop_target(target: Target) -> None:
+    """Give the disk space back once a system's scenarios are measured."""
+    if target.backend == "postgres":
+        import urllib.parse
+
+        name = urllib.parse.urlsplit(target.dsn).path.lstrip("/")
+        conn = _pg_connect(pg_admin_dsn())
+        try:
+            conn.run(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        finally:
+            conn.close()
+
+
+def load(module: str):
+    """Import a ``sys_*`` module from bench/ (the harness and the worker processes agree on it)."""
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    return importlib.import_module(module)
+
+
+# -- the machine ---------------------------------------------------------------------------------
+
+
+def machine_line() -> str:
+    """CPU, cores, memory, OS, Python, SQLite and PostgreSQL versions and the date, on one line."""
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    memory = ""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        kib = int(Path("/proc/meminfo").read_text().split()[1])
+        memory = f", {kib / 1024 / 1024:.0f} GiB RAM"
+    pg = "unavailable"
+    with contextlib.suppress(Exception):
+        conn = _pg_connect(pg_admin_dsn())
+        try:
+            pg = conn.run("SHOW server_version")[0][0].split()[0]
+        finally:
+            conn.close()
+    disk = ""
+    with contextlib.suppress(OSError):
+        stat = os.statvfs(BENCH)
+        disk = f", disk {stat.f_bavail * stat.f_frsize / 2**30:.0f} GiB free"
+    return (
+        f"{cpu}, {os.cpu_count()} cores{memory}{disk}; {platform.system()} {platform.release()}; "
+        f"Python {platform.python_version()}; SQLite {sqlite3.sqlite_version}; "
+        f"PostgreSQL {pg}; {dt.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}"
+    )
+
+
+def load_average() -> str:
+    """The 1-minute load average, printed beside figures so a noisy run can be recognised."""
+    with contextlib.suppress(OSError):
+        return f"{os.getloadavg()[0]:.2f}"
+    return "?"
+
+
+# -- waiting and worker processes ----------------------------------------------------------------
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str, interval=0.02) -> float:
+    """Poll ``predicate`` until true; returns the monotonic time it became true."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return time.monotonic()
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
+@contextlib.contextmanager
+def workers(
+    module: str,
+    target: Target,
+    processes: int,
+    concurrency: int,
+    mode: str = "drain",
+    out: Path | None = None,
+    timeout: float = 120.0,
+    log: Path | None = None,
+) -> Iterator[Callable[[], None]]:
+    """Start ``processes`` worker processes, wait until all are ready, and yield ``go()``.
+
+    Each process prints "ready" once imported and connected, then blocks until it reads "go", so
+    interpreter start-up and connecting are never inside a measurement. On exit every process
+    gets SIGTERM, then SIGKILL if it has not exited after 10 seconds. ``log``: where the
+    processes' stderr goes (default: this process's).
+    """
+    procs: list[subprocess.Popen] = []
+    stderr = open(log, "a") if log is not None else None  # noqa: SIM115 - closed below
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(BENCH)]))
+    try:
+        for number in range(processes):
+            command = [
+                sys.executable,
+                str(BENCH / "worker.py"),
+                module,
+                target.backend,
+                target.dsn,
+                "--concurrency",
+                str(concurrency),
+                "--mode",
+                mode,
+            ]
+            if out is not None:
+                command += ["--out", f"{out}.{number}"]
+            procs.append(
+                subprocess.Popen(
+                    command,
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=stderr,
+                    text=True,
+                    env=env,
+                )
+            )
+        deadline = time.monotonic() + timeout
+        for proc in procs:
+            # readline blocks; a process that dies before "ready" gives EOF, which is reported.
+            line = proc.stdout.readline().strip()
+            if line != "ready":
+                raise RuntimeError(f"{module} worker (pid {proc.pid}) did not start: {line!r}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{module} workers took over {timeout:.0f} s to start")
+
+        def go() -> None:
+            for proc in procs:
+                proc.stdin.write("go\n")
+                proc.stdin.flush()
+
+        yield go
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if stderr is not None:
+            stderr.close()
+
+
+# -- the scenarios -------------------------------------------------------------------------------
+
+
+def payloads(n: int) -> list[dict]:
+    """The S1/S2 payloads: small JSON objects, distinct so nothing can be deduplicated."""
+    return [{"i": i} for i in range(n)]
+
+
+def s1_single(mod, target: Target, n: int) -> float:
+    """S1: ``n`` single enqueue calls from one thread; returns enqueues per second."""
+    mod.prepare(target)
+    items = payloads(n)
+    with mod.producer(target) as submit:
+        start = time.perf_counter()
+        for payload in items:
+            submit(payload)
+        elapsed = time.perf_counter() - start
+    return n / elapsed
+
+
+def s1_bulk(mod, target: Target, n: int) -> float:
+    """S1 bulk: the same ``n`` runs through the system's batch enqueue; enqueues per second."""
+    mod.prepare(target)
+    items = payloads(n)
+    start = time.perf_counter()
+    mod.enqueue_bulk(target, items)
+    elapsed = time.perf_counter() - start
+    return n / elapsed
+
+
+def s2_drain(
+    mod,
+    target: Target,
+    n: int,
+    processes: int,
+    concurrency: int,
+    fresh: bool = True,
+    finished: Callable[[], bool] | None = None,
+) -> float:
+    """S2: ``n`` runs queued, then ``processes`` worker processes until all are done; runs/s.
+
+    ``fresh=False`` keeps what the database holds (S5's history); ``finished`` replaces the
+    default completion check (``done_count() >= n``).
+    """
+    if fresh:
+        mod.prepare(target)
+    mod.enqueue_bulk(target, payloads(n))
+    finished = finished or (lambda: mod.done_count(target) >= n)
+    with workers(mod.__name__, target, processes, concurrency) as go:
+        start = time.monotonic()
+        go()
+        end = wait_until(finished, 600, f"{n} runs to finish")
+    return n / (end - start)
+
+
+def s3_latency(
+    mod, target: Target, n: int, interval: float, concurrency: int, workdir: Path, separate: bool
+) -> tuple[float, float, float]:
+    """S3: idle workers, ``n`` submits ``interval`` apart; submit-to-start p50/p95/p99 in ms."""
+    mod.prepare(target)
+    if not separate:
+        delays = mod.latency_inprocess(target, n, interval, concurrency)
+    else:
+        out = workdir / f"latency-{mod.__name__}-{time.monotonic_ns()}"
+        with workers(mod.__name__, target, 1, concurrency, mode="latency", out=out) as go:
+            go()
+            with mod.producer(target) as submit:
+                # Let the worker settle into its idle wait: a real idle worker, not a busy one.
+                time.sleep(0.5)
+                for _ in range(n):
+                    submit({"t": time.time()})
+                    time.sleep(interval)
+
+            def collected() -> list[float]:
+                path = Path(f"{out}.0")
+                if not path.exists():
+                    return []
+                return [float(x) for x in path.read_text().split()]
+
+            wait_until(lambda: len(collected()) >= n, 60, f"{n} handlers to start")
+            delays = collected()
+    if len(delays) != n:
+        raise AssertionError(f"expected {n} handler starts, got {len(delays)}")
+    return percentiles(delays)
+
+
+def percentiles(delays: list[float]) -> tuple[float, float, float]:
+    """p50, p95 and p99 of ``delays`` (seconds), in milliseconds."""
+    cuts = statistics.quantiles([d * 1000 for d in delays], n=100, method="inclusive")
+    return cuts[49], cuts[94], cuts[98]
+
+
+def median_of(repeats: int, measure: Callable[[], float | tuple]) -> float | tuple:
+    """Run ``measure`` ``repeats`` times; the median (element-wise for tuples)."""
+    values = [measure() for _ in range(repeats)]
+    if isinstance(values[0], tuple):
+        return tuple(statistics.median(column) for column in zip(*values, strict=True))
+    return statistics.median(values)
+
+
+def repeats() -> int:
+    """How many times each figure is measured (BENCH_REPEAT, default 3: the median is reported)."""
+    return max(1, int(os.environ.get("BENCH_REPEAT", "3")))
+
+
+# -- the results table ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Figure:
+    """One measured figure: throughput (higher is better) or latency percentiles (lower is)."""
+
+    scenario: str
+    backend: str
+    system: str
+    value: float | tuple[float, ...]
+    unit: str
+
+    @property
+    def headline(self) -> float:
+        """The number ratios use: the value, or p50 for latency."""
+        return self.value[0] if isinstance(self.value, tuple) else self.value
+
+    @property
+    def lower_is_better(self) -> bool:
+        return self.unit == "ms"
+
+    def text(self) -> str:
+        if isinstance(self.value, tuple):
+            return " / ".join(f"{v:.1f}" for v in self.value)
+        return f"{self.value:,.0f}"
+
+
+class Report:
+    """Figures of one benchmark session, printed as one Markdown table at the end."""
+
+    def __init__(self) -> None:
+        self.figures: list[Figure] = []
+        self.settings: dict[str, str] = {}
+
+    def add(self, scenario: str, backend: str, mod, value, unit: str) -> Figure:
+        figure = Figure(scenario, backend, mod.NAME, value, unit)
+        self.figures.append(figure)
+        self.settings[mod.NAME] = mod.SETTINGS
+        print(
+            f"\n  {backend:8} {scenario:34} {mod.NAME:14} {figure.text():>22} {unit}"
+            f"   (load {load_average()})",
+            flush=True,
+        )
+        return figure
+
+    def table(self, reference: str = "minflow") -> str:
+        """scenario x system, with the reference system's ratio to each other system."""
+        systems = list(dict.fromkeys(f.system for f in self.figures))
+        rows = list(dict.fromkeys((f.backend, f.scenario) for f in self.figures))
+        cell = {(f.backend, f.scenario, f.system): f for f in self.figures}
+        others = [s for s in systems if s != reference]
+        header = ["backend", "scenario", *systems] + [f"{reference} vs {s}" for s in others]
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for backend, scenario in rows:
+            ours = cell.get((backend, scenario, reference))
+            values, ratios = [], []
+            for system in systems:
+                figure = cell.get((backend, scenario, system))
+                values.append(figure.text() if figure else "")
+            for system in others:
+                theirs = cell.get((backend, scenario, system))
+                if ours is None or theirs is None or not ours.headline or not theirs.headline:
+                    ratios.append("")
+                elif ours.lower_is_better:
+                    ratios.append(f"{theirs.headline / ours.headline:.2f}x")
+                else:
+                    ratios.append(f"{ours.headline / theirs.headline:.2f}x")
+            unit = (ours or cell[(backend, scenario, systems[0])]).unit if systems else ""
+            lines.append(
+                "| " + " | ".join([backend, f"{scenario} ({unit})", *values, *ratios]) + " |"
+            )
+        return "\n".join(lines)
+
+    def render(self) -> str:
+        """The table, what each system ran with, how to read it, and the machine."""
+        notes = [f"- **{name}**: {text}" for name, text in self.settings.items()]
+        return "\n".join(
+            [
+                self.table(),
+                "",
+                "Ratios are minflow's advantage: its throughput divided by the other system's, or "
+                "the other system's p50 latency divided by minflow's (above 1 = minflow ahead). "
+                "Latency cells are p50 / p95 / p99. "
+                f"Each figure is the median of {repeats()} runs.",
+                "",
+                *notes,
+                "",
+                f"Machine: {machine_line()}",
+            ]
+        )
+
+
+# -- one system through S1-S3 --------------------------------------------------------------------
+
+N_RUNS = int(os.environ.get("BENCH_RUNS", "10000"))
+S2_CONCURRENCY = int(os.environ.get("BENCH_S2_CONCURRENCY", "100"))
+S3_CONCURRENCY = int(os.environ.get("BENCH_S3_CONCURRENCY", "10"))
+S3_SUBMITS, S3_INTERVAL = 200, 0.020
+
+
+def run_scenarios(mod, backend: str, workdir: Path, report: Report) -> None:
+    """S1 single and bulk, S2 with one and two processes, S3 in and across processes."""
+    target = fresh_target(mod.NAME, backend, workdir)
+    k = repeats()
+    try:
+        if "S1" in mod.SCENARIOS:
+            value = median_of(k, lambda: s1_single(mod, target, N_RUNS))
+            report.add("S1 submit, single", backend, mod, value, "runs/s")
+            value = median_of(k, lambda: s1_bulk(mod, target, N_RUNS))
+            report.add("S1 submit, bulk", backend, mod, value, "runs/s")
+        if "S2" in mod.SCENARIOS:
+            for processes in (1, 2):
+                value = median_of(
+                    k, lambda p=processes: s2_drain(mod, target, N_RUNS, p, S2_CONCURRENCY)
+                )
+                label = f"S2 drain, {processes} process" + ("es" if processes > 1 else "")
+                report.add(label, backend, mod, value, "runs/s")
+        if "S3" in mod.SCENARIOS:
+            for separate in (False, True):
+                value = median_of(
+                    k,
+                    lambda s=separate: s3_latency(
+                        mod, target, S3_SUBMITS, S3_INTERVAL, S3_CONCURRENCY, workdir, s
+                    ),
+                )
+                where = "separate processes" if separate else "same process"
+                report.add(f"S3 latency, {where}", backend, mod, value, "ms")
+    finally:
+        drop_target(target)

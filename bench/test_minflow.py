@@ -1,0 +1,132 @@
+"""minflow's own load benchmarks (make bench): S1-S3, concurrent-claim stress (S4), scale (S5).
+
+Figures are printed (and tabulated at the end); S4 and S5 also assert what must hold under load:
+no run executed twice or lost, no "database is locked", and claims that do not slow down with a
+million finished runs in the table.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from pathlib import Path
+
+import sys_minflow as mod
+from harness import (
+    N_RUNS,
+    S2_CONCURRENCY,
+    fresh_target,
+    drop_target,
+    median_of,
+    payloads,
+    repeats,
+    run_scenarios,
+    s2_drain,
+    wait_until,
+    workers,
+)
+
+STRESS_RUNS = 20_000
+STRESS_SHAPE = {"sqlite": (4, 8), "postgres": (8, 16)}  # processes x handler threads
+HISTORY_ROWS = 1_000_000
+
+
+def test_s1_s3(backend, workdir, report):
+    run_scenarios(mod, backend, workdir, report)
+
+
+def _executions(out: Path, processes: int) -> list[tuple[str, int, str]]:
+    lines = []
+    for number in range(processes):
+        path = Path(f"{out}.{number}")
+        if path.exists():
+            lines += [line.split() for line in path.read_text().splitlines() if line]
+    return [(run_id, int(attempt), worker) for run_id, attempt, worker, _ in lines]
+
+
+def test_s4_concurrent_claim_stress(backend, workdir, report):
+    processes, threads = STRESS_SHAPE[backend]
+    target = fresh_target("minflow_s4", backend, workdir)
+    try:
+        mod.prepare(target)
+        mod.enqueue_bulk(target, payloads(STRESS_RUNS))
+        out, log = workdir / f"s4-{backend}", workdir / f"s4-{backend}.log"
+        with workers(mod.__name__, target, processes, threads, "record", out, log=log) as go:
+            start = time.monotonic()
+            go()
+            end = wait_until(
+                lambda: mod.done_count(target) >= STRESS_RUNS, 600, "the stress runs to finish"
+            )
+        executions = _executions(out, processes)
+        by_lease = collections.Counter((run_id, attempt) for run_id, attempt, _ in executions)
+        duplicates = [key for key, count in by_lease.items() if count > 1]
+        every_id = {row[0] for row in mod.query(target, "SELECT id FROM {run}")}
+        executed = {str(run_id) for run_id, _, _ in executions}
+        states = dict(mod.query(target, "SELECT status, COUNT(*) FROM {run} GROUP BY status"))
+        over = mod.query(target, "SELECT COUNT(*) FROM {run} WHERE attempt > max_attempts")[0][0]
+        locked = log.read_text().count("database is locked")
+        report.add(
+            f"S4 stress, {processes}x{threads} threads",
+            backend,
+            mod,
+            STRESS_RUNS / (end - start),
+            "runs/s",
+        )
+        print(
+            f"  S4 {backend}: {len(executions)} executions of {len(every_id)} runs by "
+            f"{len({w for _, _, w in executions})} workers; duplicates {len(duplicates)}, "
+            f"never executed {len({str(i) for i in every_id} - executed)}, states {states}, "
+            f"attempt > max_attempts {over}, 'database is locked' {locked}"
+        )
+        assert duplicates == [], f"executed twice within one lease: {duplicates[:5]}"
+        assert {str(i) for i in every_id} == executed, "runs never executed"
+        assert states == {"succeeded": STRESS_RUNS}
+        assert over == 0
+        assert locked == 0, log.read_text()[-2000:]
+    finally:
+        drop_target(target)
+
+
+def test_s5_scale(backend, workdir, report):
+    """S2 with two processes, on an empty table and with a million finished runs."""
+    target = fresh_target("minflow_s5", backend, workdir)
+    k = repeats()
+
+    def drain() -> float:
+        mod.clear_recent(target)
+        return s2_drain(
+            mod,
+            target,
+            N_RUNS,
+            2,
+            S2_CONCURRENCY,
+            fresh=False,
+            finished=lambda: mod.open_count(target) == 0,
+        )
+
+    try:
+        mod.prepare(target)
+        empty = median_of(k, drain)
+        plan_empty = mod.explain_claim(target)
+        mod.clear_recent(target)
+        started = time.monotonic()
+        mod.add_history(target, HISTORY_ROWS)
+        print(
+            f"\n  S5 {backend}: {HISTORY_ROWS:,} finished runs added in "
+            f"{time.monotonic() - started:.1f} s"
+        )
+        full = median_of(k, drain)
+        plan = mod.explain_claim(target)
+        report.add("S2 drain, 2 processes, empty table", backend, mod, empty, "runs/s")
+        report.add("S5 same, 1M finished runs", backend, mod, full, "runs/s")
+        print(
+            f"  S5 {backend}: {full / empty:.0%} of the empty-table figure; claim plan "
+            f"(empty table):\n    "
+            + plan_empty.replace("\n", "\n    ")
+            + "\n  claim plan with 1M finished runs:\n    "
+            + plan.replace("\n", "\n    ")
+        )
+        assert "minflow_run_claim" in plan, plan
+        assert full >= 0.8 * empty, f"{full:.0f}/s is under 80% of {empty:.0f}/s"
+    finally:
+        drop_target(target)
