@@ -44,6 +44,7 @@ __all__ = [
 ]
 
 import argparse
+import collections
 import contextlib
 import dataclasses
 import datetime as _dt
@@ -1603,7 +1604,8 @@ UPDATE workflow_run SET status = 'leased', attempt = attempt + 1, leased_by = :w
 WHERE id IN (SELECT id FROM workflow_run INDEXED BY minflow_run_claim
              WHERE status = 'pending' AND deleted_at IS NULL AND run_at <= {_SQLITE_NOW} AND ({{filter}})
              ORDER BY priority, run_at, created_at, rowid LIMIT :limit)
-RETURNING id, type, payload, attempt, max_attempts, priority, run_at, created_at"""
+RETURNING id, type, payload, attempt, max_attempts, priority,
+  COALESCE(julianday(run_at), 0), COALESCE(julianday(created_at), 0)"""
 
 # Is anything claimable? (read-only pre-check)
 _SQLITE_HAS_WORK = f"""
@@ -1781,9 +1783,9 @@ class _PostgresDialect(_Dialect):
         claimed, finished = [], {}
         for row in rows:
             if row[0] == "c":
-                claimed.append((str(row[1]), *row[2:]))
+                claimed.append(row[1:])
             else:
-                finished[str(row[1])] = (row[2], row[4])
+                finished[row[1]] = (row[2], row[4])
         return claimed, finished
 
     def rescue(self, conn):
@@ -1909,9 +1911,11 @@ WITH d AS (
   SELECT id, 'started', jsonb_build_object('worker_id', CAST(:worker AS text)), NOW()
   FROM claimed WHERE type = ANY(CAST(:handled AS text[]))
 )
-SELECT 'c', id, type, payload, attempt, max_attempts, priority, run_at, created_at FROM claimed
+SELECT 'c', CAST(id AS text), type, payload, attempt, max_attempts, priority,
+       CAST(extract(epoch FROM run_at) AS float8), CAST(extract(epoch FROM created_at) AS float8)
+FROM claimed
 UNION ALL
-SELECT 'd', id, status, NULL, attempt, NULL, NULL, NULL, NULL FROM done"""
+SELECT 'd', CAST(id AS text), status, NULL, attempt, NULL, NULL, NULL, NULL FROM done"""
 
 # Expired leases back to pending (or failed when attempts are used up), with their events.
 _PG_RESCUE = """
@@ -2898,6 +2902,10 @@ class _Metrics:
 
     def observe(self, name: str, value: float, **labels: Any) -> None:
         """Record one observation in a histogram series (the seed's buckets)."""
+        self.observe_many(name, (value,), **labels)
+
+    def observe_many(self, name: str, values: Iterable[float], **labels: Any) -> None:
+        """Record several observations in one histogram series (a worker's batch)."""
         self._known(name, "histogram")
         key = _label_key(name, labels)
         with self._lock:
@@ -2905,11 +2913,12 @@ class _Metrics:
             cells = self._histograms.setdefault(name, {}).setdefault(
                 key, [0.0] * (len(_BUCKETS) + 2)
             )
-            for i, bound in enumerate(_BUCKETS):
-                if value <= bound:
-                    cells[i] += 1
-            cells[-2] += value
-            cells[-1] += 1
+            for value in values:
+                for i, bound in enumerate(_BUCKETS):
+                    if value <= bound:
+                        cells[i] += 1
+                cells[-2] += value
+                cells[-1] += 1
 
     def value(self, name: str, **labels: Any) -> float:
         """One series' current value (0 when never recorded); a histogram gives its count."""
@@ -2977,7 +2986,7 @@ class RunContext:
         self.max_attempts = max_attempts
         self.worker_id = worker.worker_id
         self._worker = worker
-        self._lost = threading.Event()
+        self._lost = False  # sticky: set once the lease is known to be gone
         self._claimed_at = time.monotonic()
 
     def __repr__(self) -> str:
@@ -3014,12 +3023,12 @@ class RunContext:
                     },
                 )
         if not rows:
-            self._lost.set()
+            self._lost = True
             raise LeaseLost(f"run {self.id}: lease lost (cancelled, rescued or taken over)")
 
     def is_cancelled(self) -> bool:
         """True once the run was cancelled or this worker lost its lease: stop and return."""
-        if self._lost.is_set():
+        if self._lost:
             return True
         try:
             rows = self._worker.app._query("run_state", {"id": self.id})
@@ -3027,8 +3036,8 @@ class RunContext:
             _worker_log.warning("run %s: cancellation check failed: %s", self.id, exc)
             return False
         if not rows or tuple(rows[0]) != ("leased", self.worker_id, self.attempt):
-            self._lost.set()
-        return self._lost.is_set()
+            self._lost = True
+        return self._lost
 
 
 _worker_numbers = iter(range(1, 1 << 62))
@@ -3382,43 +3391,39 @@ class Worker:
 
     def _dispatch(self, claimed: list) -> None:
         decode = self.app._dialect.decode_json
-        # Claims come back in no particular order; start them in claim order.
-        claimed = sorted(
-            claimed,
-            key=lambda r: (
-                r[5],
-                _parse_time(r[6]) or _dt.datetime.min.replace(tzinfo=UTC),
-                _parse_time(r[7]) or _dt.datetime.min.replace(tzinfo=UTC),
-            ),
-        )
+        # Claims come back in no particular order; start them in claim order (the dialects
+        # return run_at and created_at as numbers, cheap to compare).
+        claimed = sorted(claimed, key=lambda r: (r[5], r[6], r[7]))
+        contexts = []
         for run_id, run_type, payload, attempt, max_attempts, *_ in claimed:
             try:
                 payload = decode(payload)
             except ValueError:
                 pass  # the handler sees the raw text; decoding is its problem, not the queue's
-            ctx = RunContext(self, run_id, run_type, payload, attempt, max_attempts)
-            with self._lock:
-                self._active[(run_id, attempt)] = ctx
-            self.metrics.inc(
-                "workflow_run_claimed_total", workflow_type=run_type, worker_id=self.worker_id
-            )
+            contexts.append(RunContext(self, run_id, run_type, payload, attempt, max_attempts))
+        with self._lock:
+            for ctx in contexts:
+                self._active[(ctx.id, ctx.attempt)] = ctx
+        for ctx in contexts:
             self._pool.submit(ctx)
+        for run_type, count in collections.Counter(ctx.type for ctx in contexts).items():
+            self.metrics.inc(
+                "workflow_run_claimed_total",
+                count,
+                workflow_type=run_type,
+                worker_id=self.worker_id,
+            )
         self.processed += len(claimed)
         self.metrics.set("workflow_worker_running", len(self._active), worker_id=self.worker_id)
 
     def _record(self, done: list[_Completion], finished: dict[str, tuple[str, int]]) -> None:
         now = time.monotonic()
+        durations: dict[tuple[str, str], list[float]] = collections.defaultdict(list)
         for item in done:
             outcome = finished.get(item.id)
             status = outcome[0] if outcome else "lost"
             labels = {"workflow_type": item.type, "worker_id": self.worker_id}
-            self.metrics.inc("workflow_run_completed_total", status=status, **labels)
-            self.metrics.observe(
-                "workflow_run_execution_duration_seconds",
-                now - item.started,
-                status=status,
-                **labels,
-            )
+            durations[(item.type, status)].append(now - item.started)
             if item.kind == _FAILED:
                 attempt = str(item.attempt) if item.attempt < 3 else "3+"
                 self.metrics.inc("workflow_run_failed_attempts_total", attempt=attempt, **labels)
@@ -3442,6 +3447,11 @@ class Worker:
                     outcome[1],
                     item.error,
                 )
+        # One metrics update per type and outcome, not per run: batches are large under load.
+        for (run_type, status), values in durations.items():
+            labels = {"workflow_type": run_type, "worker_id": self.worker_id, "status": status}
+            self.metrics.inc("workflow_run_completed_total", len(values), **labels)
+            self.metrics.observe_many("workflow_run_execution_duration_seconds", values, **labels)
 
     def _execute(self, ctx: RunContext) -> None:
         """Run one handler on a pool thread and queue its outcome (never raises)."""
@@ -3556,8 +3566,8 @@ class Worker:
         for run_id, attempt in held:
             if run_id not in kept:
                 ctx = self._active.get((run_id, attempt))
-                if ctx is not None and not ctx._lost.is_set():
-                    ctx._lost.set()
+                if ctx is not None and not ctx._lost:
+                    ctx._lost = True
                     _worker_log.info(
                         "run %s: lease lost (cancelled or taken over); is_cancelled() is now true",
                         run_id,
