@@ -232,7 +232,22 @@ def _dumps(value: Any, what: str = "payload") -> str:
 
 
 def _new_id() -> str:
-    return str(uuid.uuid4())
+    """A UUID in the version 7 layout: 48 bits of Unix milliseconds, then 74 random bits.
+
+    Time-ordered ids land at the right edge of the primary-key index instead of on random
+    pages, which keeps inserts cheap once the table is large; they remain valid UUIDs for the
+    Go library and PostgreSQL's uuid type.
+    """
+    rand = int.from_bytes(os.urandom(10), "big")
+    value = (
+        (time.time_ns() // 1_000_000) << 80
+        | 0x7 << 76
+        | (rand >> 68) << 64
+        | 0b10 << 62
+        | rand & ((1 << 62) - 1)
+    )
+    h = f"{value:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def _is_uuid(value: str) -> bool:
@@ -1451,52 +1466,51 @@ class _SQLiteDialect(_Dialect):
         return cached
 
     def cycle(self, conn, worker_id, done, limit, lease, filt):
-        events: list[dict] = []
+        # A handful of statements per batch, whatever its size: outcomes and events travel as
+        # one JSON array each, expanded by json_each inside SQLite.
+        events: list[list] = []
         finished: dict[str, tuple[str, int]] = {}
         claimed: list = []
         with conn.transaction():
-            for item in done:
-                row = conn.query(
+            if done:
+                items: dict[str, list[_Completion]] = collections.defaultdict(list)
+                for item in done:
+                    items[item.id].append(item)
+                rows = conn.query(
                     _SQLITE_COMPLETE,
                     {
-                        "id": item.id,
-                        "attempt": item.attempt,
-                        "kind": item.kind,
                         "worker": worker_id,
-                        "result": item.result,
-                        "error": item.error,
-                        "delay": item.delay,
+                        "done": json.dumps(
+                            [[d.id, d.attempt, d.kind, d.result, d.error, d.delay] for d in done]
+                        ),
                     },
                 )
-                if row:
-                    status, attempt = row[0]
-                    finished[item.id] = (status, attempt)
-                    events.append(
-                        {
-                            "id": item.id,
-                            "event_type": _event_for(status),
-                            "data": _completion_event_data(item, attempt),
-                        }
+                for run_id, status, attempt in rows:
+                    finished[run_id] = (status, attempt)
+                    # A stale execution and its successor may both report in one batch; the
+                    # fence let through the one whose attempt matches (a snooze gave one back).
+                    item = next(
+                        (d for d in items[run_id] if d.attempt - (d.kind == _SNOOZED) == attempt),
+                        items[run_id][-1],
                     )
+                    data = _completion_event_data(item, attempt)
+                    events.append([run_id, _event_for(status), data])
             if limit > 0:
                 where, params = self._filter_sql(filt)
                 claimed = conn.query(
                     _SQLITE_CLAIM.replace("{filter}", where),
                     {**params, "worker": worker_id, "lease": lease, "limit": limit},
                 )
+                who = json.dumps(worker_id)
+                started = f'{{"worker_id": {who}}}'
                 for row in claimed:
-                    data = json.dumps({"worker_id": worker_id, "attempt": row[3]})
-                    events.append({"id": row[0], "event_type": "leased", "data": data})
+                    events.append(
+                        [row[0], "leased", f'{{"worker_id": {who}, "attempt": {row[3]}}}']
+                    )
                     if row[1] in filt.handled:
-                        events.append(
-                            {
-                                "id": row[0],
-                                "event_type": "started",
-                                "data": json.dumps({"worker_id": worker_id}),
-                            }
-                        )
-            for event in events:
-                conn.query(self.sql["insert_event"], event)
+                        events.append([row[0], "started", started])
+            if events:
+                conn.query(_SQLITE_INSERT_EVENTS, {"events": json.dumps(events)})
         return claimed, finished
 
     def rescue(self, conn):
@@ -1582,18 +1596,33 @@ VALUES (:id, :type, :payload, :priority, COALESCE(:run_at, {_SQLITE_LATER.replac
         :max_attempts, {_SQLITE_NOW}, {_SQLITE_NOW})
 ON CONFLICT (idempotency_key) DO NOTHING RETURNING id"""
 
-# Record one outcome, fenced by status, owner and attempt so a stale worker changes nothing.
+# Record a batch of outcomes (a JSON array of [id, attempt, kind, result, error, delay]), each
+# fenced by status, owner and attempt so a stale worker changes nothing.
 _SQLITE_COMPLETE = f"""
 UPDATE workflow_run SET
-  status = CASE WHEN :kind = 'succeeded' THEN 'succeeded'
-                WHEN :kind = 'failed' AND attempt >= max_attempts THEN 'failed' ELSE 'pending' END,
-  result = CASE WHEN :kind = 'succeeded' THEN :result ELSE result END,
-  last_error = CASE WHEN :kind = 'failed' THEN :error ELSE last_error END,
-  attempt = CASE WHEN :kind = 'snoozed' THEN attempt - 1 ELSE attempt END,
-  run_at = CASE WHEN :kind = 'succeeded' THEN run_at ELSE {_SQLITE_LATER.replace("NAME", "delay")} END,
+  status = CASE WHEN d.kind = 'succeeded' THEN 'succeeded'
+                WHEN d.kind = 'failed' AND workflow_run.attempt >= max_attempts THEN 'failed' ELSE 'pending' END,
+  result = CASE WHEN d.kind = 'succeeded' THEN d.result ELSE workflow_run.result END,
+  last_error = CASE WHEN d.kind = 'failed' THEN d.error ELSE last_error END,
+  attempt = CASE WHEN d.kind = 'snoozed' THEN workflow_run.attempt - 1 ELSE workflow_run.attempt END,
+  run_at = CASE WHEN d.kind = 'succeeded' THEN run_at
+           ELSE {_SQLITE_LATER.replace(":NAME", "d.delay")} END,
   updated_at = {_SQLITE_NOW}
-WHERE id = :id AND status = 'leased' AND leased_by = :worker AND attempt = :attempt
-RETURNING status, attempt"""
+FROM (SELECT json_extract(value, '$[0]') AS id, json_extract(value, '$[1]') AS attempt,
+             json_extract(value, '$[2]') AS kind, json_extract(value, '$[3]') AS result,
+             json_extract(value, '$[4]') AS error, json_extract(value, '$[5]') AS delay
+      FROM json_each(:done)) AS d
+-- The unary + keeps SQLite from scanning every leased run for each outcome: look each id up.
+WHERE workflow_run.id = d.id AND +status = 'leased' AND +leased_by = :worker
+  AND workflow_run.attempt = d.attempt
+RETURNING id, status, attempt"""
+
+# Insert a batch of events (a JSON array of [run id, event type, data text or null]).
+_SQLITE_INSERT_EVENTS = f"""
+INSERT INTO workflow_event (workflow_id, event_type, data, created_at)
+SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), json_extract(value, '$[2]'),
+       {_SQLITE_NOW}
+FROM json_each(:events)"""
 
 # Claim due runs in claim order; attempt counts claims. Without statistics SQLite prefers the
 # type index and sorts every due run on each claim; walking the claim-order index stops after
@@ -1738,13 +1767,22 @@ class _PostgresDialect(_Dialect):
         return done
 
     def submit(self, conn, rows):
+        if len(rows) == 1:
+            # The common case, a single submit, without the array encoding and unnesting.
+            row = rows[0]
+            found = conn.query(_PG_SUBMIT_ONE, {**row, "channel": self.channel})
+            if found:
+                return [(row["id"], True)]
+            return [(str(conn.query(self.sql["run_by_key"], {"key": row["key"]})[0][0]), False)]
         params = _row_dicts(rows)
         params["channel"] = self.channel
         out: list[tuple[str, bool] | None] = [None] * len(rows)
-        inserted = {str(row[0]) for row in conn.query(_PG_SUBMIT, params)}
+        # Only keyed rows can be skipped (ON CONFLICT), so only their ids come back; one
+        # NOTIFY per type, not per run.
+        inserted = {row[0] for row in conn.query(_PG_SUBMIT, params)}
         missing = []
         for i, row in enumerate(rows):
-            if row["id"] in inserted:
+            if row["key"] is None or row["id"] in inserted:
                 out[i] = (row["id"], True)
             else:
                 missing.append(i)
@@ -1857,11 +1895,27 @@ WITH j AS (
          max_attempts, NOW(), NOW()
   FROM j ORDER BY n
   ON CONFLICT (idempotency_key) DO NOTHING
+  RETURNING id, type, idempotency_key
+), ev AS (
+  INSERT INTO workflow_event (workflow_id, event_type, created_at) SELECT id, 'created', NOW() FROM ins
+)
+SELECT CAST(id AS text) FROM ins WHERE idempotency_key IS NOT NULL
+UNION ALL
+SELECT NULL FROM (SELECT pg_notify(:channel, type) FROM ins GROUP BY type) AS notified"""
+
+# The same for one run.
+_PG_SUBMIT_ONE = """
+WITH ins AS (
+  INSERT INTO workflow_run (id, type, payload, priority, run_at, idempotency_key, max_attempts, created_at, updated_at)
+  VALUES (CAST(:id AS uuid), :type, CAST(:payload AS jsonb), :priority,
+          COALESCE(CAST(:run_at AS timestamptz), NOW() + make_interval(secs => CAST(:delay AS float8))),
+          :key, :max_attempts, NOW(), NOW())
+  ON CONFLICT (idempotency_key) DO NOTHING
   RETURNING id, type
 ), ev AS (
   INSERT INTO workflow_event (workflow_id, event_type, created_at) SELECT id, 'created', NOW() FROM ins
 )
-SELECT id, pg_notify(:channel, type) FROM ins"""
+SELECT pg_notify(:channel, type) FROM ins"""
 
 # Write a batch of outcomes (fenced) and claim up to :limit runs, with every event, in one
 # round trip. Outcomes and claims touch different rows: a run being completed is 'leased'.
