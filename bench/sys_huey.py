@@ -1,0 +1,215 @@
+"""huey's SqliteHuey on the SQLite disk, at its default (durable) settings.
+
+One of the benchmark's system modules (the interface every ``bench/sys_*.py`` exposes: prepare,
+producer, enqueue_bulk, done_count, serve, latency_inprocess). Imports only in the peers venv
+(``bench/peers-requirements.txt``).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import signal
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from huey import SqliteHuey
+
+NAME = "huey"
+BACKENDS = ("sqlite",)
+SCENARIOS = frozenset({"S1", "S2", "S3"})
+
+# huey has no LISTEN/NOTIFY for SQLite: idle workers poll, backing off geometrically. These are
+# the values of its consumer docs' "very short polling interval" example (-b 1.1 -m 1.0), with
+# the default first delay.
+POLL = {"initial_delay": 0.1, "backoff": 1.1, "max_delay": 1.0}
+
+SETTINGS = (
+    "huey: SqliteHuey defaults (WAL, synchronous left at SQLite's FULL, 5 s busy timeout, one "
+    "connection per process); consumer with N thread workers (-k thread -w N), polling as its "
+    "docs' short-interval example (first delay 0.1 s, backoff 1.1, max 1 s); the no-op returns "
+    "None, so no result is stored"
+)
+
+
+def _path(target: Any) -> str:
+    return os.path.abspath(target.dsn)
+
+
+def _make(path: str, handler: Callable[[dict], None] | None = None) -> tuple[Any, Any]:
+    huey = SqliteHuey(name="bench", filename=path)
+
+    @huey.task(name="noop")
+    def noop(payload: dict) -> None:
+        if handler is not None:
+            handler(payload)
+
+    return huey, noop
+
+
+def _consumer(huey: Any, concurrency: int) -> Any:
+    return huey.create_consumer(workers=concurrency, worker_type="thread", **POLL)
+
+
+# huey deletes a task from its table when a worker dequeues it and keeps nothing for a no-op
+# that returns None, so done_count is (jobs this process enqueued) - (rows still queued). It
+# counts a dequeued task as done a few microseconds before the no-op returns, and assumes, as
+# the harness does, that producing and polling happen in one process.
+_enqueued: dict[str, int] = {}
+_readers: dict[str, sqlite3.Connection] = {}
+_lock = threading.Lock()
+
+
+def _count_enqueued(path: str, n: int) -> None:
+    with _lock:
+        _enqueued[path] = _enqueued.get(path, 0) + n
+
+
+def prepare(target: Any) -> None:
+    """Make an empty queue: delete the database file and let SqliteHuey create its tables."""
+    path = _path(target)
+    release(target)
+    for suffix in ("", "-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path + suffix)
+    huey, _ = _make(path)
+    huey.storage.close()
+    with _lock:
+        _enqueued[path] = 0
+
+
+@contextlib.contextmanager
+def producer(target: Any) -> Iterator[Callable[[dict], None]]:
+    """Yield ``submit(payload)``, one call of the task (one enqueue) per payload."""
+    path = _path(target)
+    huey, noop = _make(path)
+    try:
+
+        def submit(payload: dict) -> None:
+            noop(payload)
+            _count_enqueued(path, 1)
+
+        yield submit
+    finally:
+        huey.storage.close()
+
+
+def enqueue_bulk(target: Any, payloads: list[dict]) -> None:
+    """Enqueue every payload with ``TaskWrapper.map``, huey's only multi-enqueue call.
+
+    huey has no batch insert: map() enqueues the tasks one by one, one transaction each.
+    """
+    path = _path(target)
+    huey, noop = _make(path)
+    try:
+        noop.map(payloads)
+        _count_enqueued(path, len(payloads))
+    finally:
+        huey.storage.close()
+
+
+def done_count(target: Any) -> int:
+    """Jobs enqueued from this process minus those still in huey's task table."""
+    path = _path(target)
+    with _lock:
+        reader = _readers.get(path)
+        if reader is None:
+            reader = _readers[path] = sqlite3.connect(path, check_same_thread=False)
+        remaining = reader.execute("SELECT count(*) FROM task").fetchone()[0]
+        return _enqueued.get(path, 0) - remaining
+
+
+def release(target: Any) -> None:
+    """Close the read connection ``done_count`` keeps open for ``target``."""
+    with _lock:
+        reader = _readers.pop(_path(target), None)
+    if reader is not None:
+        reader.close()
+
+
+@atexit.register
+def _release_all() -> None:
+    with _lock:
+        readers = list(_readers.values())
+        _readers.clear()
+    for reader in readers:
+        reader.close()
+
+
+def serve(
+    target: Any, concurrency: int, mode: str, out: str | None, ready: Callable[[], None]
+) -> None:
+    """Run huey's consumer until SIGTERM, which its own handler turns into a stop."""
+    sink = open(out, "a", buffering=1) if mode == "latency" else None  # noqa: SIM115
+    try:
+        handler = None
+        if sink is not None:
+
+            def handler(payload: dict) -> None:
+                sink.write(f"{time.time() - payload['t']}\n")
+
+        huey, _ = _make(_path(target), handler)
+        consumer = _consumer(huey, concurrency)
+        ready()
+        try:
+            consumer.run()
+        finally:
+            huey.storage.close()
+    finally:
+        if sink is not None:
+            sink.close()
+
+
+def latency_inprocess(target: Any, n: int, interval: float, concurrency: int) -> list[float]:
+    """S3 in one process: the consumer's threads run beside the thread that enqueues.
+
+    Consumer.start() installs process signal handlers, so this must run on the main thread;
+    the previous handlers are put back afterwards.
+    """
+    delays: list[float] = []
+    warm = threading.Event()
+    done = threading.Event()
+    delays_lock = threading.Lock()
+
+    def handler(payload: dict) -> None:
+        if payload.get("warmup"):
+            warm.set()
+            return
+        if "t" not in payload:
+            return  # a job some earlier run left behind
+        with delays_lock:
+            delays.append(time.time() - payload["t"])
+            if len(delays) >= n:
+                done.set()
+
+    path = _path(target)
+    huey, noop = _make(path, handler)
+    consumer = _consumer(huey, concurrency)
+    signals = [s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s]
+    saved = {s: signal.getsignal(s) for s in signals}
+    try:
+        consumer.start()
+        # One job through the whole path proves the workers are polling before timing.
+        noop({"t": time.time(), "warmup": True})
+        if not warm.wait(30):
+            raise TimeoutError("huey consumer did not run the warm-up job within 30 s")
+        start = time.monotonic()
+        for i in range(n):
+            pause = start + i * interval - time.monotonic()
+            if pause > 0:
+                time.sleep(pause)
+            noop({"t": time.time()})
+        _count_enqueued(path, n + 1)
+        if not done.wait(30 + n * interval):
+            raise TimeoutError(f"only {len(delays)} of {n} huey jobs started")
+    finally:
+        consumer.stop(graceful=True)
+        for signum, previous in saved.items():
+            signal.signal(signum, previous)
+        huey.storage.close()
+    with delays_lock:
+        return delays[:n]

@@ -1,0 +1,256 @@
+"""pgqueuer on PostgreSQL through asyncpg, the driver its docs recommend.
+
+One of the benchmark's system modules (the interface every ``bench/sys_*.py`` exposes: prepare,
+producer, enqueue_bulk, done_count, serve, latency_inprocess). Imports only in the peers venv
+(``bench/peers-requirements.txt``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import json
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import asyncpg
+import pg8000.native
+import uvloop
+from pgqueuer import Queries, QueueManager
+from pgqueuer.db import AsyncpgDriver
+
+NAME = "pgqueuer"
+BACKENDS = ("postgres",)
+SCENARIOS = frozenset({"S1", "S2", "S3"})
+
+# Its tuning guide's example pairs max_concurrent_tasks=100 with batch_size=20, and it refuses a
+# batch larger than half the limit; short jobs favour the largest batch allowed.
+MAX_BATCH = 20
+
+SETTINGS = (
+    "pgqueuer: QueueManager on one asyncpg connection (its advice for the consumer), run on "
+    f"uvloop like `pgq run`; max_concurrent_tasks=N, batch_size=min(N//2, {MAX_BATCH}) "
+    "(its tuning example: 20 for 100); durable tables (default) and `pgq autovac` settings; "
+    "other run() options at their defaults (LISTEN/NOTIFY, 30 s polling fallback)"
+)
+
+# pgqueuer deletes finished jobs from its queue table and logs each outcome in pgqueuer_log,
+# whose rows are kept (the statistics roll-up only marks them aggregated).
+_COUNT_SQL = "SELECT count(*) FROM pgqueuer_log WHERE status = 'successful'"
+
+
+def _dsn(target: Any) -> str:
+    return target.dsn
+
+
+def _batch(concurrency: int) -> tuple[int, int]:
+    """(batch_size, max_concurrent_tasks) for a requested concurrency."""
+    batch = max(1, min(concurrency // 2, MAX_BATCH))
+    return batch, max(concurrency, 2 * batch)
+
+
+def _encode(payload: dict) -> bytes:
+    return json.dumps(payload).encode()
+
+
+def prepare(target: Any) -> None:
+    """Make an empty queue: drop the ``public`` schema, install pgqueuer, apply its autovac."""
+    release(target)
+
+    async def run() -> None:
+        conn = await asyncpg.connect(_dsn(target))
+        try:
+            await conn.execute("DROP SCHEMA IF EXISTS public CASCADE; CREATE SCHEMA public")
+            queries = Queries(AsyncpgDriver(conn))
+            await queries.install()
+            await queries.optimize_autovacuum()
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
+
+
+@contextlib.contextmanager
+def producer(target: Any) -> Iterator[Callable[[dict], None]]:
+    """Yield ``submit(payload)``, one ``Queries.enqueue`` of one job per call.
+
+    The producer is synchronous, so each call drives the asyncpg coroutine on a private loop.
+    """
+    loop = asyncio.new_event_loop()
+    conn = loop.run_until_complete(asyncpg.connect(_dsn(target)))
+    try:
+        queries = Queries(AsyncpgDriver(conn))
+
+        def submit(payload: dict) -> None:
+            loop.run_until_complete(queries.enqueue("noop", _encode(payload)))
+
+        yield submit
+    finally:
+        loop.run_until_complete(conn.close())
+        loop.close()
+
+
+def enqueue_bulk(target: Any, payloads: list[dict]) -> None:
+    """Enqueue every payload with one list-form ``Queries.enqueue`` call."""
+
+    async def run() -> None:
+        conn = await asyncpg.connect(_dsn(target))
+        try:
+            await Queries(AsyncpgDriver(conn)).enqueue(
+                ["noop"] * len(payloads), [_encode(p) for p in payloads], [0] * len(payloads)
+            )
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
+
+
+# done_count is polled every 20 ms; a connection per poll would cost PostgreSQL a backend fork
+# each time, so one stays open per database until release() or exit.
+_counters: dict[str, Any] = {}
+_counters_lock = threading.Lock()
+
+
+def _pg8000(dsn: str) -> Any:
+    url = urlsplit(dsn)
+    return pg8000.native.Connection(
+        user=unquote(url.username or "postgres"),
+        password=unquote(url.password) if url.password else None,
+        host=url.hostname or "localhost",
+        port=url.port or 5432,
+        database=unquote(url.path.lstrip("/")) or None,
+    )
+
+
+def done_count(target: Any) -> int:
+    """Successful outcomes in ``pgqueuer_log`` (the queue table forgets finished jobs)."""
+    with _counters_lock:
+        conn = _counters.get(_dsn(target))
+        if conn is None:
+            conn = _counters[_dsn(target)] = _pg8000(_dsn(target))
+        try:
+            return conn.run(_COUNT_SQL)[0][0]
+        except Exception:
+            _counters.pop(_dsn(target), None)
+            with contextlib.suppress(Exception):
+                conn.close()
+            raise
+
+
+def release(target: Any) -> None:
+    """Close the connection ``done_count`` keeps open for ``target`` (e.g. before DROP DATABASE)."""
+    with _counters_lock:
+        conn = _counters.pop(_dsn(target), None)
+    if conn is not None:
+        with contextlib.suppress(Exception):
+            conn.close()
+
+
+@atexit.register
+def _release_all() -> None:
+    with _counters_lock:
+        conns = list(_counters.values())
+        _counters.clear()
+    for conn in conns:
+        with contextlib.suppress(Exception):
+            conn.close()
+
+
+def _queue_manager(conn: Any, handler: Callable[[dict], None] | None) -> QueueManager:
+    qm = QueueManager(Queries(AsyncpgDriver(conn)))
+
+    @qm.entrypoint("noop")
+    async def noop(job: Any) -> None:
+        if handler is not None:
+            handler(json.loads(job.payload))
+
+    return qm
+
+
+def serve(
+    target: Any, concurrency: int, mode: str, out: str | None, ready: Callable[[], None]
+) -> None:
+    """Run one QueueManager until SIGTERM, which sets its shutdown event (graceful stop)."""
+    sink = open(out, "a", buffering=1) if mode == "latency" else None  # noqa: SIM115
+    try:
+        handler = None
+        if sink is not None:
+
+            def handler(payload: dict) -> None:
+                sink.write(f"{time.time() - payload['t']}\n")
+
+        uvloop.run(_serve(_dsn(target), concurrency, handler, ready))
+    finally:
+        if sink is not None:
+            sink.close()
+
+
+async def _serve(
+    dsn: str,
+    concurrency: int,
+    handler: Callable[[dict], None] | None,
+    ready: Callable[[], None],
+) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        qm = _queue_manager(conn, handler)
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, qm.shutdown.set)
+        batch, limit = _batch(concurrency)
+        ready()
+        await qm.run(batch_size=batch, max_concurrent_tasks=limit)
+    finally:
+        await conn.close()
+
+
+def latency_inprocess(target: Any, n: int, interval: float, concurrency: int) -> list[float]:
+    """S3 in one event loop: the QueueManager runs as a task beside the code that enqueues."""
+    return uvloop.run(_latency(_dsn(target), n, interval, concurrency))
+
+
+async def _latency(dsn: str, n: int, interval: float, concurrency: int) -> list[float]:
+    delays: list[float] = []
+    warm = asyncio.Event()
+    done = asyncio.Event()
+
+    def handler(payload: dict) -> None:
+        if payload.get("warmup"):
+            warm.set()
+            return
+        if "t" not in payload:
+            return  # a job some earlier run left behind
+        delays.append(time.time() - payload["t"])
+        if len(delays) >= n:
+            done.set()
+
+    # The consumer keeps its own connection, as pgqueuer advises; producing uses another.
+    consumer_conn = await asyncpg.connect(dsn)
+    producer_conn = await asyncpg.connect(dsn)
+    try:
+        qm = _queue_manager(consumer_conn, handler)
+        queries = Queries(AsyncpgDriver(producer_conn))
+        batch, limit = _batch(concurrency)
+        worker = asyncio.create_task(qm.run(batch_size=batch, max_concurrent_tasks=limit))
+        try:
+            # One job through the whole path proves the worker is listening before timing.
+            await queries.enqueue("noop", _encode({"t": time.time(), "warmup": True}))
+            await asyncio.wait_for(warm.wait(), 30)
+            start = time.monotonic()
+            for i in range(n):
+                pause = start + i * interval - time.monotonic()
+                if pause > 0:
+                    await asyncio.sleep(pause)
+                await queries.enqueue("noop", _encode({"t": time.time()}))
+            await asyncio.wait_for(done.wait(), 30 + n * interval)
+        finally:
+            qm.shutdown.set()
+            await asyncio.wait_for(worker, 30)
+    finally:
+        await producer_conn.close()
+        await consumer_conn.close()
+    return delays[:n]

@@ -1,0 +1,220 @@
+"""procrastinate on PostgreSQL through psycopg 3, the connector its docs recommend.
+
+One of the benchmark's system modules (the interface every ``bench/sys_*.py`` exposes: prepare,
+producer, enqueue_bulk, done_count, serve, latency_inprocess). Imports only in the peers venv
+(``bench/peers-requirements.txt``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import pg8000.native
+import procrastinate
+import psycopg
+
+NAME = "procrastinate"
+BACKENDS = ("postgres",)
+SCENARIOS = frozenset({"S1", "S2", "S3"})
+
+# Its docs size the pool at concurrency + 1 for short jobs, so sub-workers never wait for a
+# connection; the cap keeps a few worker processes under PostgreSQL's max_connections (100).
+POOL_CAP = 20
+
+SETTINGS = (
+    "procrastinate: async task; worker(concurrency=N) with LISTEN/NOTIFY and its other defaults "
+    f"(polling fallback 5 s, finished jobs kept); PsycopgConnector pool max_size=min(N+1, "
+    f"{POOL_CAP}) as its docs advise for short jobs (capped for max_connections); producers "
+    "defer through its synchronous connector (SyncPsycopgConnector, one connection)"
+)
+
+_COUNT_SQL = "SELECT count(*) FROM procrastinate_jobs WHERE status = 'succeeded'"
+
+
+def _dsn(target: Any) -> str:
+    return target.dsn
+
+
+def _make_app(connector: Any, handler: Callable[[dict], None] | None = None) -> Any:
+    app = procrastinate.App(connector=connector)
+
+    # Async, because its docs reserve worker concurrency for async tasks.
+    async def noop(**payload: Any) -> None:
+        if handler is not None:
+            handler(payload)
+
+    app.task(name="noop")(noop)
+    return app
+
+
+def _sync_app(dsn: str) -> Any:
+    return _make_app(procrastinate.SyncPsycopgConnector(conninfo=dsn, min_size=1, max_size=1))
+
+
+def _worker_app(dsn: str, concurrency: int, handler: Callable[[dict], None] | None) -> Any:
+    size = max(1, min(concurrency + 1, POOL_CAP))
+    connector = procrastinate.PsycopgConnector(conninfo=dsn, min_size=min(4, size), max_size=size)
+    return _make_app(connector, handler)
+
+
+def prepare(target: Any) -> None:
+    """Make an empty queue: drop the ``public`` schema and apply procrastinate's schema."""
+    release(target)
+    with psycopg.connect(_dsn(target), autocommit=True) as conn:
+        conn.execute("DROP SCHEMA IF EXISTS public CASCADE")
+        conn.execute("CREATE SCHEMA public")
+    app = _sync_app(_dsn(target))
+    with app.open():
+        app.schema_manager.apply_schema()
+
+
+@contextlib.contextmanager
+def producer(target: Any) -> Iterator[Callable[[dict], None]]:
+    """Yield ``submit(payload)``, one ``Task.defer`` of the no-op task per call."""
+    app = _sync_app(_dsn(target))
+    task = app.tasks["noop"]
+    with app.open():
+
+        def submit(payload: dict) -> None:
+            task.defer(**payload)
+
+        yield submit
+
+
+def enqueue_bulk(target: Any, payloads: list[dict]) -> None:
+    """Enqueue every payload with one ``Task.batch_defer`` call."""
+    app = _sync_app(_dsn(target))
+    with app.open():
+        app.tasks["noop"].batch_defer(*payloads)
+
+
+# done_count is polled every 20 ms; a connection per poll would cost PostgreSQL a backend fork
+# each time, so one stays open per database until release() or exit.
+_counters: dict[str, Any] = {}
+_counters_lock = threading.Lock()
+
+
+def _pg8000(dsn: str) -> Any:
+    url = urlsplit(dsn)
+    return pg8000.native.Connection(
+        user=unquote(url.username or "postgres"),
+        password=unquote(url.password) if url.password else None,
+        host=url.hostname or "localhost",
+        port=url.port or 5432,
+        database=unquote(url.path.lstrip("/")) or None,
+    )
+
+
+def done_count(target: Any) -> int:
+    """Jobs in status ``succeeded`` (procrastinate keeps finished jobs by default)."""
+    with _counters_lock:
+        conn = _counters.get(_dsn(target))
+        if conn is None:
+            conn = _counters[_dsn(target)] = _pg8000(_dsn(target))
+        try:
+            return conn.run(_COUNT_SQL)[0][0]
+        except Exception:
+            _counters.pop(_dsn(target), None)
+            with contextlib.suppress(Exception):
+                conn.close()
+            raise
+
+
+def release(target: Any) -> None:
+    """Close the connection ``done_count`` keeps open for ``target`` (e.g. before DROP DATABASE)."""
+    with _counters_lock:
+        conn = _counters.pop(_dsn(target), None)
+    if conn is not None:
+        with contextlib.suppress(Exception):
+            conn.close()
+
+
+@atexit.register
+def _release_all() -> None:
+    with _counters_lock:
+        conns = list(_counters.values())
+        _counters.clear()
+    for conn in conns:
+        with contextlib.suppress(Exception):
+            conn.close()
+
+
+def serve(
+    target: Any, concurrency: int, mode: str, out: str | None, ready: Callable[[], None]
+) -> None:
+    """Run one procrastinate worker until SIGTERM (its own handler stops it gracefully)."""
+    sink = open(out, "a", buffering=1) if mode == "latency" else None  # noqa: SIM115
+    try:
+        handler = None
+        if sink is not None:
+
+            def handler(payload: dict) -> None:
+                sink.write(f"{time.time() - payload['t']}\n")
+
+        asyncio.run(_serve(_dsn(target), concurrency, handler, ready))
+    finally:
+        if sink is not None:
+            sink.close()
+
+
+async def _serve(
+    dsn: str,
+    concurrency: int,
+    handler: Callable[[dict], None] | None,
+    ready: Callable[[], None],
+) -> None:
+    app = _worker_app(dsn, concurrency, handler)
+    async with app.open_async():
+        ready()
+        await app.run_worker_async(concurrency=concurrency, install_signal_handlers=True)
+
+
+def latency_inprocess(target: Any, n: int, interval: float, concurrency: int) -> list[float]:
+    """S3 in one event loop: the worker runs as a task beside the code that defers the jobs."""
+    return asyncio.run(_latency(_dsn(target), n, interval, concurrency))
+
+
+async def _latency(dsn: str, n: int, interval: float, concurrency: int) -> list[float]:
+    delays: list[float] = []
+    warm = asyncio.Event()
+    done = asyncio.Event()
+
+    def handler(payload: dict) -> None:
+        if payload.get("warmup"):
+            warm.set()
+            return
+        if "t" not in payload:
+            return  # a job some earlier run left behind
+        delays.append(time.time() - payload["t"])
+        if len(delays) >= n:
+            done.set()
+
+    app = _worker_app(dsn, concurrency, handler)
+    task = app.tasks["noop"]
+    async with app.open_async():
+        worker = asyncio.create_task(
+            app.run_worker_async(concurrency=concurrency, install_signal_handlers=False)
+        )
+        try:
+            # One job through the whole path proves the worker is listening before timing.
+            await task.defer_async(t=time.time(), warmup=True)
+            await asyncio.wait_for(warm.wait(), 30)
+            start = time.monotonic()
+            for i in range(n):
+                pause = start + i * interval - time.monotonic()
+                if pause > 0:
+                    await asyncio.sleep(pause)
+                await task.defer_async(t=time.time())
+            await asyncio.wait_for(done.wait(), 30 + n * interval)
+        finally:
+            worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await worker
+    return delays[:n]

@@ -1,0 +1,194 @@
+"""The PostgreSQL ceiling: a hand-written pg8000 claim/complete loop on minflow's own schema.
+
+It claims 100 due runs in one ``UPDATE ... WHERE id IN (SELECT ... FOR UPDATE SKIP LOCKED)``,
+runs the no-op, and marks the 100 succeeded in one ``UPDATE``, each statement its own
+transaction (committed with the server's durable defaults). No events, no heartbeats, no
+retries, no NOTIFY: what is left is the least work a durable queue on this table can do, so the
+gap to it is the price of everything else. One of the benchmark's system modules (the interface
+every ``bench/sys_*.py`` exposes); it only serves S2.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+import pg8000.native
+
+import minflow
+
+NAME = "raw pg8000"
+BACKENDS = ("postgres",)
+SCENARIOS = frozenset({"S2"})
+
+BATCH = 100
+IDLE_SLEEP = 0.01  # seconds between claims that found nothing
+LEASE = "30 seconds"
+
+SETTINGS = (
+    f"raw pg8000: one connection and loop per worker process (concurrency ignored: the no-op "
+    f"needs none) claiming {BATCH} runs per UPDATE ... FOR UPDATE SKIP LOCKED and completing "
+    "them in one UPDATE, prepared statements, autocommit; minflow's schema and indexes"
+)
+
+_CLAIM = f"""
+UPDATE workflow_run SET status = 'leased', attempt = attempt + 1, leased_by = :worker,
+  lease_until = NOW() + INTERVAL '{LEASE}', updated_at = NOW()
+WHERE id IN (SELECT id FROM workflow_run
+             WHERE status = 'pending' AND deleted_at IS NULL AND run_at <= NOW()
+             ORDER BY priority, run_at, created_at LIMIT {BATCH}
+             FOR UPDATE SKIP LOCKED)
+RETURNING id, payload"""
+
+_COMPLETE = """
+UPDATE workflow_run SET status = 'succeeded', updated_at = NOW()
+WHERE id = ANY(CAST(:ids AS uuid[])) AND status = 'leased' AND leased_by = :worker"""
+
+_COUNT_SQL = "SELECT count(*) FROM workflow_run WHERE status = 'succeeded'"
+
+
+def _dsn(target: Any) -> str:
+    return target.dsn
+
+
+def _schema(dsn: str) -> str:
+    """The schema minflow puts its tables in for this DSN (``schema=`` or ``search_path=``)."""
+    options = dict(parse_qsl(urlsplit(dsn).query))
+    if "schema" in options:
+        return options["schema"]
+    if "search_path" in options:
+        return options["search_path"].split(",")[0].strip()
+    return minflow.DEFAULT_SCHEMA
+
+
+def _quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _connect(dsn: str) -> Any:
+    url = urlsplit(dsn)
+    return pg8000.native.Connection(
+        user=unquote(url.username or "postgres"),
+        password=unquote(url.password) if url.password else None,
+        host=url.hostname or "localhost",
+        port=url.port or 5432,
+        database=unquote(url.path.lstrip("/")) or None,
+        startup_params={"search_path": _quote(_schema(dsn))},
+    )
+
+
+def prepare(target: Any) -> None:
+    """Make an empty queue: drop minflow's schema and apply minflow's migrations."""
+    release(target)
+    conn = _connect(_dsn(target))
+    try:
+        conn.run(f"DROP SCHEMA IF EXISTS {_quote(_schema(_dsn(target)))} CASCADE")
+    finally:
+        conn.close()
+    with minflow.Client(_dsn(target)) as client:
+        client.migrate()
+
+
+@contextlib.contextmanager
+def producer(target: Any) -> Iterator[Callable[[dict], None]]:
+    """Yield ``submit(payload)`` through ``minflow.Client.submit`` (the ceiling measures S2 only)."""
+    with minflow.Client(_dsn(target)) as client:
+        yield lambda payload: client.submit("noop", payload)
+
+
+def enqueue_bulk(target: Any, payloads: list[dict]) -> None:
+    """Fill the queue with ``minflow.Client.submit_many`` (one statement)."""
+    with minflow.Client(_dsn(target)) as client:
+        client.submit_many([minflow.Job("noop", p) for p in payloads])
+
+
+# done_count is polled every 20 ms; a connection per poll would cost PostgreSQL a backend fork
+# each time, so one stays open per database until release() or exit.
+_counters: dict[str, Any] = {}
+_counters_lock = threading.Lock()
+
+
+def done_count(target: Any) -> int:
+    """Runs in status ``succeeded``."""
+    with _counters_lock:
+        conn = _counters.get(_dsn(target))
+        if conn is None:
+            conn = _counters[_dsn(target)] = _connect(_dsn(target))
+        try:
+            return conn.run(_COUNT_SQL)[0][0]
+        except Exception:
+            _counters.pop(_dsn(target), None)
+            with contextlib.suppress(Exception):
+                conn.close()
+            raise
+
+
+def release(target: Any) -> None:
+    """Close the connection ``done_count`` keeps open for ``target`` (e.g. before DROP DATABASE)."""
+    with _counters_lock:
+        conn = _counters.pop(_dsn(target), None)
+    if conn is not None:
+        with contextlib.suppress(Exception):
+            conn.close()
+
+
+@atexit.register
+def _release_all() -> None:
+    with _counters_lock:
+        conns = list(_counters.values())
+        _counters.clear()
+    for conn in conns:
+        with contextlib.suppress(Exception):
+            conn.close()
+
+
+def _loop(dsn: str, stop: threading.Event, handler: Callable[[Any], None] | None) -> None:
+    worker = f"raw-{os.getpid()}-{threading.get_ident()}"
+    conn = _connect(dsn)
+    try:
+        claim = conn.prepare(_CLAIM)
+        complete = conn.prepare(_COMPLETE)
+        while not stop.is_set():
+            rows = claim.run(worker=worker)
+            if not rows:
+                stop.wait(IDLE_SLEEP)
+                continue
+            if handler is not None:
+                for _, payload in rows:
+                    handler(payload)
+            complete.run(ids=[str(row[0]) for row in rows], worker=worker)
+    finally:
+        conn.close()
+
+
+def serve(
+    target: Any, concurrency: int, mode: str, out: str | None, ready: Callable[[], None]
+) -> None:
+    """Run the claim/complete loop until SIGTERM; ``concurrency`` is ignored (one loop)."""
+    stop = threading.Event()
+    sink = open(out, "a", buffering=1) if mode == "latency" else None  # noqa: SIM115
+    try:
+        handler = None
+        if sink is not None:
+
+            def handler(payload: Any) -> None:
+                sink.write(f"{time.time() - payload['t']}\n")
+
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        ready()
+        _loop(_dsn(target), stop, handler)
+    finally:
+        if sink is not None:
+            sink.close()
+
+
+def latency_inprocess(target: Any, n: int, interval: float, concurrency: int) -> list[float]:
+    """Not measured: the ceiling has no wake-up mechanism to compare (SCENARIOS is S2 only)."""
+    raise NotImplementedError("the raw ceilings only take part in S2")

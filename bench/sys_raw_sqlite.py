@@ -1,0 +1,184 @@
+"""The SQLite ceiling: a hand-written stdlib sqlite3 claim/complete loop on minflow's own schema.
+
+It claims 100 due runs in one ``UPDATE ... RETURNING``, runs the no-op, and marks the 100
+succeeded in one ``UPDATE``, each in its own ``BEGIN IMMEDIATE`` transaction, with the durability
+minflow uses by default (WAL, synchronous FULL). No events, no heartbeats, no retries: what is
+left is the least work a durable queue on this table can do, so the gap to it is the price of
+everything else. One of the benchmark's system modules (the interface every ``bench/sys_*.py``
+exposes); it only serves S2.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import json
+import os
+import signal
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import minflow
+
+NAME = "raw sqlite3"
+BACKENDS = ("sqlite",)
+SCENARIOS = frozenset({"S2"})
+
+BATCH = 100
+IDLE_SLEEP = 0.01  # seconds between claims that found nothing
+BUSY_TIMEOUT_MS = minflow.SQLITE_BUSY_TIMEOUT_MS
+
+SETTINGS = (
+    f"raw sqlite3: one loop per worker process (concurrency ignored: the no-op needs none) "
+    f"claiming {BATCH} runs per UPDATE ... RETURNING and completing them in one UPDATE, each in "
+    f"BEGIN IMMEDIATE; WAL, synchronous=FULL and busy_timeout={BUSY_TIMEOUT_MS} ms like "
+    "minflow's defaults; minflow's schema and indexes"
+)
+
+_NOW = "strftime('%Y-%m-%d %H:%M:%f', 'now')"
+
+# The same INDEXED BY as minflow's claim: without statistics SQLite picks the seed's status index
+# and sorts every due run on each claim, which no one tuning this loop would leave in place.
+_CLAIM = f"""
+UPDATE workflow_run SET status = 'leased', attempt = attempt + 1, leased_by = :worker,
+  lease_until = strftime('%Y-%m-%d %H:%M:%f', 'now', '+30 seconds'), updated_at = {_NOW}
+WHERE id IN (SELECT id FROM workflow_run INDEXED BY minflow_run_claim
+             WHERE status = 'pending' AND deleted_at IS NULL AND run_at <= {_NOW}
+             ORDER BY priority, run_at, created_at LIMIT {BATCH})
+RETURNING id, payload"""
+
+_COMPLETE = f"""
+UPDATE workflow_run SET status = 'succeeded', updated_at = {_NOW}
+WHERE status = 'leased' AND leased_by = ? AND id IN ({{marks}})"""
+
+_COUNT_SQL = "SELECT count(*) FROM workflow_run WHERE status = 'succeeded'"
+
+
+def _path(target: Any) -> str:
+    return os.path.abspath(target.dsn)
+
+
+def _minflow_dsn(target: Any) -> str:
+    return "sqlite:///" + _path(target)
+
+
+def _connect(path: str) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
+    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = FULL")
+    return conn
+
+
+def prepare(target: Any) -> None:
+    """Make an empty queue: delete the database file and apply minflow's migrations."""
+    path = _path(target)
+    release(target)
+    for suffix in ("", "-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path + suffix)
+    with minflow.Client(_minflow_dsn(target)) as client:
+        client.migrate()
+
+
+@contextlib.contextmanager
+def producer(target: Any) -> Iterator[Callable[[dict], None]]:
+    """Yield ``submit(payload)`` through ``minflow.Client.submit`` (the ceiling measures S2 only)."""
+    with minflow.Client(_minflow_dsn(target)) as client:
+        yield lambda payload: client.submit("noop", payload)
+
+
+def enqueue_bulk(target: Any, payloads: list[dict]) -> None:
+    """Fill the queue with ``minflow.Client.submit_many`` (one transaction)."""
+    with minflow.Client(_minflow_dsn(target)) as client:
+        client.submit_many([minflow.Job("noop", p) for p in payloads])
+
+
+_readers: dict[str, sqlite3.Connection] = {}
+_lock = threading.Lock()
+
+
+def done_count(target: Any) -> int:
+    """Runs in status ``succeeded``, read on a connection kept open between polls."""
+    path = _path(target)
+    with _lock:
+        reader = _readers.get(path)
+        if reader is None:
+            reader = _readers[path] = sqlite3.connect(path, check_same_thread=False)
+        return reader.execute(_COUNT_SQL).fetchone()[0]
+
+
+def release(target: Any) -> None:
+    """Close the read connection ``done_count`` keeps open for ``target``."""
+    with _lock:
+        reader = _readers.pop(_path(target), None)
+    if reader is not None:
+        reader.close()
+
+
+@atexit.register
+def _release_all() -> None:
+    with _lock:
+        readers = list(_readers.values())
+        _readers.clear()
+    for reader in readers:
+        reader.close()
+
+
+def _loop(path: str, stop: threading.Event, handler: Callable[[Any], None] | None) -> None:
+    worker = f"raw-{os.getpid()}-{threading.get_ident()}"
+    conn = _connect(path)
+    try:
+        while not stop.is_set():
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                rows = conn.execute(_CLAIM, {"worker": worker}).fetchall()
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            if not rows:
+                stop.wait(IDLE_SLEEP)
+                continue
+            if handler is not None:
+                for _, payload in rows:
+                    handler(payload)
+            ids = [row[0] for row in rows]
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.execute(_COMPLETE.format(marks=", ".join("?" * len(ids))), [worker, *ids])
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+    finally:
+        conn.close()
+
+
+def serve(
+    target: Any, concurrency: int, mode: str, out: str | None, ready: Callable[[], None]
+) -> None:
+    """Run the claim/complete loop until SIGTERM; ``concurrency`` is ignored (one loop)."""
+    stop = threading.Event()
+    sink = open(out, "a", buffering=1) if mode == "latency" else None  # noqa: SIM115
+    try:
+        handler = None
+        if sink is not None:
+
+            def handler(payload: Any) -> None:
+                sink.write(f"{time.time() - json.loads(payload)['t']}\n")
+
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        ready()
+        _loop(_path(target), stop, handler)
+    finally:
+        if sink is not None:
+            sink.close()
+
+
+def latency_inprocess(target: Any, n: int, interval: float, concurrency: int) -> list[float]:
+    """Not measured: the ceiling has no wake-up mechanism to compare (SCENARIOS is S2 only)."""
+    raise NotImplementedError("the raw ceilings only take part in S2")
