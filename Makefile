@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 PEERS_VENV ?= .venv-peers
 PEERS_STAMP := $(PEERS_VENV)/.installed
 
-.PHONY: demo test bench bench-peers lint clean
+.PHONY: demo test bench bench-peers bench-soak lint clean
 
 # The demo needs nothing beyond the standard library: SQLite is built into Python.
 demo:
@@ -22,7 +22,11 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 bench: $(STAMP)
-	$(BIN)/python -m pytest -q -s -p no:cacheprovider bench --timeout 900 -m "not peers" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -s -p no:cacheprovider bench --timeout 900 -m "not peers and not soak" $(PYTEST_ARGS)
+
+# S6: ten minutes per backend (BENCH_SOAK_SECONDS to change it).
+bench-soak: $(STAMP)
+	$(BIN)/python -m pytest -q -s -p no:cacheprovider bench --timeout 3600 -m soak $(PYTEST_ARGS)
 
 $(PEERS_STAMP): pyproject.toml bench/peers-requirements.txt
 	@$(PYTHON) -m venv $(PEERS_VENV) || { echo "error: '$(PYTHON) -m venv' failed; on Debian/Ubuntu run: apt-get install python3-venv" >&2; exit 1; }

@@ -85,8 +85,22 @@ def fresh_target(system: str, backend: str, workdir: Path) -> Target:
     return Target("postgres", _with_database(admin, name))
 
 
-def drop_target(target: Target) -> None:
+def analyze(target: Target) -> None:
+    """Statistics for a freshly filled PostgreSQL queue, as autovacuum would soon gather: without
+    them the planner expects a handful of rows and some systems sort the whole queue per fetch."""
+    if target.backend == "postgres":
+        conn = _pg_connect(target.dsn)
+        try:
+            conn.run("ANALYZE")
+        finally:
+            conn.close()
+
+
+def drop_target(target: Target, mod=None) -> None:
     """Give the disk space back once a system's scenarios are measured."""
+    release = getattr(mod, "release", None)
+    if release is not None:
+        release(target)
     if target.backend == "postgres":
         import urllib.parse
 
@@ -148,7 +162,7 @@ def load_average() -> str:
 # -- waiting and worker processes ----------------------------------------------------------------
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str, interval=0.02) -> float:
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str, interval=0.01) -> float:
     """Poll ``predicate`` until true; returns the monotonic time it became true."""
     deadline = time.monotonic() + timeout
     while True:
@@ -219,6 +233,7 @@ def workers(
                 proc.stdin.write("go\n")
                 proc.stdin.flush()
 
+        go.pids = [proc.pid for proc in procs]  # for scenarios that watch the processes
         yield go
     finally:
         for proc in procs:
@@ -281,6 +296,7 @@ def s2_drain(
     if fresh:
         mod.prepare(target)
     mod.enqueue_bulk(target, payloads(n))
+    analyze(target)
     finished = finished or (lambda: mod.done_count(target) >= n)
     with workers(mod.__name__, target, processes, concurrency) as go:
         start = time.monotonic()
@@ -423,7 +439,7 @@ class Report:
                 "Ratios are minflow's advantage: its throughput divided by the other system's, or "
                 "the other system's p50 latency divided by minflow's (above 1 = minflow ahead). "
                 "Latency cells are p50 / p95 / p99. "
-                f"Each figure is the median of {repeats()} runs.",
+                f"Each figure is the median of {repeats()} runs (S4 and S6: one run).",
                 "",
                 *notes,
                 "",
@@ -468,4 +484,4 @@ def run_scenarios(mod, backend: str, workdir: Path, report: Report) -> None:
                 where = "separate processes" if separate else "same process"
                 report.add(f"S3 latency, {where}", backend, mod, value, "ms")
     finally:
-        drop_target(target)
+        drop_target(target, mod)

@@ -25,6 +25,7 @@ def dsn(target) -> str:
 
 def prepare(target) -> None:
     """An empty, migrated database."""
+    release(target)
     if target.backend == "sqlite":
         for suffix in ("", "-wal", "-shm"):
             with contextlib.suppress(FileNotFoundError):
@@ -59,10 +60,28 @@ def enqueue_bulk(target, payloads: list[dict]) -> None:
         client.submit_many(minflow.Job("noop", payload) for payload in payloads)
 
 
+_clients: dict[str, minflow.Client] = {}
+_raw: dict[str, object] = {}
+
+
 def done_count(target) -> int:
-    """Runs in ``succeeded``."""
-    with minflow.Client(dsn(target)) as client:
-        return sum(by_status.get("succeeded", 0) for by_status in client.stats().values())
+    """Runs in ``succeeded``, through a Client kept open: a connection per 20 ms poll would
+    cost PostgreSQL a new backend process each time, inside the measurement."""
+    client = _clients.get(target.dsn)
+    if client is None:
+        client = _clients[target.dsn] = minflow.Client(dsn(target))
+    return sum(by_status.get("succeeded", 0) for by_status in client.stats().values())
+
+
+def release(target) -> None:
+    """Close what done_count and query keep open for ``target``."""
+    client = _clients.pop(target.dsn, None)
+    if client is not None:
+        client.close()
+    conn = _raw.pop(target.dsn, None)
+    if conn is not None:
+        with contextlib.suppress(Exception):
+            conn.close()
 
 
 def _app(target, on_start) -> minflow.App:
@@ -88,13 +107,20 @@ def serve(target, concurrency: int, mode: str, out: str | None, ready) -> None:
             with lock:
                 sink.write(line)
 
+    elif mode == "soak":
+        # S6: runs marked "fail" fail their first attempt and are retried a second later.
+        def on_start(run) -> None:
+            if run.payload.get("fail") and run.attempt == 1:
+                raise RuntimeError("soak: first attempt fails")
+
     else:
 
         def on_start(run) -> None:
             pass
 
     app = _app(target, on_start)
-    worker = app.worker(concurrency=concurrency, schedules=False)
+    options = {"backoff": lambda attempt: 1.0} if mode == "soak" else {}
+    worker = app.worker(concurrency=concurrency, schedules=False, **options)
     ready()
     worker.run()
     app.close()
@@ -136,21 +162,18 @@ def table(target, name: str) -> str:
 def query(target, text: str) -> list:
     """Run one raw statement with its own connection; ``{run}``/``{event}`` name the tables."""
     text = text.format(run=table(target, "workflow_run"), event=table(target, "workflow_event"))
+    conn = _raw.get(target.dsn)
     if target.backend == "sqlite":
         import sqlite3
 
-        conn = sqlite3.connect(target.dsn, timeout=30, isolation_level=None)
-        try:
-            return conn.execute(text).fetchall()
-        finally:
-            conn.close()
+        if conn is None:
+            conn = _raw[target.dsn] = sqlite3.connect(target.dsn, timeout=30, isolation_level=None)
+        return conn.execute(text).fetchall()
     from harness import _pg_connect
 
-    conn = _pg_connect(target.dsn)
-    try:
-        return conn.run(text) or []
-    finally:
-        conn.close()
+    if conn is None:
+        conn = _raw[target.dsn] = _pg_connect(target.dsn)
+    return conn.run(text) or []
 
 
 def open_count(target) -> int:

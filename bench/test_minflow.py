@@ -84,7 +84,7 @@ def test_s4_concurrent_claim_stress(backend, workdir, report):
         assert over == 0
         assert locked == 0, log.read_text()[-2000:]
     finally:
-        drop_target(target)
+        drop_target(target, mod)
 
 
 def test_s5_scale(backend, workdir, report):
@@ -129,4 +129,4 @@ def test_s5_scale(backend, workdir, report):
         assert "minflow_run_claim" in plan, plan
         assert full >= 0.8 * empty, f"{full:.0f}/s is under 80% of {empty:.0f}/s"
     finally:
-        drop_target(target)
+        drop_target(target, mod)

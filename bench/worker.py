@@ -18,7 +18,7 @@ def main() -> None:
     parser.add_argument("backend", choices=("postgres", "sqlite"))
     parser.add_argument("dsn")
     parser.add_argument("--concurrency", type=int, default=10)
-    parser.add_argument("--mode", choices=("drain", "latency", "record"), default="drain")
+    parser.add_argument("--mode", choices=("drain", "latency", "record", "soak"), default="drain")
     parser.add_argument("--out")
     args = parser.parse_args()
     mod = load(args.module)
