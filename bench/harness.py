@@ -291,13 +291,19 @@ def s2_drain(
     """S2: ``n`` runs queued, then ``processes`` worker processes until all are done; runs/s.
 
     ``fresh=False`` keeps what the database holds (S5's history); ``finished`` replaces the
-    default completion check (``done_count() >= n``).
+    default completion check: nothing ``remaining()``, a count that shrinks as the queue drains
+    and so costs little while polled, or else ``done_count() >= n``.
     """
     if fresh:
         mod.prepare(target)
     mod.enqueue_bulk(target, payloads(n))
     analyze(target)
-    finished = finished or (lambda: mod.done_count(target) >= n)
+    if finished is None:
+        remaining = getattr(mod, "remaining", None)
+        if remaining is not None:
+            finished = lambda: remaining(target) == 0  # noqa: E731
+        else:
+            finished = lambda: mod.done_count(target) >= n  # noqa: E731
     with workers(mod.__name__, target, processes, concurrency) as go:
         start = time.monotonic()
         go()

@@ -119,8 +119,13 @@ def done_count(target: Any) -> int:
         reader = _readers.get(path)
         if reader is None:
             reader = _readers[path] = sqlite3.connect(path, check_same_thread=False)
-        remaining = reader.execute("SELECT count(*) FROM task").fetchone()[0]
-        return _enqueued.get(path, 0) - remaining
+        queued = reader.execute("SELECT count(*) FROM task").fetchone()[0]
+        return _enqueued.get(path, 0) - queued
+
+
+def remaining(target: Any) -> int:
+    """Jobs still in huey's task table (a dequeued job is running or done)."""
+    return _enqueued.get(_path(target), 0) - done_count(target)
 
 
 def release(target: Any) -> None:

@@ -176,6 +176,11 @@ def query(target, text: str) -> list:
     return conn.run(text) or []
 
 
+def remaining(target) -> int:
+    """Runs not finished yet (S2's completion check)."""
+    return open_count(target)
+
+
 def open_count(target) -> int:
     """Runs not finished yet (pending or leased): both partial indexes make this cheap."""
     return query(

@@ -127,14 +127,13 @@ def _pg8000(dsn: str) -> Any:
     )
 
 
-def done_count(target: Any) -> int:
-    """Successful outcomes in ``pgqueuer_log`` (the queue table forgets finished jobs)."""
+def _count(target: Any, sql: str) -> int:
     with _counters_lock:
         conn = _counters.get(_dsn(target))
         if conn is None:
             conn = _counters[_dsn(target)] = _pg8000(_dsn(target))
         try:
-            return conn.run(_COUNT_SQL)[0][0]
+            return conn.run(sql)[0][0]
         except Exception:
             _counters.pop(_dsn(target), None)
             with contextlib.suppress(Exception):
@@ -254,3 +253,13 @@ async def _latency(dsn: str, n: int, interval: float, concurrency: int) -> list[
         await producer_conn.close()
         await consumer_conn.close()
     return delays[:n]
+
+
+def done_count(target: Any) -> int:
+    """Successful outcomes in ``pgqueuer_log`` (the queue table forgets finished jobs)."""
+    return _count(target, _COUNT_SQL)
+
+
+def remaining(target: Any) -> int:
+    """Jobs not finished yet; pgqueuer deletes a job from its queue table when it finishes."""
+    return _count(target, "SELECT count(*) FROM pgqueuer")

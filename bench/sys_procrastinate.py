@@ -112,14 +112,13 @@ def _pg8000(dsn: str) -> Any:
     )
 
 
-def done_count(target: Any) -> int:
-    """Jobs in status ``succeeded`` (procrastinate keeps finished jobs by default)."""
+def _count(target: Any, sql: str) -> int:
     with _counters_lock:
         conn = _counters.get(_dsn(target))
         if conn is None:
             conn = _counters[_dsn(target)] = _pg8000(_dsn(target))
         try:
-            return conn.run(_COUNT_SQL)[0][0]
+            return conn.run(sql)[0][0]
         except Exception:
             _counters.pop(_dsn(target), None)
             with contextlib.suppress(Exception):
@@ -218,3 +217,15 @@ async def _latency(dsn: str, n: int, interval: float, concurrency: int) -> list[
             with contextlib.suppress(asyncio.CancelledError):
                 await worker
     return delays[:n]
+
+
+def done_count(target: Any) -> int:
+    """Jobs in status ``succeeded`` (procrastinate keeps finished jobs by default)."""
+    return _count(target, _COUNT_SQL)
+
+
+def remaining(target: Any) -> int:
+    """Jobs not finished yet (todo or doing)."""
+    return _count(
+        target, "SELECT count(*) FROM procrastinate_jobs WHERE status IN ('todo', 'doing')"
+    )

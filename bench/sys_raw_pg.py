@@ -115,14 +115,13 @@ _counters: dict[str, Any] = {}
 _counters_lock = threading.Lock()
 
 
-def done_count(target: Any) -> int:
-    """Runs in status ``succeeded``."""
+def _count(target: Any, sql: str) -> int:
     with _counters_lock:
         conn = _counters.get(_dsn(target))
         if conn is None:
             conn = _counters[_dsn(target)] = _connect(_dsn(target))
         try:
-            return conn.run(_COUNT_SQL)[0][0]
+            return conn.run(sql)[0][0]
         except Exception:
             _counters.pop(_dsn(target), None)
             with contextlib.suppress(Exception):
@@ -192,3 +191,16 @@ def serve(
 def latency_inprocess(target: Any, n: int, interval: float, concurrency: int) -> list[float]:
     """Not measured: the ceiling has no wake-up mechanism to compare (SCENARIOS is S2 only)."""
     raise NotImplementedError("the raw ceilings only take part in S2")
+
+
+def done_count(target: Any) -> int:
+    """Runs in status ``succeeded``."""
+    return _count(target, _COUNT_SQL)
+
+
+def remaining(target: Any) -> int:
+    """Runs not finished yet, counted through the partial indexes."""
+    return _count(
+        target,
+        "SELECT (SELECT count(*) FROM workflow_run WHERE status = 'pending' AND deleted_at IS NULL) + (SELECT count(*) FROM workflow_run WHERE status = 'leased')",
+    )

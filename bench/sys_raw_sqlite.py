@@ -103,12 +103,25 @@ _lock = threading.Lock()
 
 def done_count(target: Any) -> int:
     """Runs in status ``succeeded``, read on a connection kept open between polls."""
+    return _count(target, _COUNT_SQL)
+
+
+def remaining(target: Any) -> int:
+    """Runs not finished yet, through the partial indexes: cheap, as the queue drains."""
+    return _count(
+        target,
+        "SELECT (SELECT count(*) FROM workflow_run WHERE status = 'pending' AND deleted_at IS NULL)"
+        " + (SELECT count(*) FROM workflow_run WHERE status = 'leased')",
+    )
+
+
+def _count(target: Any, sql: str) -> int:
     path = _path(target)
     with _lock:
         reader = _readers.get(path)
         if reader is None:
             reader = _readers[path] = sqlite3.connect(path, check_same_thread=False)
-        return reader.execute(_COUNT_SQL).fetchone()[0]
+        return reader.execute(sql).fetchone()[0]
 
 
 def release(target: Any) -> None:
