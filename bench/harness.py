@@ -407,41 +407,41 @@ class Report:
         )
         return figure
 
-    def table(self, reference: str = "minflow") -> str:
-        """scenario x system, with the reference system's ratio to each other system."""
-        systems = list(dict.fromkeys(f.system for f in self.figures))
-        rows = list(dict.fromkeys((f.backend, f.scenario) for f in self.figures))
-        cell = {(f.backend, f.scenario, f.system): f for f in self.figures}
-        others = [s for s in systems if s != reference]
-        header = ["backend", "scenario", *systems] + [f"{reference} vs {s}" for s in others]
-        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        for backend, scenario in rows:
-            ours = cell.get((backend, scenario, reference))
-            values, ratios = [], []
-            for system in systems:
-                figure = cell.get((backend, scenario, system))
-                values.append(figure.text() if figure else "")
+    def table(self, backend: str, reference: str = "minflow") -> str:
+        """One backend's scenario x system table, with the reference system's ratio to each."""
+        figures = [f for f in self.figures if f.backend == backend]
+        systems = list(dict.fromkeys(f.system for f in figures))
+        scenarios = list(dict.fromkeys(f.scenario for f in figures))
+        cell = {(f.scenario, f.system): f for f in figures}
+        others = [s for s in systems if s != reference and reference in systems]
+        header = ["scenario", *systems] + [f"{reference} vs {s}" for s in others]
+        lines = ["| " + " | ".join(header) + " |", "|---" + "|--:" * (len(header) - 1) + "|"]
+        for scenario in scenarios:
+            ours = cell.get((scenario, reference))
+            unit = next(f.unit for f in figures if f.scenario == scenario)
+            values = [cell[(scenario, s)].text() if (scenario, s) in cell else "" for s in systems]
+            ratios = []
             for system in others:
-                theirs = cell.get((backend, scenario, system))
+                theirs = cell.get((scenario, system))
                 if ours is None or theirs is None or not ours.headline or not theirs.headline:
                     ratios.append("")
                 elif ours.lower_is_better:
                     ratios.append(f"{theirs.headline / ours.headline:.2f}x")
                 else:
                     ratios.append(f"{ours.headline / theirs.headline:.2f}x")
-            unit = (ours or cell[(backend, scenario, systems[0])]).unit if systems else ""
-            lines.append(
-                "| " + " | ".join([backend, f"{scenario} ({unit})", *values, *ratios]) + " |"
-            )
+            lines.append("| " + " | ".join([f"{scenario} ({unit})", *values, *ratios]) + " |")
         return "\n".join(lines)
 
     def render(self) -> str:
-        """The table, what each system ran with, how to read it, and the machine."""
-        notes = [f"- **{name}**: {text}" for name, text in self.settings.items()]
+        """The tables, what each system ran with, how to read them, versions and the machine."""
+        parts = []
+        for backend in dict.fromkeys(f.backend for f in self.figures):
+            title = {"sqlite": "SQLite (a file on the local disk)", "postgres": "PostgreSQL"}
+            parts += [f"**{title.get(backend, backend)}**", "", self.table(backend), ""]
+        notes = [f"- **{name}**: {_unprefixed(name, text)}" for name, text in self.settings.items()]
         return "\n".join(
             [
-                self.table(),
-                "",
+                *parts,
                 "Ratios are minflow's advantage: its throughput divided by the other system's, or "
                 "the other system's p50 latency divided by minflow's (above 1 = minflow ahead). "
                 "Latency cells are p50 / p95 / p99. "
@@ -449,45 +449,23 @@ class Report:
                 "",
                 *notes,
                 "",
+                f"Versions: {versions()}",
+                "",
                 f"Machine: {machine_line()}",
             ]
         )
 
 
-# -- one system through S1-S3 --------------------------------------------------------------------
-
-N_RUNS = int(os.environ.get("BENCH_RUNS", "10000"))
-S2_CONCURRENCY = int(os.environ.get("BENCH_S2_CONCURRENCY", "100"))
-S3_CONCURRENCY = int(os.environ.get("BENCH_S3_CONCURRENCY", "10"))
-S3_SUBMITS, S3_INTERVAL = 200, 0.020
+def _unprefixed(name: str, text: str) -> str:
+    return text[len(name) + 2 :] if text.startswith(f"{name}: ") else text
 
 
-def run_scenarios(mod, backend: str, workdir: Path, report: Report) -> None:
-    """S1 single and bulk, S2 with one and two processes, S3 in and across processes."""
-    target = fresh_target(mod.NAME, backend, workdir)
-    k = repeats()
-    try:
-        if "S1" in mod.SCENARIOS:
-            value = median_of(k, lambda: s1_single(mod, target, N_RUNS))
-            report.add("S1 submit, single", backend, mod, value, "runs/s")
-            value = median_of(k, lambda: s1_bulk(mod, target, N_RUNS))
-            report.add("S1 submit, bulk", backend, mod, value, "runs/s")
-        if "S2" in mod.SCENARIOS:
-            for processes in (1, 2):
-                value = median_of(
-                    k, lambda p=processes: s2_drain(mod, target, N_RUNS, p, S2_CONCURRENCY)
-                )
-                label = f"S2 drain, {processes} process" + ("es" if processes > 1 else "")
-                report.add(label, backend, mod, value, "runs/s")
-        if "S3" in mod.SCENARIOS:
-            for separate in (False, True):
-                value = median_of(
-                    k,
-                    lambda s=separate: s3_latency(
-                        mod, target, S3_SUBMITS, S3_INTERVAL, S3_CONCURRENCY, workdir, s
-                    ),
-                )
-                where = "separate processes" if separate else "same process"
-                report.add(f"S3 latency, {where}", backend, mod, value, "ms")
-    finally:
-        drop_target(target, mod)
+def versions() -> str:
+    """Installed versions of minflow, its driver and the peers (those present)."""
+    from importlib import metadata
+
+    found = []
+    for dist in ("minflow", "pg8000", "procrastinate", "psycopg", "pgqueuer", "asyncpg", "huey"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            found.append(f"{dist} {metadata.version(dist)}")
+    return ", ".join(found)
