@@ -469,3 +469,42 @@ def versions() -> str:
         with contextlib.suppress(metadata.PackageNotFoundError):
             found.append(f"{dist} {metadata.version(dist)}")
     return ", ".join(found)
+
+
+# -- one system through S1-S3 --------------------------------------------------------------------
+
+N_RUNS = int(os.environ.get("BENCH_RUNS", "10000"))
+S2_CONCURRENCY = int(os.environ.get("BENCH_S2_CONCURRENCY", "100"))
+S3_CONCURRENCY = int(os.environ.get("BENCH_S3_CONCURRENCY", "10"))
+S3_SUBMITS, S3_INTERVAL = 200, 0.020
+
+
+def run_scenarios(mod, backend: str, workdir: Path, report: Report) -> None:
+    """S1 single and bulk, S2 with one and two processes, S3 in and across processes."""
+    target = fresh_target(mod.NAME, backend, workdir)
+    k = repeats()
+    try:
+        if "S1" in mod.SCENARIOS:
+            value = median_of(k, lambda: s1_single(mod, target, N_RUNS))
+            report.add("S1 submit, single", backend, mod, value, "runs/s")
+            value = median_of(k, lambda: s1_bulk(mod, target, N_RUNS))
+            report.add("S1 submit, bulk", backend, mod, value, "runs/s")
+        if "S2" in mod.SCENARIOS:
+            for processes in (1, 2):
+                value = median_of(
+                    k, lambda p=processes: s2_drain(mod, target, N_RUNS, p, S2_CONCURRENCY)
+                )
+                label = f"S2 drain, {processes} process" + ("es" if processes > 1 else "")
+                report.add(label, backend, mod, value, "runs/s")
+        if "S3" in mod.SCENARIOS:
+            for separate in (False, True):
+                value = median_of(
+                    k,
+                    lambda s=separate: s3_latency(
+                        mod, target, S3_SUBMITS, S3_INTERVAL, S3_CONCURRENCY, workdir, s
+                    ),
+                )
+                where = "separate processes" if separate else "same process"
+                report.add(f"S3 latency, {where}", backend, mod, value, "ms")
+    finally:
+        drop_target(target, mod)
