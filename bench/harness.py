@@ -8,6 +8,7 @@ connections are opened and worker processes are started and ready before the clo
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import datetime as dt
@@ -19,9 +20,11 @@ import sqlite3
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -157,6 +160,53 @@ def load_average() -> str:
     with contextlib.suppress(OSError):
         return f"{os.getloadavg()[0]:.2f}"
     return "?"
+
+
+# -- counting while a scenario runs --------------------------------------------------------------
+# Completion checks poll every 10 ms; a connection per poll would cost PostgreSQL a backend
+# process each time, inside the measurement, so one stays open per target until released.
+
+_counters: dict[Target, Any] = {}
+_counters_lock = threading.Lock()
+
+
+def scalar(target: Target, sql: str, connect: Callable[[], Any] | None = None) -> Any:
+    """The first column of the first row of ``sql``, on the target's kept-open connection
+    (``connect`` makes it, by default a plain connection to ``target.dsn``)."""
+    with _counters_lock:
+        conn = _counters.get(target)
+        if conn is None:
+            if connect is not None:
+                conn = connect()
+            elif target.backend == "sqlite":
+                conn = sqlite3.connect(target.dsn, check_same_thread=False)
+            else:
+                conn = _pg_connect(target.dsn)
+            _counters[target] = conn
+        try:
+            if isinstance(conn, sqlite3.Connection):
+                return conn.execute(sql).fetchone()[0]
+            return conn.run(sql)[0][0]
+        except Exception:
+            del _counters[target]
+            with contextlib.suppress(Exception):
+                conn.close()
+            raise
+
+
+def release_counter(target: Target) -> None:
+    """Close the connection ``scalar`` keeps for ``target`` (before dropping its database)."""
+    with _counters_lock:
+        conn = _counters.pop(target, None)
+    if conn is not None:
+        with contextlib.suppress(Exception):
+            conn.close()
+
+
+@atexit.register
+def _release_counters() -> None:
+    for target in list(_counters):
+        release_counter(target)
 
 
 # -- waiting and worker processes ----------------------------------------------------------------

@@ -7,17 +7,17 @@ producer, enqueue_bulk, done_count, serve, latency_inprocess). Imports only in t
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import os
 import signal
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from huey import SqliteHuey
+
+import harness
 
 NAME = "huey"
 BACKENDS = ("sqlite",)
@@ -60,7 +60,6 @@ def _consumer(huey: Any, concurrency: int) -> Any:
 # counts a dequeued task as done a few microseconds before the no-op returns, and assumes, as
 # the harness does, that producing and polling happen in one process.
 _enqueued: dict[str, int] = {}
-_readers: dict[str, sqlite3.Connection] = {}
 _lock = threading.Lock()
 
 
@@ -112,37 +111,19 @@ def enqueue_bulk(target: Any, payloads: list[dict]) -> None:
         huey.storage.close()
 
 
-def done_count(target: Any) -> int:
-    """Jobs enqueued from this process minus those still in huey's task table."""
-    path = _path(target)
-    with _lock:
-        reader = _readers.get(path)
-        if reader is None:
-            reader = _readers[path] = sqlite3.connect(path, check_same_thread=False)
-        queued = reader.execute("SELECT count(*) FROM task").fetchone()[0]
-        return _enqueued.get(path, 0) - queued
-
-
 def remaining(target: Any) -> int:
     """Jobs still in huey's task table (a dequeued job is running or done)."""
-    return _enqueued.get(_path(target), 0) - done_count(target)
+    return harness.scalar(target, "SELECT count(*) FROM task")
 
 
-def release(target: Any) -> None:
-    """Close the read connection ``done_count`` keeps open for ``target``."""
+def done_count(target: Any) -> int:
+    """Jobs enqueued from this process minus those still in huey's task table."""
     with _lock:
-        reader = _readers.pop(_path(target), None)
-    if reader is not None:
-        reader.close()
+        enqueued = _enqueued.get(_path(target), 0)
+    return enqueued - remaining(target)
 
 
-@atexit.register
-def _release_all() -> None:
-    with _lock:
-        readers = list(_readers.values())
-        _readers.clear()
-    for reader in readers:
-        reader.close()
+release = harness.release_counter
 
 
 def serve(

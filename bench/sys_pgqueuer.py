@@ -8,21 +8,19 @@ producer, enqueue_bulk, done_count, serve, latency_inprocess). Imports only in t
 from __future__ import annotations
 
 import asyncio
-import atexit
 import contextlib
 import json
 import signal
-import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 import asyncpg
-import pg8000.native
 import uvloop
 from pgqueuer import Queries, QueueManager
 from pgqueuer.db import AsyncpgDriver
+
+import harness
 
 NAME = "pgqueuer"
 BACKENDS = ("postgres",)
@@ -110,54 +108,11 @@ def enqueue_bulk(target: Any, payloads: list[dict]) -> None:
     asyncio.run(run())
 
 
-# done_count is polled every 20 ms; a connection per poll would cost PostgreSQL a backend fork
-# each time, so one stays open per database until release() or exit.
-_counters: dict[str, Any] = {}
-_counters_lock = threading.Lock()
-
-
-def _pg8000(dsn: str) -> Any:
-    url = urlsplit(dsn)
-    return pg8000.native.Connection(
-        user=unquote(url.username or "postgres"),
-        password=unquote(url.password) if url.password else None,
-        host=url.hostname or "localhost",
-        port=url.port or 5432,
-        database=unquote(url.path.lstrip("/")) or None,
-    )
-
-
 def _count(target: Any, sql: str) -> int:
-    with _counters_lock:
-        conn = _counters.get(_dsn(target))
-        if conn is None:
-            conn = _counters[_dsn(target)] = _pg8000(_dsn(target))
-        try:
-            return conn.run(sql)[0][0]
-        except Exception:
-            _counters.pop(_dsn(target), None)
-            with contextlib.suppress(Exception):
-                conn.close()
-            raise
+    return harness.scalar(target, sql)
 
 
-def release(target: Any) -> None:
-    """Close the connection ``done_count`` keeps open for ``target`` (e.g. before DROP DATABASE)."""
-    with _counters_lock:
-        conn = _counters.pop(_dsn(target), None)
-    if conn is not None:
-        with contextlib.suppress(Exception):
-            conn.close()
-
-
-@atexit.register
-def _release_all() -> None:
-    with _counters_lock:
-        conns = list(_counters.values())
-        _counters.clear()
-    for conn in conns:
-        with contextlib.suppress(Exception):
-            conn.close()
+release = harness.release_counter
 
 
 def _queue_manager(conn: Any, handler: Callable[[dict], None] | None) -> QueueManager:

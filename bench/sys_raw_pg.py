@@ -10,7 +10,6 @@ every ``bench/sys_*.py`` exposes); it only serves S2.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import os
 import signal
@@ -22,6 +21,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 import pg8000.native
 
+import harness
 import minflow
 
 NAME = "raw pg8000"
@@ -109,43 +109,12 @@ def enqueue_bulk(target: Any, payloads: list[dict]) -> None:
         client.submit_many([minflow.Job("noop", p) for p in payloads])
 
 
-# done_count is polled every 20 ms; a connection per poll would cost PostgreSQL a backend fork
-# each time, so one stays open per database until release() or exit.
-_counters: dict[str, Any] = {}
-_counters_lock = threading.Lock()
-
-
 def _count(target: Any, sql: str) -> int:
-    with _counters_lock:
-        conn = _counters.get(_dsn(target))
-        if conn is None:
-            conn = _counters[_dsn(target)] = _connect(_dsn(target))
-        try:
-            return conn.run(sql)[0][0]
-        except Exception:
-            _counters.pop(_dsn(target), None)
-            with contextlib.suppress(Exception):
-                conn.close()
-            raise
+    # Its own connection: the search_path points at minflow's schema.
+    return harness.scalar(target, sql, lambda: _connect(_dsn(target)))
 
 
-def release(target: Any) -> None:
-    """Close the connection ``done_count`` keeps open for ``target`` (e.g. before DROP DATABASE)."""
-    with _counters_lock:
-        conn = _counters.pop(_dsn(target), None)
-    if conn is not None:
-        with contextlib.suppress(Exception):
-            conn.close()
-
-
-@atexit.register
-def _release_all() -> None:
-    with _counters_lock:
-        conns = list(_counters.values())
-        _counters.clear()
-    for conn in conns:
-        with contextlib.suppress(Exception):
-            conn.close()
+release = harness.release_counter
 
 
 def _loop(dsn: str, stop: threading.Event, handler: Callable[[Any], None] | None) -> None:

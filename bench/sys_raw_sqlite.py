@@ -10,7 +10,6 @@ exposes); it only serves S2.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import json
 import os
@@ -21,6 +20,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import harness
 import minflow
 
 NAME = "raw sqlite3"
@@ -97,48 +97,21 @@ def enqueue_bulk(target: Any, payloads: list[dict]) -> None:
         client.submit_many([minflow.Job("noop", p) for p in payloads])
 
 
-_readers: dict[str, sqlite3.Connection] = {}
-_lock = threading.Lock()
-
-
 def done_count(target: Any) -> int:
     """Runs in status ``succeeded``, read on a connection kept open between polls."""
-    return _count(target, _COUNT_SQL)
+    return harness.scalar(target, _COUNT_SQL)
 
 
 def remaining(target: Any) -> int:
     """Runs not finished yet, through the partial indexes: cheap, as the queue drains."""
-    return _count(
+    return harness.scalar(
         target,
         "SELECT (SELECT count(*) FROM workflow_run WHERE status = 'pending' AND deleted_at IS NULL)"
         " + (SELECT count(*) FROM workflow_run WHERE status = 'leased')",
     )
 
 
-def _count(target: Any, sql: str) -> int:
-    path = _path(target)
-    with _lock:
-        reader = _readers.get(path)
-        if reader is None:
-            reader = _readers[path] = sqlite3.connect(path, check_same_thread=False)
-        return reader.execute(sql).fetchone()[0]
-
-
-def release(target: Any) -> None:
-    """Close the read connection ``done_count`` keeps open for ``target``."""
-    with _lock:
-        reader = _readers.pop(_path(target), None)
-    if reader is not None:
-        reader.close()
-
-
-@atexit.register
-def _release_all() -> None:
-    with _lock:
-        readers = list(_readers.values())
-        _readers.clear()
-    for reader in readers:
-        reader.close()
+release = harness.release_counter
 
 
 def _loop(path: str, stop: threading.Event, handler: Callable[[Any], None] | None) -> None:
