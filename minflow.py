@@ -1743,11 +1743,6 @@ class _PostgresDialect(_Dialect):
             raise _translate_pg(exc) from exc
         except (self._errors.InterfaceError, OSError) as exc:
             raise Unavailable(f"cannot connect to PostgreSQL at {dsn.text}: {exc}") from exc
-        if not dsn.unix_sock:
-            # pg8000 writes a statement as several small messages; with Nagle's algorithm the
-            # later ones wait for the server's delayed ACK, up to 40 ms per round trip.
-            with contextlib.suppress(OSError, AttributeError):
-                raw._usock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return _PgConnection(raw, self._errors)
 
     def migrate(self, conn: _Connection) -> int:
