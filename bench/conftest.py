@@ -36,10 +36,10 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 def pg_available() -> str:
     """The PostgreSQL server benchmarks use; skip PostgreSQL figures if none answers."""
     import pg8000.native
-    from harness import _pg_connect
+    from harness import pg_connect
 
     try:
-        _pg_connect(pg_admin_dsn()).close()
+        pg_connect(pg_admin_dsn()).close()
     except (OSError, pg8000.native.InterfaceError, pg8000.native.DatabaseError) as exc:
         pytest.skip(f"no PostgreSQL at MINFLOW_BENCH_PG_DSN/MINFLOW_TEST_PG_DSN: {exc}")
     return pg_admin_dsn()

@@ -48,7 +48,7 @@ class Target:
     dsn: str
 
 
-def _pg_connect(dsn: str):
+def pg_connect(dsn: str):
     import urllib.parse
 
     import pg8000.native
@@ -61,6 +61,13 @@ def _pg_connect(dsn: str):
         port=url.port or 5432,
         database=(url.path or "/postgres").lstrip("/") or "postgres",
     )
+
+
+def remove_sqlite(path: str) -> None:
+    """Delete a SQLite database file with its WAL and shared-memory files, if present."""
+    for suffix in ("", "-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path + suffix)
 
 
 def _with_database(dsn: str, database: str) -> str:
@@ -79,7 +86,7 @@ def fresh_target(system: str, backend: str, workdir: Path) -> Target:
         return Target("sqlite", str(directory / "bench.db"))
     admin = pg_admin_dsn()
     name = f"minflow_bench_{slug}"
-    conn = _pg_connect(admin)
+    conn = pg_connect(admin)
     try:
         conn.run(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
         conn.run(f"CREATE DATABASE {name}")
@@ -92,7 +99,7 @@ def analyze(target: Target) -> None:
     """Statistics for a freshly filled PostgreSQL queue, as autovacuum would soon gather: without
     them the planner expects a handful of rows and some systems sort the whole queue per fetch."""
     if target.backend == "postgres":
-        conn = _pg_connect(target.dsn)
+        conn = pg_connect(target.dsn)
         try:
             conn.run("ANALYZE")
         finally:
@@ -108,7 +115,7 @@ def drop_target(target: Target, mod=None) -> None:
         import urllib.parse
 
         name = urllib.parse.urlsplit(target.dsn).path.lstrip("/")
-        conn = _pg_connect(pg_admin_dsn())
+        conn = pg_connect(pg_admin_dsn())
         try:
             conn.run(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
         finally:
@@ -139,7 +146,7 @@ def machine_line() -> str:
         memory = f", {kib / 1024 / 1024:.0f} GiB RAM"
     pg = "unavailable"
     with contextlib.suppress(Exception):
-        conn = _pg_connect(pg_admin_dsn())
+        conn = pg_connect(pg_admin_dsn())
         try:
             pg = conn.run("SHOW server_version")[0][0].split()[0]
         finally:
@@ -181,7 +188,7 @@ def scalar(target: Target, sql: str, connect: Callable[[], Any] | None = None) -
             elif target.backend == "sqlite":
                 conn = sqlite3.connect(target.dsn, check_same_thread=False)
             else:
-                conn = _pg_connect(target.dsn)
+                conn = pg_connect(target.dsn)
             _counters[target] = conn
         try:
             if isinstance(conn, sqlite3.Connection):

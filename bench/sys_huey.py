@@ -72,9 +72,7 @@ def prepare(target: Any) -> None:
     """Make an empty queue: delete the database file and let SqliteHuey create its tables."""
     path = _path(target)
     release(target)
-    for suffix in ("", "-wal", "-shm"):
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(path + suffix)
+    harness.remove_sqlite(path)
     huey, _ = _make(path)
     huey.storage.close()
     with _lock:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import os
+import sqlite3
 import threading
 import time
 
+import harness
 import minflow
 
 NAME = "minflow"
@@ -27,13 +28,9 @@ def prepare(target) -> None:
     """An empty, migrated database."""
     release(target)
     if target.backend == "sqlite":
-        for suffix in ("", "-wal", "-shm"):
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(target.dsn + suffix)
+        harness.remove_sqlite(target.dsn)
     else:
-        from harness import _pg_connect
-
-        conn = _pg_connect(target.dsn)
+        conn = harness.pg_connect(target.dsn)
         try:
             conn.run(f"DROP SCHEMA IF EXISTS {minflow.DEFAULT_SCHEMA} CASCADE")
         finally:
@@ -60,28 +57,24 @@ def enqueue_bulk(target, payloads: list[dict]) -> None:
         client.submit_many(minflow.Job("noop", payload) for payload in payloads)
 
 
-_clients: dict[str, minflow.Client] = {}
-_raw: dict[str, object] = {}
-
-
 def done_count(target) -> int:
-    """Runs in ``succeeded``, through a Client kept open: a connection per 20 ms poll would
-    cost PostgreSQL a new backend process each time, inside the measurement."""
-    client = _clients.get(target.dsn)
-    if client is None:
-        client = _clients[target.dsn] = minflow.Client(dsn(target))
-    return sum(by_status.get("succeeded", 0) for by_status in client.stats().values())
+    """Runs in ``succeeded``."""
+    return harness.scalar(
+        target, f"SELECT COUNT(*) FROM {table(target, 'workflow_run')} WHERE status = 'succeeded'"
+    )
 
 
-def release(target) -> None:
-    """Close what done_count and query keep open for ``target``."""
-    client = _clients.pop(target.dsn, None)
-    if client is not None:
-        client.close()
-    conn = _raw.pop(target.dsn, None)
-    if conn is not None:
-        with contextlib.suppress(Exception):
-            conn.close()
+def remaining(target) -> int:
+    """Runs not finished yet (pending or leased): both partial indexes make this cheap."""
+    run = table(target, "workflow_run")
+    return harness.scalar(
+        target,
+        f"SELECT (SELECT COUNT(*) FROM {run} WHERE status = 'pending' AND deleted_at IS NULL)"
+        f" + (SELECT COUNT(*) FROM {run} WHERE status = 'leased')",
+    )
+
+
+release = harness.release_counter
 
 
 def _app(target, on_start) -> minflow.App:
@@ -162,32 +155,17 @@ def table(target, name: str) -> str:
 def query(target, text: str) -> list:
     """Run one raw statement with its own connection; ``{run}``/``{event}`` name the tables."""
     text = text.format(run=table(target, "workflow_run"), event=table(target, "workflow_event"))
-    conn = _raw.get(target.dsn)
     if target.backend == "sqlite":
-        import sqlite3
-
-        if conn is None:
-            conn = _raw[target.dsn] = sqlite3.connect(target.dsn, timeout=30, isolation_level=None)
-        return conn.execute(text).fetchall()
-    from harness import _pg_connect
-
-    if conn is None:
-        conn = _raw[target.dsn] = _pg_connect(target.dsn)
-    return conn.run(text) or []
-
-
-def remaining(target) -> int:
-    """Runs not finished yet (S2's completion check)."""
-    return open_count(target)
-
-
-def open_count(target) -> int:
-    """Runs not finished yet (pending or leased): both partial indexes make this cheap."""
-    return query(
-        target,
-        "SELECT (SELECT COUNT(*) FROM {run} WHERE status = 'pending' AND deleted_at IS NULL)"
-        " + (SELECT COUNT(*) FROM {run} WHERE status = 'leased')",
-    )[0][0]
+        conn = sqlite3.connect(target.dsn, timeout=30, isolation_level=None)
+        try:
+            return conn.execute(text).fetchall()
+        finally:
+            conn.close()
+    conn = harness.pg_connect(target.dsn)
+    try:
+        return conn.run(text) or []
+    finally:
+        conn.close()
 
 
 HISTORY_BEFORE = "2021-01-01"  # terminal rows S5 adds are created before this, new runs after

@@ -77,9 +77,7 @@ def prepare(target: Any) -> None:
     """Make an empty queue: delete the database file and apply minflow's migrations."""
     path = _path(target)
     release(target)
-    for suffix in ("", "-wal", "-shm"):
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(path + suffix)
+    harness.remove_sqlite(path)
     with minflow.Client(_minflow_dsn(target)) as client:
         client.migrate()
 

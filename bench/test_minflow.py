@@ -101,7 +101,7 @@ def test_s5_scale(backend, workdir, report):
             2,
             S2_CONCURRENCY,
             fresh=False,
-            finished=lambda: mod.open_count(target) == 0,
+            finished=lambda: mod.remaining(target) == 0,
         )
 
     try:

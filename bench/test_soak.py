@@ -67,7 +67,7 @@ def test_s6_soak(backend, workdir, report):
                             "t": round(now - start),
                             **_process(pid),
                             "wal_kib": wal.stat().st_size // 1024 if wal.exists() else 0,
-                            "backlog": mod.open_count(target),
+                            "backlog": mod.remaining(target),
                             "done": mod.done_count(target),
                             "load": load_average(),
                         }
