@@ -96,6 +96,11 @@ DEFAULT_POLL_INTERVAL = 1.0
 DEFAULT_CONCURRENCY = 4
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0
 DEFAULT_TICK_INTERVAL = 1.0  # a due schedule becomes a run within about a second
+DEFAULT_HTTP_HOST = "127.0.0.1"  # loopback unless the operator decides otherwise
+DEFAULT_HTTP_PORT = 8080
+DEFAULT_MAX_BODY = 1 << 20  # bytes (the seed sets no limit)
+DEFAULT_REQUEST_TIMEOUT = 10.0  # seconds to receive a whole request (the seed's read timeout)
+DEFAULT_HTTP_THREADS = 32  # requests handled at once; beyond that, an immediate 503
 DEFAULT_LIST_LIMIT = 50
 MAX_LIST_LIMIT = 1000
 MAX_TYPE_LENGTH = 255
@@ -3674,11 +3679,6 @@ class _HandlerPool:
 
 _http_log = logging.getLogger("minflow.http")
 
-DEFAULT_HTTP_HOST = "127.0.0.1"  # loopback unless the operator decides otherwise
-DEFAULT_HTTP_PORT = 8080  # the seed's
-DEFAULT_MAX_BODY = 1 << 20  # bytes
-DEFAULT_REQUEST_TIMEOUT = 10.0  # seconds to receive a whole request (the seed's read timeout)
-DEFAULT_HTTP_THREADS = 32  # requests handled at once; beyond that, an immediate 503
 _DRAIN_LIMIT = 16 << 20  # an oversized body up to this size is read and dropped, so the 413 arrives
 _API = "/api/v1"
 _METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -4067,7 +4067,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         except (TimeoutError, ConnectionError):
             raise  # the client is gone or too slow: nothing to answer
         except Exception:
-            # A bug or an unexpected database error; its text stays in the log (seed-spec S-2).
+            # A bug or an unexpected database error: its text may reveal the schema or the data,
+            # so it stays in the log and the client gets a generic message.
             _http_log.exception("%s %s failed", self.command, self.path)
             status, body = 500, {"error": "internal server error; see the server log"}
         self._send(status, body, headers)
