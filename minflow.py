@@ -4605,6 +4605,90 @@ def _load_app(spec: str) -> App:
     return app
 
 
+# -- options ----------------------------------------------------------------------------------
+
+_DURATION = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h|d)?\s*")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def _duration_arg(text: str) -> float:
+    match = _DURATION.fullmatch(text)
+    if not match:
+        raise argparse.ArgumentTypeError(
+            f"expected a duration such as 90, 90s, 5m, 2h or 1d: {text!r}"
+        )
+    seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2) or "s"]
+    if seconds > MAX_DELAY:
+        raise argparse.ArgumentTypeError(f"at most 100 years, got {text!r}")
+    return seconds
+
+
+def _port_arg(text: str) -> int:
+    if not text.isdigit() or not 0 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is a number from 0 to 65535, got {text!r}")
+    return int(text)
+
+
+def _time_arg(text: str) -> _dt.datetime:
+    try:
+        return _parse_rfc3339(text, "time")
+    except InvalidInput as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Option:
+    """A command-line option. ``kwarg``: the keyword argument its value is passed as (None: the
+    command reads it itself, as ``args.<flag name>``). ``parse`` turns its text into the value
+    (None: the text as is); a bool ``default`` makes the flag a switch to the other value."""
+
+    flag: str
+    kwarg: str | None
+    parse: Callable[[str], Any] | None
+    default: Any
+    help: str
+
+    def add_to(self, parser: argparse.ArgumentParser) -> None:
+        """Add this option to ``parser``."""
+        dest = {"dest": self.kwarg} if self.kwarg else {}
+        if isinstance(self.default, bool):
+            action = "store_false" if self.default else "store_true"
+            parser.add_argument(self.flag, action=action, help=self.help, **dest)
+        else:
+            parser.add_argument(
+                self.flag, type=self.parse, default=self.default, help=self.help, **dest
+            )
+
+
+# The worker command's options; those with a keyword go to Worker(), so a new Worker option is
+# one row here.
+_WORKER_OPTIONS = (
+    _Option("--concurrency", "concurrency", int, DEFAULT_CONCURRENCY, f"handlers run at once (default {DEFAULT_CONCURRENCY})"),
+    _Option("--lease", "lease", float, DEFAULT_LEASE, f"lease seconds (default {DEFAULT_LEASE:g})"),
+    _Option("--poll-interval", "poll_interval", float, None, f"fallback poll seconds (default {DEFAULT_POLL_INTERVAL:g})"),
+    _Option("--types", "types", None, None, "comma-separated exact types to claim (default: all handlers)"),
+    _Option("--prefixes", "prefixes", None, None, "comma-separated literal type prefixes to claim as well"),
+    _Option("--worker-id", "worker_id", None, None, "worker id (default: hostname-pid)"),
+    _Option("--burst", None, None, False, "exit once nothing is due and nothing runs"),
+    _Option("--no-schedules", "schedules", None, True, "do not run the cron ticker in this worker"),
+    _Option("--shutdown-timeout", "shutdown_timeout", float, DEFAULT_SHUTDOWN_TIMEOUT, f"seconds running handlers get after SIGTERM (default {DEFAULT_SHUTDOWN_TIMEOUT:g})"),
+    _Option("--metrics-port", None, _port_arg, None, "serve Prometheus /metrics (and /healthz) on this port"),
+    _Option("--metrics-host", None, None, DEFAULT_HTTP_HOST, f"address for --metrics-port (default {DEFAULT_HTTP_HOST})"),
+)  # fmt: skip
+
+# The serve command's options.
+_SERVE_OPTIONS = (
+    _Option("--host", None, None, DEFAULT_HTTP_HOST, f"address to listen on (default {DEFAULT_HTTP_HOST})"),
+    _Option("--port", None, _port_arg, DEFAULT_HTTP_PORT, f"port (default {DEFAULT_HTTP_PORT})"),
+    _Option("--max-body", None, int, DEFAULT_MAX_BODY, f"largest request body in bytes (default {DEFAULT_MAX_BODY})"),
+    _Option("--request-timeout", None, float, DEFAULT_REQUEST_TIMEOUT, f"seconds a client has to send its request (default {DEFAULT_REQUEST_TIMEOUT:g})"),
+    _Option("--threads", None, int, DEFAULT_HTTP_THREADS, f"requests handled at once; more get 503 (default {DEFAULT_HTTP_THREADS})"),
+)  # fmt: skip
+
+
+# -- migrate and the long-running commands ----------------------------------------------------
+
+
 def _cmd_migrate(args: argparse.Namespace) -> int:
     with Client(args.dsn) as client:
         applied = client.migrate()
@@ -4622,14 +4706,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         app._configure(args.dsn)
     worker = Worker(
         app,
-        concurrency=args.concurrency,
-        lease=args.lease,
-        poll_interval=args.poll_interval,
-        worker_id=args.worker_id,
-        types=args.types,
-        prefixes=args.prefixes,
-        schedules=not args.no_schedules,
-        shutdown_timeout=args.shutdown_timeout,
+        **{option.kwarg: getattr(args, option.kwarg) for option in _WORKER_OPTIONS if option.kwarg},
     )
     server = None
     if args.metrics_port is not None:
@@ -4737,35 +4814,6 @@ def _json_arg(text: str | None, what: str) -> Any:
         raise _UsageError(
             f"{what} is not valid JSON ({exc}); quote it, e.g. '{{\"k\": 1}}'"
         ) from None
-
-
-_DURATION = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h|d)?\s*")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-
-
-def _duration_arg(text: str) -> float:
-    match = _DURATION.fullmatch(text)
-    if not match:
-        raise argparse.ArgumentTypeError(
-            f"expected a duration such as 90, 90s, 5m, 2h or 1d: {text!r}"
-        )
-    seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2) or "s"]
-    if seconds > MAX_DELAY:
-        raise argparse.ArgumentTypeError(f"at most 100 years, got {text!r}")
-    return seconds
-
-
-def _port_arg(text: str) -> int:
-    if not text.isdigit() or not 0 <= int(text) <= 65535:
-        raise argparse.ArgumentTypeError(f"a port is a number from 0 to 65535, got {text!r}")
-    return int(text)
-
-
-def _time_arg(text: str) -> _dt.datetime:
-    try:
-        return _parse_rfc3339(text, "time")
-    except InvalidInput as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _fmt_time(moment: _dt.datetime | None) -> str:
@@ -5122,6 +5170,7 @@ def _build_parser() -> argparse.ArgumentParser:
         func: Callable[[argparse.Namespace], int],
         *,
         json_flag: bool = True,
+        options: Sequence[_Option] = (),
     ) -> argparse.ArgumentParser:
         sub = parent.add_parser(name, help=help_text, description=help_text)
         sub.add_argument(
@@ -5133,6 +5182,8 @@ def _build_parser() -> argparse.ArgumentParser:
             sub.add_argument(
                 "--json", action="store_true", help="print JSON for scripts instead of text"
             )
+        for option in options:
+            option.add_to(sub)
         sub.set_defaults(func=func)
         return sub
 
@@ -5157,9 +5208,7 @@ def _build_parser() -> argparse.ArgumentParser:
             help=f"executions before the run is failed for good (default {DEFAULT_MAX_ATTEMPTS})",
         )
 
-    command(
-        parent=commands, name="migrate", help_text="create or upgrade the schema", func=_cmd_migrate
-    )
+    command(commands, "migrate", "create or upgrade the schema", _cmd_migrate)
 
     sub = command(commands, "submit", "submit a run; prints its id", _cmd_submit)
     sub.add_argument("type", metavar="TYPE", help="run type, e.g. billing.invoice.v1")
@@ -5194,14 +5243,12 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     sub.add_argument("--offset", type=int, default=0, help="skip this many (default 0)")
 
-    sub = command(commands, "show", "show a run and its event timeline", _cmd_show)
-    sub.add_argument("run_id", metavar="RUN_ID")
-
-    sub = command(commands, "cancel", "cancel a pending or running run", _cmd_cancel)
-    sub.add_argument("run_id", metavar="RUN_ID")
-
-    sub = command(commands, "retry", "put a failed or cancelled run back to pending", _cmd_retry)
-    sub.add_argument("run_id", metavar="RUN_ID")
+    for name, text, func in (
+        ("show", "show a run and its event timeline", _cmd_show),
+        ("cancel", "cancel a pending or running run", _cmd_cancel),
+        ("retry", "put a failed or cancelled run back to pending", _cmd_retry),
+    ):
+        command(commands, name, text, func).add_argument("run_id", metavar="RUN_ID")
 
     command(
         commands,
@@ -5238,54 +5285,17 @@ def _build_parser() -> argparse.ArgumentParser:
         sub.add_argument("schedule_id", metavar="SCHEDULE_ID")
 
     sub = command(
-        commands, "worker", "run a worker for the handlers of an App", _cmd_worker, json_flag=False
+        commands,
+        "worker",
+        "run a worker for the handlers of an App",
+        _cmd_worker,
+        json_flag=False,
+        options=_WORKER_OPTIONS,
     )
     sub.add_argument(
         "app",
         metavar="MODULE[:ATTR]",
         help="module holding a minflow.App (attribute 'app' by default)",
-    )
-    sub.add_argument(
-        "--concurrency",
-        type=int,
-        default=DEFAULT_CONCURRENCY,
-        help=f"handlers run at once (default {DEFAULT_CONCURRENCY})",
-    )
-    sub.add_argument(
-        "--lease", type=float, default=DEFAULT_LEASE, help="lease seconds (default 30)"
-    )
-    sub.add_argument(
-        "--poll-interval", type=float, default=None, help="fallback poll seconds (default 1)"
-    )
-    sub.add_argument(
-        "--types", default=None, help="comma-separated exact types to claim (default: all handlers)"
-    )
-    sub.add_argument(
-        "--prefixes", default=None, help="comma-separated literal type prefixes to claim as well"
-    )
-    sub.add_argument("--worker-id", default=None, help="worker id (default: hostname-pid)")
-    sub.add_argument(
-        "--burst", action="store_true", help="exit once nothing is due and nothing runs"
-    )
-    sub.add_argument(
-        "--no-schedules", action="store_true", help="do not run the cron ticker in this worker"
-    )
-    sub.add_argument(
-        "--shutdown-timeout",
-        type=float,
-        default=DEFAULT_SHUTDOWN_TIMEOUT,
-        help="seconds running handlers get after SIGTERM (default 30)",
-    )
-    sub.add_argument(
-        "--metrics-port",
-        type=_port_arg,
-        default=None,
-        help="serve Prometheus /metrics (and /healthz) on this port",
-    )
-    sub.add_argument(
-        "--metrics-host",
-        default=DEFAULT_HTTP_HOST,
-        help=f"address for --metrics-port (default {DEFAULT_HTTP_HOST})",
     )
 
     sub = command(
@@ -5299,41 +5309,13 @@ def _build_parser() -> argparse.ArgumentParser:
         "--interval", type=float, default=DEFAULT_TICK_INTERVAL, help="seconds between ticks"
     )
 
-    sub = command(
+    command(
         commands,
         "serve",
         "serve the REST API, /metrics and /healthz (API key from $MINFLOW_API_KEY)",
         _cmd_serve,
         json_flag=False,
-    )
-    sub.add_argument(
-        "--host",
-        default=DEFAULT_HTTP_HOST,
-        help=f"address to listen on (default {DEFAULT_HTTP_HOST})",
-    )
-    sub.add_argument(
-        "--port",
-        type=_port_arg,
-        default=DEFAULT_HTTP_PORT,
-        help=f"port (default {DEFAULT_HTTP_PORT})",
-    )
-    sub.add_argument(
-        "--max-body",
-        type=int,
-        default=DEFAULT_MAX_BODY,
-        help=f"largest request body in bytes (default {DEFAULT_MAX_BODY})",
-    )
-    sub.add_argument(
-        "--request-timeout",
-        type=float,
-        default=DEFAULT_REQUEST_TIMEOUT,
-        help=f"seconds a client has to send its request (default {DEFAULT_REQUEST_TIMEOUT:g})",
-    )
-    sub.add_argument(
-        "--threads",
-        type=int,
-        default=DEFAULT_HTTP_THREADS,
-        help=f"requests handled at once; more get 503 (default {DEFAULT_HTTP_THREADS})",
+        options=_SERVE_OPTIONS,
     )
 
     sub = command(
