@@ -96,6 +96,11 @@ DEFAULT_POLL_INTERVAL = 1.0
 DEFAULT_CONCURRENCY = 4
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0
 DEFAULT_TICK_INTERVAL = 1.0  # a due schedule becomes a run within about a second
+DEFAULT_HTTP_HOST = "127.0.0.1"  # loopback unless the operator decides otherwise
+DEFAULT_HTTP_PORT = 8080
+DEFAULT_MAX_BODY = 1 << 20  # bytes (the seed sets no limit)
+DEFAULT_REQUEST_TIMEOUT = 10.0  # seconds to receive a whole request (the seed's read timeout)
+DEFAULT_HTTP_THREADS = 32  # requests handled at once; beyond that, an immediate 503
 DEFAULT_LIST_LIMIT = 50
 MAX_LIST_LIMIT = 1000
 MAX_TYPE_LENGTH = 255
@@ -3674,11 +3679,6 @@ class _HandlerPool:
 
 _http_log = logging.getLogger("minflow.http")
 
-DEFAULT_HTTP_HOST = "127.0.0.1"  # loopback unless the operator decides otherwise
-DEFAULT_HTTP_PORT = 8080  # the seed's
-DEFAULT_MAX_BODY = 1 << 20  # bytes
-DEFAULT_REQUEST_TIMEOUT = 10.0  # seconds to receive a whole request (the seed's read timeout)
-DEFAULT_HTTP_THREADS = 32  # requests handled at once; beyond that, an immediate 503
 _DRAIN_LIMIT = 16 << 20  # an oversized body up to this size is read and dropped, so the 413 arrives
 _API = "/api/v1"
 _METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -3921,30 +3921,86 @@ def _r_schedule_delete(req: _Request) -> tuple[int, Any]:
     return 200, {"status": "deleted"}
 
 
-_Route = tuple[str, str, Callable[[_Request], tuple[int, Any]]]
+# -- the route table --------------------------------------------------------------------------
+# Each route carries what the OpenAPI document says about it, so a new route is one row.
 
-# The REST server's routes; {id} matches one path segment. /healthz alone needs no API key.
+
+def _ref(name: str) -> dict:
+    """A reference to one of the OpenAPI document's component schemas."""
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _array_of(name: str) -> dict:
+    return {"type": "array", "items": _ref(name)}
+
+
+def _status_is(word: str) -> dict:
+    """The schema of a ``{"status": word}`` answer."""
+    return {"type": "object", "properties": {"status": {"const": word}}, "required": ["status"]}
+
+
+_CREATED = {"type": "object", "properties": {"id": {"type": "string"}}, "required": ["id"]}
+# What the Client accepts: non-blank text without NUL; filters may also be empty (no filter).
+_NAME_TEXT = {
+    "type": "string",
+    "minLength": 1,
+    "maxLength": MAX_TYPE_LENGTH,
+    "pattern": r"^[^\u0000]*[^\s\u0000][^\u0000]*$",
+}
+_FILTER_TEXT = {**_NAME_TEXT, "minLength": 0, "pattern": r"^([^\u0000]*[^\s\u0000][^\u0000]*)?$"}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Operation:
+    """What a route runs, and how the OpenAPI document describes it."""
+
+    fn: Callable[[_Request], tuple[int, Any]]
+    id: str  # operationId
+    summary: str
+    schema: dict | None  # of the success body; None: text/plain
+    errors: tuple[int, ...] = ()  # error statuses; 401 is added unless the route is public
+    status: int = 200  # on success
+    public: bool = False  # answered without the API key
+    query: tuple[tuple[str, dict], ...] = ()  # query parameters and their schemas
+    body: tuple[str, dict] | None = None  # the request body's component schema and an example
+    links: tuple[str, ...] = ()  # operations that take the id this one answers with
+
+
+_Route = tuple[str, str, _Operation]
+_RUNS, _RUN = f"{_API}/workflows", f"{_API}/workflows/{{id}}"
+_SCHEDULES, _SCHEDULE = f"{_API}/schedules", f"{_API}/schedules/{{id}}"
+
+# The REST server's routes; {id} matches one path segment.
 _API_ROUTES: list[_Route] = [
-    ("GET", "/healthz", _r_healthz),
-    ("GET", "/metrics", _r_metrics),
-    ("GET", f"{_API}/openapi.json", _r_openapi),
-    ("GET", f"{_API}/health", _r_healthz),
-    ("POST", f"{_API}/workflows", _r_submit),
-    ("GET", f"{_API}/workflows", _r_list),
-    ("GET", f"{_API}/workflows/{{id}}", _r_get),
-    ("DELETE", f"{_API}/workflows/{{id}}", _r_cancel),
-    ("GET", f"{_API}/workflows/{{id}}/events", _r_events),
-    ("POST", f"{_API}/workflows/{{id}}/retry", _r_retry),
-    ("POST", f"{_API}/schedules", _r_schedule_create),
-    ("GET", f"{_API}/schedules", _r_schedules),
-    ("GET", f"{_API}/schedules/{{id}}", _r_schedule_get),
-    ("DELETE", f"{_API}/schedules/{{id}}", _r_schedule_delete),
-    ("PATCH", f"{_API}/schedules/{{id}}/pause", _r_pause),
-    ("PATCH", f"{_API}/schedules/{{id}}/resume", _r_resume),
-]
+    ("GET", "/healthz", _Operation(_r_healthz, "healthz", "Database check; no API key needed", _status_is("ok"), (503,), public=True)),
+    ("GET", "/metrics", _Operation(_r_metrics, "metrics", "Prometheus metrics (text format 0.0.4)", None)),
+    ("GET", f"{_API}/openapi.json", _Operation(_r_openapi, "openapi", "This document", {"type": "object"})),
+    ("GET", f"{_API}/health", _Operation(_r_healthz, "health", "Database check", _status_is("ok"), (503,))),
+    ("POST", _RUNS, _Operation(_r_submit, "submitRun", "Submit a run", _CREATED, (400, 409, 413, 503), status=201,
+        body=("SubmitRequest", {"type": "billing.invoice.v1", "payload": {"order": 42}}),
+        links=("getRun", "runEvents", "cancelRun", "retryRun"))),
+    ("GET", _RUNS, _Operation(_r_list, "listRuns", "Runs, newest first", _array_of("Run"), (400, 503), query=(
+        ("type", _FILTER_TEXT),
+        ("status", {"type": "string", "enum": ["", *RUN_STATUSES]}),
+        ("idempotency_key", {"type": "string", "pattern": r"^[^\u0000]*$"}),
+        ("limit", {"type": "integer", "minimum": 1, "maximum": MAX_LIST_LIMIT}),
+        ("offset", {"type": "integer", "minimum": 0, "maximum": _INT32[1]})))),
+    ("GET", _RUN, _Operation(_r_get, "getRun", "One run", _ref("Run"), (404, 503))),
+    ("DELETE", _RUN, _Operation(_r_cancel, "cancelRun", "Cancel a run", _status_is("cancelled"), (404, 409, 503))),
+    ("GET", f"{_RUN}/events", _Operation(_r_events, "runEvents", "A run's events, oldest first", _array_of("Event"), (404, 503))),
+    ("POST", f"{_RUN}/retry", _Operation(_r_retry, "retryRun", "A failed or cancelled run back to pending", _status_is("pending"), (404, 409, 503))),
+    ("POST", _SCHEDULES, _Operation(_r_schedule_create, "createSchedule", "Create (or, by name, update) a schedule", _CREATED, (400, 413, 503), status=201,
+        body=("ScheduleRequest", {"type": "reports.daily.v1", "cron": "0 6 * * *"}),
+        links=("getSchedule", "pauseSchedule", "resumeSchedule", "deleteSchedule"))),
+    ("GET", _SCHEDULES, _Operation(_r_schedules, "listSchedules", "Schedules, oldest first", _array_of("Schedule"), (503,))),
+    ("GET", _SCHEDULE, _Operation(_r_schedule_get, "getSchedule", "One schedule", _ref("Schedule"), (404, 503))),
+    ("DELETE", _SCHEDULE, _Operation(_r_schedule_delete, "deleteSchedule", "Delete a schedule", _status_is("deleted"), (404, 503))),
+    ("PATCH", f"{_SCHEDULE}/pause", _Operation(_r_pause, "pauseSchedule", "Pause a schedule", _status_is("paused"), (404, 503))),
+    ("PATCH", f"{_SCHEDULE}/resume", _Operation(_r_resume, "resumeSchedule", "Resume a schedule from now", _status_is("resumed"), (404, 503))),
+]  # fmt: skip
 # A worker's --metrics-port listener.
-_METRICS_ROUTES: list[_Route] = [("GET", "/healthz", _r_healthz), ("GET", "/metrics", _r_metrics)]
-_PUBLIC_PATHS = frozenset({"/healthz"})
+_METRICS_ROUTES: list[_Route] = [r for r in _API_ROUTES if r[1] in ("/healthz", "/metrics")]
+_PUBLIC_PATHS = frozenset(path for _, path, operation in _API_ROUTES if operation.public)
 
 
 def _compile_routes(routes: list[_Route]) -> list[tuple[str, re.Pattern, Callable]]:
@@ -3952,9 +4008,9 @@ def _compile_routes(routes: list[_Route]) -> list[tuple[str, re.Pattern, Callabl
         (
             method,
             re.compile("^" + re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>[^/]+)", re.escape(p)) + "$"),
-            fn,
+            operation.fn,
         )
-        for method, p, fn in routes
+        for method, p, operation in routes
     ]
 
 
@@ -4067,7 +4123,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         except (TimeoutError, ConnectionError):
             raise  # the client is gone or too slow: nothing to answer
         except Exception:
-            # A bug or an unexpected database error; its text stays in the log (seed-spec S-2).
+            # A bug or an unexpected database error: its text may reveal the schema or the data,
+            # so it stays in the log and the client gets a generic message.
             _http_log.exception("%s %s failed", self.command, self.path)
             status, body = 500, {"error": "internal server error; see the server log"}
         self._send(status, body, headers)
@@ -4332,115 +4389,61 @@ _ERROR_TEXT = {
 }
 
 
-def _openapi_document() -> dict:
-    """OpenAPI 3.1 description of ``_API_ROUTES``; built once."""
-    if _openapi_cache:
-        return _openapi_cache
-    ref = lambda name: {"$ref": f"#/components/schemas/{name}"}  # noqa: E731
-    array = lambda name: {"type": "array", "items": ref(name)}  # noqa: E731
-    nullable = lambda schema: {"oneOf": [schema, {"type": "null"}]}  # noqa: E731
-    status = lambda word: {  # noqa: E731
-        "type": "object",
-        "properties": {"status": {"const": word}},
-        "required": ["status"],
+def _openapi_operation(path: str, op: _Operation) -> dict:
+    """One route of the table as an OpenAPI operation."""
+    text = {"type": "string"}
+    media = "text/plain" if op.schema is None else "application/json"
+    success: dict[str, Any] = {
+        "description": op.summary,
+        "content": {media: {"schema": op.schema or text}},
     }
-    created = {"type": "object", "properties": {"id": {"type": "string"}}, "required": ["id"]}
+    if op.links:
+        success["links"] = {
+            target: {"operationId": target, "parameters": {"id": "$response.body#/id"}}
+            for target in op.links
+        }
+    responses = {str(op.status): success}
+    for error in sorted(set(op.errors) if op.public else {401, *op.errors}):
+        responses[str(error)] = {
+            "description": _ERROR_TEXT[error],
+            "content": {"application/json": {"schema": _ref("Error")}},
+        }
+    operation: dict[str, Any] = {
+        "operationId": op.id,
+        "summary": op.summary,
+        "responses": responses,
+    }
+    if op.public:
+        operation["security"] = []
+    parameters = [
+        {"name": name, "in": "path", "required": True, "schema": text}
+        for name in re.findall(r"\{(\w+)\}", path)
+    ] + [{"name": name, "in": "query", "schema": schema} for name, schema in op.query]
+    if parameters:
+        operation["parameters"] = parameters
+    if op.body is not None:
+        name, example = op.body
+        operation["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": _ref(name), "example": example}},
+        }
+    return operation
+
+
+def _openapi_schemas() -> dict:
+    """The document's component schemas: the read models, the request bodies and errors."""
+    nullable = lambda schema: {"oneOf": [schema, {"type": "null"}]}  # noqa: E731
     when = {"type": "string", "format": "date-time"}
     text = {"type": "string"}
     integer = {"type": "integer"}
     anything = {"description": "Any JSON value."}
     int32 = {"type": "integer", "minimum": _INT32[0], "maximum": _INT32[1]}
-    # What the Client accepts: non-blank text without NUL; filters may also be empty (no filter).
-    name_text = {
-        "type": "string",
-        "minLength": 1,
-        "maxLength": MAX_TYPE_LENGTH,
-        "pattern": r"^[^\u0000]*[^\s\u0000][^\u0000]*$",
-    }
-    filter_text = {**name_text, "minLength": 0, "pattern": r"^([^\u0000]*[^\s\u0000][^\u0000]*)?$"}
-    runs, schedules, run, schedule = (
-        f"{_API}/workflows",
-        f"{_API}/schedules",
-        f"{_API}/workflows/{{id}}",
-        f"{_API}/schedules/{{id}}",
-    )
-    # method, path, operationId, summary, (success status, body schema; None = text), errors
-    operations = [
-        ("get", "/healthz", "healthz", "Database check; no API key needed", (200, status("ok")), (503,)),
-        ("get", "/metrics", "metrics", "Prometheus metrics (text format 0.0.4)", (200, None), (401,)),
-        ("get", f"{_API}/openapi.json", "openapi", "This document", (200, {"type": "object"}), (401,)),
-        ("get", f"{_API}/health", "health", "Database check", (200, status("ok")), (401, 503)),
-        ("post", runs, "submitRun", "Submit a run", (201, created), (400, 401, 409, 413, 503)),
-        ("get", runs, "listRuns", "Runs, newest first", (200, array("Run")), (400, 401, 503)),
-        ("get", run, "getRun", "One run", (200, ref("Run")), (401, 404, 503)),
-        ("delete", run, "cancelRun", "Cancel a run", (200, status("cancelled")), (401, 404, 409, 503)),
-        ("get", f"{run}/events", "runEvents", "A run's events, oldest first", (200, array("Event")), (401, 404, 503)),
-        ("post", f"{run}/retry", "retryRun", "A failed or cancelled run back to pending", (200, status("pending")), (401, 404, 409, 503)),
-        ("post", schedules, "createSchedule", "Create (or, by name, update) a schedule", (201, created), (400, 401, 413, 503)),
-        ("get", schedules, "listSchedules", "Schedules, oldest first", (200, array("Schedule")), (401, 503)),
-        ("get", schedule, "getSchedule", "One schedule", (200, ref("Schedule")), (401, 404, 503)),
-        ("delete", schedule, "deleteSchedule", "Delete a schedule", (200, status("deleted")), (401, 404, 503)),
-        ("patch", f"{schedule}/pause", "pauseSchedule", "Pause a schedule", (200, status("paused")), (401, 404, 503)),
-        ("patch", f"{schedule}/resume", "resumeSchedule", "Resume a schedule from now", (200, status("resumed")), (401, 404, 503)),
-    ]  # fmt: skip
-    query = lambda name, schema: {"name": name, "in": "query", "schema": schema}  # noqa: E731
-    extras: dict[str, dict] = {
-        "healthz": {"security": []},
-        "listRuns": {
-            "parameters": [
-                query("type", filter_text),
-                query("status", {"type": "string", "enum": ["", *RUN_STATUSES]}),
-                query("idempotency_key", {"type": "string", "pattern": r"^[^\u0000]*$"}),
-                query("limit", {"type": "integer", "minimum": 1, "maximum": MAX_LIST_LIMIT}),
-                query("offset", {"type": "integer", "minimum": 0, "maximum": _INT32[1]}),
-            ]
-        },
-    }
-    examples = {
-        "submitRun": ("SubmitRequest", {"type": "billing.invoice.v1", "payload": {"order": 42}}),
-        "createSchedule": ("ScheduleRequest", {"type": "reports.daily.v1", "cron": "0 6 * * *"}),
-    }
-    # A new id leads to the routes that take it (readers, and generated stateful tests).
-    links = {
-        "submitRun": ("getRun", "runEvents", "cancelRun", "retryRun"),
-        "createSchedule": ("getSchedule", "pauseSchedule", "resumeSchedule", "deleteSchedule"),
-    }
-    paths: dict[str, dict] = {}
-    for method, path, op_id, summary, (code, schema), errors in operations:
-        media = "text/plain" if schema is None else "application/json"
-        success: dict[str, Any] = {
-            "description": summary,
-            "content": {media: {"schema": schema or text}},
-        }
-        if op_id in links:
-            success["links"] = {
-                target: {"operationId": target, "parameters": {"id": "$response.body#/id"}}
-                for target in links[op_id]
-            }
-        responses = {str(code): success}
-        for error in errors:
-            responses[str(error)] = {
-                "description": _ERROR_TEXT[error],
-                "content": {"application/json": {"schema": ref("Error")}},
-            }
-        operation = {"operationId": op_id, "summary": summary, "responses": responses}
-        operation.update(extras.get(op_id, {}))
-        if "{id}" in path:
-            operation["parameters"] = [
-                {"name": "id", "in": "path", "required": True, "schema": text}
-            ]
-        if op_id in examples:
-            name, example = examples[op_id]
-            operation["requestBody"] = {
-                "required": True,
-                "content": {"application/json": {"schema": ref(name), "example": example}},
-            }
-        paths.setdefault(path, {})[method] = operation
 
     def model(cls: type, **properties: dict) -> dict:
         """A response object: every field of the dataclass, nothing else."""
         names = [f.name for f in dataclasses.fields(cls)]
-        assert set(properties) == set(names), cls
+        if list(properties) != names:
+            raise TypeError(f"{cls.__name__} has the fields {names}, its schema {list(properties)}")
         return {
             "type": "object",
             "properties": properties,
@@ -4456,7 +4459,7 @@ def _openapi_document() -> dict:
             "additionalProperties": False,
         }
 
-    schemas = {
+    return {
         "Error": {
             "type": "object",
             "properties": {"error": text, "id": {**text, "description": "The existing run (409)."}},
@@ -4506,10 +4509,10 @@ def _openapi_document() -> dict:
         "SubmitRequest": {
             **request(
                 ["type"],
-                type=name_text,
+                type=_NAME_TEXT,
                 payload=anything,
                 priority=nullable({**int32, "description": "Lower runs first; default 100."}),
-                idempotency_key=nullable({**filter_text, "maxLength": 1000}),
+                idempotency_key=nullable({**_FILTER_TEXT, "maxLength": 1000}),
                 max_attempts=nullable({**int32, "minimum": 1, "description": "Default 3."}),
                 run_after=nullable({**when, "description": "Earliest start, with a zone."}),
                 run_at=nullable({**when, "description": "Alias of run_after."}),
@@ -4530,15 +4533,24 @@ def _openapi_document() -> dict:
         },
         "ScheduleRequest": request(
             ["type", "cron"],
-            type=name_text,
+            type=_NAME_TEXT,
             cron={**text, "minLength": 1, "description": "5-field cron, or @hourly, @daily..."},
             payload=anything,
             timezone=nullable({**text, "description": "IANA name; default UTC."}),
             priority=nullable(int32),
             max_attempts=nullable({**int32, "minimum": 1}),
-            name=nullable(name_text),
+            name=nullable(_NAME_TEXT),
         ),
     }
+
+
+def _openapi_document() -> dict:
+    """OpenAPI 3.1 description of ``_API_ROUTES``; built once."""
+    if _openapi_cache:
+        return _openapi_cache
+    paths: dict[str, dict] = {}
+    for method, path, operation in _API_ROUTES:
+        paths.setdefault(path, {})[method.lower()] = _openapi_operation(path, operation)
     _openapi_cache.update(
         {
             "openapi": "3.1.0",
@@ -4549,7 +4561,7 @@ def _openapi_document() -> dict:
             },
             "paths": paths,
             "components": {
-                "schemas": schemas,
+                "schemas": _openapi_schemas(),
                 "securitySchemes": {
                     "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
                     "bearer": {"type": "http", "scheme": "bearer"},
@@ -4593,6 +4605,90 @@ def _load_app(spec: str) -> App:
     return app
 
 
+# -- options ----------------------------------------------------------------------------------
+
+_DURATION = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h|d)?\s*")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def _duration_arg(text: str) -> float:
+    match = _DURATION.fullmatch(text)
+    if not match:
+        raise argparse.ArgumentTypeError(
+            f"expected a duration such as 90, 90s, 5m, 2h or 1d: {text!r}"
+        )
+    seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2) or "s"]
+    if seconds > MAX_DELAY:
+        raise argparse.ArgumentTypeError(f"at most 100 years, got {text!r}")
+    return seconds
+
+
+def _port_arg(text: str) -> int:
+    if not text.isdigit() or not 0 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is a number from 0 to 65535, got {text!r}")
+    return int(text)
+
+
+def _time_arg(text: str) -> _dt.datetime:
+    try:
+        return _parse_rfc3339(text, "time")
+    except InvalidInput as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Option:
+    """A command-line option. ``kwarg``: the keyword argument its value is passed as (None: the
+    command reads it itself, as ``args.<flag name>``). ``parse`` turns its text into the value
+    (None: the text as is); a bool ``default`` makes the flag a switch to the other value."""
+
+    flag: str
+    kwarg: str | None
+    parse: Callable[[str], Any] | None
+    default: Any
+    help: str
+
+    def add_to(self, parser: argparse.ArgumentParser) -> None:
+        """Add this option to ``parser``."""
+        dest = {"dest": self.kwarg} if self.kwarg else {}
+        if isinstance(self.default, bool):
+            action = "store_false" if self.default else "store_true"
+            parser.add_argument(self.flag, action=action, help=self.help, **dest)
+        else:
+            parser.add_argument(
+                self.flag, type=self.parse, default=self.default, help=self.help, **dest
+            )
+
+
+# The worker command's options; those with a keyword go to Worker(), so a new Worker option is
+# one row here.
+_WORKER_OPTIONS = (
+    _Option("--concurrency", "concurrency", int, DEFAULT_CONCURRENCY, f"handlers run at once (default {DEFAULT_CONCURRENCY})"),
+    _Option("--lease", "lease", float, DEFAULT_LEASE, f"lease seconds (default {DEFAULT_LEASE:g})"),
+    _Option("--poll-interval", "poll_interval", float, None, f"fallback poll seconds (default {DEFAULT_POLL_INTERVAL:g})"),
+    _Option("--types", "types", None, None, "comma-separated exact types to claim (default: all handlers)"),
+    _Option("--prefixes", "prefixes", None, None, "comma-separated literal type prefixes to claim as well"),
+    _Option("--worker-id", "worker_id", None, None, "worker id (default: hostname-pid)"),
+    _Option("--burst", None, None, False, "exit once nothing is due and nothing runs"),
+    _Option("--no-schedules", "schedules", None, True, "do not run the cron ticker in this worker"),
+    _Option("--shutdown-timeout", "shutdown_timeout", float, DEFAULT_SHUTDOWN_TIMEOUT, f"seconds running handlers get after SIGTERM (default {DEFAULT_SHUTDOWN_TIMEOUT:g})"),
+    _Option("--metrics-port", None, _port_arg, None, "serve Prometheus /metrics (and /healthz) on this port"),
+    _Option("--metrics-host", None, None, DEFAULT_HTTP_HOST, f"address for --metrics-port (default {DEFAULT_HTTP_HOST})"),
+)  # fmt: skip
+
+# The serve command's options.
+_SERVE_OPTIONS = (
+    _Option("--host", None, None, DEFAULT_HTTP_HOST, f"address to listen on (default {DEFAULT_HTTP_HOST})"),
+    _Option("--port", None, _port_arg, DEFAULT_HTTP_PORT, f"port (default {DEFAULT_HTTP_PORT})"),
+    _Option("--max-body", None, int, DEFAULT_MAX_BODY, f"largest request body in bytes (default {DEFAULT_MAX_BODY})"),
+    _Option("--request-timeout", None, float, DEFAULT_REQUEST_TIMEOUT, f"seconds a client has to send its request (default {DEFAULT_REQUEST_TIMEOUT:g})"),
+    _Option("--threads", None, int, DEFAULT_HTTP_THREADS, f"requests handled at once; more get 503 (default {DEFAULT_HTTP_THREADS})"),
+)  # fmt: skip
+
+
+# -- migrate and the long-running commands ----------------------------------------------------
+
+
 def _cmd_migrate(args: argparse.Namespace) -> int:
     with Client(args.dsn) as client:
         applied = client.migrate()
@@ -4610,14 +4706,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         app._configure(args.dsn)
     worker = Worker(
         app,
-        concurrency=args.concurrency,
-        lease=args.lease,
-        poll_interval=args.poll_interval,
-        worker_id=args.worker_id,
-        types=args.types,
-        prefixes=args.prefixes,
-        schedules=not args.no_schedules,
-        shutdown_timeout=args.shutdown_timeout,
+        **{option.kwarg: getattr(args, option.kwarg) for option in _WORKER_OPTIONS if option.kwarg},
     )
     server = None
     if args.metrics_port is not None:
@@ -4725,35 +4814,6 @@ def _json_arg(text: str | None, what: str) -> Any:
         raise _UsageError(
             f"{what} is not valid JSON ({exc}); quote it, e.g. '{{\"k\": 1}}'"
         ) from None
-
-
-_DURATION = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h|d)?\s*")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-
-
-def _duration_arg(text: str) -> float:
-    match = _DURATION.fullmatch(text)
-    if not match:
-        raise argparse.ArgumentTypeError(
-            f"expected a duration such as 90, 90s, 5m, 2h or 1d: {text!r}"
-        )
-    seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2) or "s"]
-    if seconds > MAX_DELAY:
-        raise argparse.ArgumentTypeError(f"at most 100 years, got {text!r}")
-    return seconds
-
-
-def _port_arg(text: str) -> int:
-    if not text.isdigit() or not 0 <= int(text) <= 65535:
-        raise argparse.ArgumentTypeError(f"a port is a number from 0 to 65535, got {text!r}")
-    return int(text)
-
-
-def _time_arg(text: str) -> _dt.datetime:
-    try:
-        return _parse_rfc3339(text, "time")
-    except InvalidInput as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _fmt_time(moment: _dt.datetime | None) -> str:
@@ -5110,6 +5170,7 @@ def _build_parser() -> argparse.ArgumentParser:
         func: Callable[[argparse.Namespace], int],
         *,
         json_flag: bool = True,
+        options: Sequence[_Option] = (),
     ) -> argparse.ArgumentParser:
         sub = parent.add_parser(name, help=help_text, description=help_text)
         sub.add_argument(
@@ -5121,6 +5182,8 @@ def _build_parser() -> argparse.ArgumentParser:
             sub.add_argument(
                 "--json", action="store_true", help="print JSON for scripts instead of text"
             )
+        for option in options:
+            option.add_to(sub)
         sub.set_defaults(func=func)
         return sub
 
@@ -5145,9 +5208,7 @@ def _build_parser() -> argparse.ArgumentParser:
             help=f"executions before the run is failed for good (default {DEFAULT_MAX_ATTEMPTS})",
         )
 
-    command(
-        parent=commands, name="migrate", help_text="create or upgrade the schema", func=_cmd_migrate
-    )
+    command(commands, "migrate", "create or upgrade the schema", _cmd_migrate)
 
     sub = command(commands, "submit", "submit a run; prints its id", _cmd_submit)
     sub.add_argument("type", metavar="TYPE", help="run type, e.g. billing.invoice.v1")
@@ -5182,14 +5243,12 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     sub.add_argument("--offset", type=int, default=0, help="skip this many (default 0)")
 
-    sub = command(commands, "show", "show a run and its event timeline", _cmd_show)
-    sub.add_argument("run_id", metavar="RUN_ID")
-
-    sub = command(commands, "cancel", "cancel a pending or running run", _cmd_cancel)
-    sub.add_argument("run_id", metavar="RUN_ID")
-
-    sub = command(commands, "retry", "put a failed or cancelled run back to pending", _cmd_retry)
-    sub.add_argument("run_id", metavar="RUN_ID")
+    for name, text, func in (
+        ("show", "show a run and its event timeline", _cmd_show),
+        ("cancel", "cancel a pending or running run", _cmd_cancel),
+        ("retry", "put a failed or cancelled run back to pending", _cmd_retry),
+    ):
+        command(commands, name, text, func).add_argument("run_id", metavar="RUN_ID")
 
     command(
         commands,
@@ -5226,54 +5285,17 @@ def _build_parser() -> argparse.ArgumentParser:
         sub.add_argument("schedule_id", metavar="SCHEDULE_ID")
 
     sub = command(
-        commands, "worker", "run a worker for the handlers of an App", _cmd_worker, json_flag=False
+        commands,
+        "worker",
+        "run a worker for the handlers of an App",
+        _cmd_worker,
+        json_flag=False,
+        options=_WORKER_OPTIONS,
     )
     sub.add_argument(
         "app",
         metavar="MODULE[:ATTR]",
         help="module holding a minflow.App (attribute 'app' by default)",
-    )
-    sub.add_argument(
-        "--concurrency",
-        type=int,
-        default=DEFAULT_CONCURRENCY,
-        help=f"handlers run at once (default {DEFAULT_CONCURRENCY})",
-    )
-    sub.add_argument(
-        "--lease", type=float, default=DEFAULT_LEASE, help="lease seconds (default 30)"
-    )
-    sub.add_argument(
-        "--poll-interval", type=float, default=None, help="fallback poll seconds (default 1)"
-    )
-    sub.add_argument(
-        "--types", default=None, help="comma-separated exact types to claim (default: all handlers)"
-    )
-    sub.add_argument(
-        "--prefixes", default=None, help="comma-separated literal type prefixes to claim as well"
-    )
-    sub.add_argument("--worker-id", default=None, help="worker id (default: hostname-pid)")
-    sub.add_argument(
-        "--burst", action="store_true", help="exit once nothing is due and nothing runs"
-    )
-    sub.add_argument(
-        "--no-schedules", action="store_true", help="do not run the cron ticker in this worker"
-    )
-    sub.add_argument(
-        "--shutdown-timeout",
-        type=float,
-        default=DEFAULT_SHUTDOWN_TIMEOUT,
-        help="seconds running handlers get after SIGTERM (default 30)",
-    )
-    sub.add_argument(
-        "--metrics-port",
-        type=_port_arg,
-        default=None,
-        help="serve Prometheus /metrics (and /healthz) on this port",
-    )
-    sub.add_argument(
-        "--metrics-host",
-        default=DEFAULT_HTTP_HOST,
-        help=f"address for --metrics-port (default {DEFAULT_HTTP_HOST})",
     )
 
     sub = command(
@@ -5287,41 +5309,13 @@ def _build_parser() -> argparse.ArgumentParser:
         "--interval", type=float, default=DEFAULT_TICK_INTERVAL, help="seconds between ticks"
     )
 
-    sub = command(
+    command(
         commands,
         "serve",
         "serve the REST API, /metrics and /healthz (API key from $MINFLOW_API_KEY)",
         _cmd_serve,
         json_flag=False,
-    )
-    sub.add_argument(
-        "--host",
-        default=DEFAULT_HTTP_HOST,
-        help=f"address to listen on (default {DEFAULT_HTTP_HOST})",
-    )
-    sub.add_argument(
-        "--port",
-        type=_port_arg,
-        default=DEFAULT_HTTP_PORT,
-        help=f"port (default {DEFAULT_HTTP_PORT})",
-    )
-    sub.add_argument(
-        "--max-body",
-        type=int,
-        default=DEFAULT_MAX_BODY,
-        help=f"largest request body in bytes (default {DEFAULT_MAX_BODY})",
-    )
-    sub.add_argument(
-        "--request-timeout",
-        type=float,
-        default=DEFAULT_REQUEST_TIMEOUT,
-        help=f"seconds a client has to send its request (default {DEFAULT_REQUEST_TIMEOUT:g})",
-    )
-    sub.add_argument(
-        "--threads",
-        type=int,
-        default=DEFAULT_HTTP_THREADS,
-        help=f"requests handled at once; more get 503 (default {DEFAULT_HTTP_THREADS})",
+        options=_SERVE_OPTIONS,
     )
 
     sub = command(
