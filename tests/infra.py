@@ -494,7 +494,8 @@ def set_read_only(dsn: str, on: bool, terminate: bool = False) -> None:
     primary demoted by a failover behaves, and returns once a new session sees the change. By
     then every existing session has the reload signal pending, so its next transaction sees it
     too; a transaction already open keeps its mode until it ends. ``terminate=True`` also ends
-    every other client session (as a failover does), waiting until they are gone.
+    every other client session (as a failover does), waiting until they are gone. The setting
+    is stored with ALTER SYSTEM, so it survives a restart of the cluster until switched off.
     ``dsn`` must reach the server directly as a superuser (not through a pooler).
     """
     conn = pg_connect(dsn)
