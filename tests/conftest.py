@@ -2,24 +2,31 @@
 
 PostgreSQL comes from ``MINFLOW_TEST_PG_DSN`` (default: the local server); each test gets its own
 schema, dropped afterwards. With ``MINFLOW_REQUIRE_PG=1`` an unreachable server fails the run
-instead of skipping the PostgreSQL half.
+instead of skipping the PostgreSQL half, and with ``MINFLOW_REQUIRE_BROWSER=1`` a missing
+Chromium fails the browser tests instead of skipping them. Every other ``MINFLOW_*`` variable is
+removed before any test runs. Private clusters, pgbouncer, a TCP proxy and the browser are
+implemented in ``infra.py``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import pytest
+
+import infra
+from infra import free_port, wait_for  # noqa: F401 (the test modules import them from here)
+
+infra.scrub_environment()
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -28,37 +35,13 @@ import minflow  # noqa: E402
 
 PG_DSN = os.environ.get("MINFLOW_TEST_PG_DSN", "postgres://postgres@127.0.0.1:5432/test")
 REQUIRE_PG = os.environ.get("MINFLOW_REQUIRE_PG") == "1"
+REQUIRE_BROWSER = os.environ.get("MINFLOW_REQUIRE_BROWSER") == "1"
 DIALECTS = ["sqlite", "postgres"]
-
-
-def wait_for(predicate, timeout=15.0, interval=0.01, message="condition"):
-    """Poll ``predicate`` until it returns a truthy value; fail the test at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {message}")
-        time.sleep(interval)
-
-
-def _pg_params(dsn: str) -> dict:
-    parts = urlsplit(dsn)
-    return {
-        "user": parts.username or "postgres",
-        "password": parts.password,
-        "host": parts.hostname or "127.0.0.1",
-        "port": parts.port or 5432,
-        "database": (parts.path or "/postgres").lstrip("/") or "postgres",
-    }
 
 
 def pg_connect(dsn: str = PG_DSN):
     """A raw pg8000 connection for test set-up and inspection (never used by minflow itself)."""
-    import pg8000.native
-
-    return pg8000.native.Connection(timeout=10, **_pg_params(dsn))
+    return infra.pg_connect(dsn)
 
 
 _pg_state: dict = {}
@@ -75,12 +58,16 @@ def pg_available() -> bool:
     return _pg_state["ok"]
 
 
+def missing(message: str, required: bool):
+    """Skip the test for want of a component, or fail it when the run requires one (CI does)."""
+    if required:
+        pytest.fail(message)
+    pytest.skip(message)
+
+
 def require_pg():
     if not pg_available():
-        message = f"PostgreSQL unavailable at {PG_DSN}: {_pg_state.get('why')}"
-        if REQUIRE_PG:
-            pytest.fail(message)
-        pytest.skip(message)
+        missing(f"PostgreSQL unavailable at {PG_DSN}: {_pg_state.get('why')}", REQUIRE_PG)
 
 
 def with_query(dsn: str, **params) -> str:
@@ -142,12 +129,6 @@ def app(dsn):
     a.close()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _pg_bin(name: str) -> str:
     for candidate in sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"), reverse=True):
         return str(candidate)
@@ -165,7 +146,7 @@ class PrivateCluster:
         self.data = base / "data"
         self.port = free_port()
         self.dsn = f"postgres://postgres@127.0.0.1:{self.port}/postgres"
-        self._as_postgres = os.geteuid() == 0
+        self._as_postgres = infra.AS_POSTGRES
 
     def _run(self, *argv: str, check: bool = True) -> subprocess.CompletedProcess:
         cmd = list(argv)
@@ -231,19 +212,90 @@ class PrivateCluster:
             # Children of a SIGKILLed postmaster exit on their own once they notice it is gone.
             (self.data / "postmaster.pid").unlink(missing_ok=True)
 
+    def read_only(self, on: bool = True, terminate: bool = False):
+        """Refuse writes with SQLSTATE 25006 from the next transaction on, as a demoted primary
+        does (``on=False`` accepts them again); see ``infra.set_read_only``."""
+        infra.set_read_only(self.dsn, on, terminate=terminate)
+
 
 @pytest.fixture
 def private_pg():
     """Start a private PostgreSQL cluster on a free port; stopped by pid at teardown."""
-    # Not under tmp_path: pytest keeps that in a 0700 directory of the user running the tests,
-    # which the postgres OS user (who must own the data directory) cannot enter.
-    base = Path(tempfile.mkdtemp(prefix="minflow-pg-"))
+    base = infra.postgres_dir("minflow-pg-")
     try:
         cluster = PrivateCluster(base).init().start()
         yield cluster
         cluster.stop("immediate")
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def pgbouncer(private_pg):
+    """Start Debian's pgbouncer (transaction pooling) in front of a private cluster.
+
+    ``pgbouncer(cluster=None, **settings)`` returns a started ``infra.Pgbouncer``; the cluster
+    defaults to this test's ``private_pg``; ``settings`` go into pgbouncer.ini (defaults:
+    ``default_pool_size=5``, ``max_client_conn=100``). Every one started is stopped by pid at
+    teardown. Skipped when pgbouncer is not installed, failed instead with MINFLOW_REQUIRE_PG=1.
+    """
+    with contextlib.ExitStack() as started:
+
+        def start(cluster: PrivateCluster | None = None, **settings) -> infra.Pgbouncer:
+            if infra.pgbouncer_binary() is None:
+                missing("pgbouncer not installed (apt-get install pgbouncer)", REQUIRE_PG)
+            bouncer = infra.Pgbouncer((cluster or private_pg).port, **settings)
+            started.callback(bouncer.stop)
+            return bouncer.start()
+
+        yield start
+
+
+@pytest.fixture
+def tcp_proxy():
+    """``tcp_proxy(port, host="127.0.0.1")`` starts an ``infra.TcpProxy`` in front of host:port.
+
+    It can ``freeze()``, ``thaw()`` and ``cut()`` its connections; ``proxy.dsn(dsn)`` points a DSN
+    at it. Every one started is stopped (its thread joined, its sockets closed) at teardown.
+    """
+    with contextlib.ExitStack() as started:
+
+        def start(port: int, host: str = "127.0.0.1") -> infra.TcpProxy:
+            proxy = infra.TcpProxy(port, host)
+            started.callback(proxy.stop)
+            return proxy.start()
+
+        yield start
+
+
+@pytest.fixture
+def browser():
+    """A selenium ``webdriver.Chrome`` on headless Debian chromium with a fresh profile.
+
+    Quit at teardown, and any process still using its profile killed by pid. Skipped when
+    chromium, chromedriver or selenium is missing; failed instead with MINFLOW_REQUIRE_BROWSER=1.
+    """
+    paths = zip(("chromium", "chromedriver"), infra.chromium_paths(), strict=True)
+    absent = [name for name, path in paths if not path]
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        absent.append("selenium (pip install -e '.[dev]')")
+    if absent:
+        needs = ", ".join(absent)
+        missing(
+            f"browser tests need {needs} (apt-get install chromium chromium-driver)",
+            REQUIRE_BROWSER,
+        )
+    profile = Path(tempfile.mkdtemp(prefix="minflow-chromium-"))
+    try:
+        chrome = infra.start_chromium(profile)
+        try:
+            yield chrome
+        finally:
+            infra.stop_chromium(chrome, profile)
+    finally:
+        shutil.rmtree(profile, ignore_errors=True)
 
 
 def db(client, statement: str, **params) -> list:
