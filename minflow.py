@@ -110,7 +110,6 @@ PG_TIMEOUT = 30.0  # socket timeout for PostgreSQL connections
 POOL_SIZE = 16
 
 RUN_STATUSES = ("pending", "leased", "succeeded", "failed", "cancelled")
-TERMINAL_STATUSES = ("succeeded", "failed", "cancelled")
 EVENT_TYPES = (
     "created",
     "leased",
@@ -465,7 +464,8 @@ class _DSN:
 
 
 def _parse_dsn(text: str | None) -> _DSN:
-    """Parse a minflow DSN (design §2) or raise ``InvalidInput`` naming what is wrong."""
+    """Parse ``sqlite:///file``, ``postgres://...`` or libpq ``key=value`` text (``None``:
+    ``$MINFLOW_DSN``, else ``DEFAULT_DSN``); ``InvalidInput`` names what is wrong."""
     if text is None:
         text = os.environ.get("MINFLOW_DSN") or DEFAULT_DSN
     if not isinstance(text, str) or not text.strip():
@@ -733,7 +733,8 @@ _SQLITE_MIGRATIONS: list[tuple[int, str, list[str]]] = [
             deleted_at TEXT)""",
             "CREATE INDEX IF NOT EXISTS idx_workflow_schedule_next_run ON workflow_schedule (next_run_at)",
             "CREATE INDEX IF NOT EXISTS idx_workflow_schedule_type ON workflow_schedule (type)",
-            # The claim walks this in claim order and stops after LIMIT rows (seed-spec P-2).
+            # The claim walks this in claim order and stops after LIMIT rows, instead of sorting
+            # every due run (the seed's indexes lead with status and cannot give that order).
             """CREATE INDEX IF NOT EXISTS minflow_run_claim ON workflow_run (priority, run_at, created_at)
             WHERE status = 'pending' AND deleted_at IS NULL""",
             # The rescue sweep finds expired leases without scanning finished runs.
@@ -909,12 +910,6 @@ _SQL: dict[str, str] = {
         "UPDATE workflow_run SET lease_until = {later:seconds}, updated_at = {now} "
         "WHERE id = {uuid:id} AND status = 'leased' AND leased_by = :worker AND attempt = :attempt "
         "RETURNING id"
-    ),
-    # Give back a claimed run that was never started (worker shutting down before dispatch).
-    "release": (
-        "UPDATE workflow_run SET status = 'pending', attempt = attempt - 1, run_at = {now}, "
-        "updated_at = {now} WHERE id = {uuid:id} AND status = 'leased' AND leased_by = :worker "
-        "AND attempt = :attempt RETURNING id"
     ),
     # Schedules: list (paused included), one live schedule.
     "schedules": (
@@ -1349,7 +1344,7 @@ class _SQLiteDialect(_Dialect):
         "later": "strftime('%Y-%m-%d %H:%M:%f', 'now', printf('%+.3f seconds', :NAME))",
         "json": ":NAME",
         # Schedule payloads: the Go ticker scans them into json.RawMessage, which database/sql
-        # fills from a BLOB but refuses from TEXT (seed-spec §1.6), so store them as Go does.
+        # fills from a BLOB but refuses from TEXT, so store them as Go does.
         "rawjson": "CAST(:NAME AS BLOB)",
         "uuid": ":NAME",
         "time": ":NAME",
@@ -1690,7 +1685,7 @@ class _PostgresDialect(_Dialect):
         )
 
     def valid_id(self, run_id):
-        # A non-UUID id is "not found", not a database error (seed-spec C-22).
+        # A non-UUID id is "not found": PostgreSQL would reject the cast to uuid with an error.
         return _is_uuid(run_id)
 
     def decode_json(self, value):
@@ -2031,10 +2026,10 @@ class Client:
     """
 
     def __init__(self, dsn: str | None = None):
-        self._configure(dsn)
+        self._open(_parse_dsn(dsn))
 
-    def _configure(self, dsn: str | None) -> None:
-        self._dsn = _parse_dsn(dsn)
+    def _open(self, dsn: _DSN) -> None:
+        self._dsn = dsn
         self._dialect = _make_dialect(self._dsn)
         self._pool = _Pool(
             self._dialect.connect,
@@ -2105,6 +2100,12 @@ class Client:
         if not self._migrated and self.schema_version() < SCHEMA_VERSION:
             self.migrate()
         self._migrated = True
+
+    def _configure(self, dsn: str | None) -> None:
+        """Point this client at another database, closing the connections to the previous one."""
+        parsed = _parse_dsn(dsn)  # a bad DSN leaves the client as it was
+        self.close()
+        self._open(parsed)
 
     # -- submitting ------------------------------------------------------------------------
     def submit(
@@ -2543,7 +2544,7 @@ def _check_cron(cron: Any, timezone: Any) -> str:
         _check_cron_field(value, field)
     _zone(timezone)
     # Whatever croniter still refuses, and expressions that never match (0 0 30 2 *), which the
-    # Go library stores as the year-1 "zero time" and keeps due forever (seed-spec C-11).
+    # Go library stores as the year-1 "zero time" and keeps due forever.
     _cron_next(text, timezone, _dt.datetime.now(UTC))
     return text
 
@@ -2666,7 +2667,7 @@ def _due_slot(
 # Warned about once per process: (schedule id, cron, timezone).
 _broken_schedules: set[tuple[str, Any, Any]] = set()
 # An unusable row is moved this far ahead instead of being retried every tick, as the seed did:
-# ten such rows starved every other schedule there (seed-spec C-11). An hour bounds the log
+# ten such rows starved every other schedule there. An hour bounds the log
 # noise and the delay after someone repairs the row; its last_run_at is left alone.
 _BROKEN_RETRY_SECONDS = 3600.0
 # Batches per tick; a larger backlog continues on the next tick.
@@ -2815,8 +2816,9 @@ class App(Client):
 # Metrics registry (recorded by the Worker; rendered by the HTTP section)
 # ---------------------------------------------------------------------------------------------
 # Prometheus text exposition format 0.0.4, written by hand: no client library, so copying
-# minflow.py alone still works. Names, types, labels and buckets are the seed's (seed-spec §8);
-# the seed's defects are fixed where the values are produced (Worker, scrape-time queries).
+# minflow.py alone still works. Names, types, labels and buckets are the Go library's, so its
+# dashboards and alerts keep working; its defects are fixed where the values are produced
+# (Worker, scrape-time queries).
 
 _RUN = ("workflow_type", "worker_id")
 # name -> (type, help, label names in exposition order: the seed's declaration order)
@@ -3150,7 +3152,7 @@ class Worker:
             raise InvalidInput("backoff must be a callable(attempt) -> seconds")
         self._backoff = backoff or seed_backoff
         self.metrics = _Metrics()
-        self.processed = 0
+        self.processed = 0  # executions finished, as run() returns
         self._stop = threading.Event()
         self._force = threading.Event()
         self._wake = threading.Event()
@@ -3171,7 +3173,8 @@ class Worker:
 
     # -- public control --------------------------------------------------------------------
     def run(self, *, burst: bool = False, handle_signals: bool = True) -> int:
-        """Work until stopped; returns the number of runs executed.
+        """Work until stopped; returns the number of executions that finished (the handler
+        returned or raised), whether or not their outcome could still be recorded.
 
         Stops on ``stop()`` or SIGTERM/SIGINT (when called from the main thread): the first
         signal stops claiming and lets running handlers finish (up to ``shutdown_timeout``), a
@@ -3308,7 +3311,7 @@ class Worker:
             if conn is not None:
                 conn.close()
             self._finished.set()
-            _worker_log.info("%s stopped after %d runs", self.worker_id, self.processed)
+            _worker_log.info("%s stopped after %d executions", self.worker_id, self.processed)
         if self._fatal is not None:
             raise MinflowError(f"worker {self.worker_id} stopped: {self._fatal}") from self._fatal
         return self.processed
@@ -3457,7 +3460,6 @@ class Worker:
                 workflow_type=run_type,
                 worker_id=self.worker_id,
             )
-        self.processed += len(claimed)
         self.metrics.set("workflow_worker_running", len(self._active), worker_id=self.worker_id)
 
     def _record(self, done: list[_Completion], finished: dict[str, tuple[str, int]]) -> None:
@@ -3526,6 +3528,7 @@ class Worker:
         with self._lock:
             self._active.pop((ctx.id, ctx.attempt), None)
             self._completions.append(item)
+            self.processed += 1
         self._wake.set()
 
     def _delay(self, attempt: int) -> float:
@@ -4067,7 +4070,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         except (TimeoutError, ConnectionError):
             raise  # the client is gone or too slow: nothing to answer
         except Exception:
-            # A bug or an unexpected database error; its text stays in the log (seed-spec S-2).
+            # A bug or an unexpected database error; its text stays in the log, never in the
+            # response (it may show table names, values or the server's version).
             _http_log.exception("%s %s failed", self.command, self.path)
             status, body = 500, {"error": "internal server error; see the server log"}
         self._send(status, body, headers)
