@@ -2274,9 +2274,7 @@ class Client:
         self._dsn = dsn
         self._dialect = _make_dialect(self._dsn)
         self._pool = _Pool(
-            self._dialect.connect,
-            ping=self._dsn.kind == "postgres",
-            size=1 if self._dsn.memory else POOL_SIZE,
+            self._dialect.connect, size=self._dialect.pool_size, ping=self._dialect.pool_ping
         )
         self._migrated = False
 
@@ -2302,8 +2300,7 @@ class Client:
     def close(self) -> None:
         """Close pooled connections. Further calls raise ``MinflowError``."""
         self._pool.close()
-        if self._dsn.memory and self._dialect._shared is not None:  # type: ignore[attr-defined]
-            self._dialect._shared.raw.close()  # type: ignore[attr-defined]
+        self._dialect.close()
 
     def _query(self, name: str, params: dict | None = None) -> list:
         with self._pool.connection() as conn:
