@@ -344,6 +344,18 @@ class Job:
     run_in: float | _dt.timedelta | None = None
 
 
+class _RunId(str):
+    """A run id as ``submit`` returns it: a plain ``str`` with a ``deduplicated`` flag, True
+    when the idempotency key existed and the id is that existing run's."""
+
+    deduplicated: bool
+
+    def __new__(cls, run_id: str, deduplicated: bool = False) -> _RunId:
+        self = super().__new__(cls, run_id)
+        self.deduplicated = deduplicated
+        return self
+
+
 def _json_value(value: Any) -> Any:
     if isinstance(value, _dt.datetime):
         return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
@@ -2302,10 +2314,6 @@ class Client:
         self._pool.close()
         self._dialect.close()
 
-    def _query(self, name: str, params: dict | None = None) -> list:
-        with self._pool.connection() as conn:
-            return conn.query(self._dialect.sql[name], params)
-
     # -- schema ----------------------------------------------------------------------------
     def migrate(self) -> int:
         """Create or upgrade the schema; returns how many migrations were applied.
@@ -2328,23 +2336,12 @@ class Client:
     def schema_version(self) -> int:
         """The applied schema version (0 on an empty database)."""
         try:
-            rows = self._query("schema_version")
+            rows = self._sql("schema_version")
         except MinflowError as exc:
             if "schema is missing" in str(exc):
                 return 0
             raise
         return rows[0][0] or 0
-
-    def _ensure_schema(self) -> None:
-        if not self._migrated and self.schema_version() < SCHEMA_VERSION:
-            self.migrate()
-        self._migrated = True
-
-    def _configure(self, dsn: str | None) -> None:
-        """Point this client at another database, closing the connections to the previous one."""
-        parsed = _parse_dsn(dsn)  # a bad DSN leaves the client as it was
-        self.close()
-        self._open(parsed)
 
     # -- submitting ------------------------------------------------------------------------
     def submit(
@@ -2357,33 +2354,36 @@ class Client:
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         run_at: _dt.datetime | None = None,
         run_in: float | _dt.timedelta | None = None,
-    ) -> str:
+    ) -> _RunId:
         """Record a run and return its id.
 
         With an ``idempotency_key`` that already exists, nothing is created and the EXISTING
-        run's id is returned (keys are unique forever). ``run_at`` (aware datetime) or ``run_in``
-        (seconds or timedelta) delay the first execution. Raises ``InvalidInput`` before
-        touching the database when an argument is malformed.
+        run's id is returned (keys are unique forever). The id is a ``str`` whose
+        ``deduplicated`` attribute tells which happened: ``False`` for a new run, ``True`` for
+        an existing one. ``run_at`` (aware datetime) or ``run_in`` (seconds or timedelta) delay
+        the first execution. Raises ``InvalidInput`` before touching the database when an
+        argument is malformed.
         """
         job = Job(type, payload, priority, idempotency_key, max_attempts, run_at, run_in)
-        return self._submit([job])[0][0]
+        return self._submit([job])[0]
 
-    def submit_many(self, jobs: Iterable[Job]) -> list[str]:
+    def submit_many(self, jobs: Iterable[Job]) -> list[_RunId]:
         """Record several runs in one transaction (all or none); ids in input order.
 
-        Jobs whose idempotency key already exists yield the existing run's id.
+        Jobs whose idempotency key already exists yield the existing run's id, with
+        ``deduplicated`` set as for ``submit``.
         """
         jobs = list(jobs)
         if not all(isinstance(job, Job) for job in jobs):
             raise InvalidInput("submit_many takes minflow.Job objects")
-        return [run_id for run_id, _ in self._submit(jobs)] if jobs else []
+        return self._submit(jobs) if jobs else []
 
-    def _submit(self, jobs: list[Job]) -> list[tuple[str, bool]]:
+    def _submit(self, jobs: list[Job]) -> list[_RunId]:
         rows = [self._job_row(job) for job in jobs]
         with self._pool.connection() as conn:
             out = self._dialect.submit(conn, rows)
         _wakeups.notify(self._dsn.key)
-        return out
+        return [_RunId(run_id, not created) for run_id, created in out]
 
     @staticmethod
     def _job_row(job: Job) -> dict:
@@ -2427,7 +2427,7 @@ class Client:
         """The run with this id, or ``None``."""
         if not self._dialect.valid_id(run_id):
             return None
-        rows = self._query("get_run", {"id": run_id})
+        rows = self._sql("get_run", {"id": run_id})
         return self._run(rows[0]) if rows else None
 
     def list(
@@ -2465,13 +2465,13 @@ class Client:
         decode = self._dialect.decode_json
         return [
             Event(int(r[0]), str(r[1]), r[2], decode(r[3]), _parse_time(r[4]))
-            for r in self._query("events", {"id": run_id})
+            for r in self._sql("events", {"id": run_id})
         ]
 
     def stats(self) -> dict[str, dict[str, int]]:
         """Run counts: ``{type: {status: count}}``."""
         out: dict[str, dict[str, int]] = {}
-        for run_type, status, count in self._query("stats"):
+        for run_type, status, count in self._sql("stats"):
             out.setdefault(run_type, {})[status] = int(count)
         return out
 
@@ -2580,12 +2580,12 @@ class Client:
 
     def schedules(self) -> list[Schedule]:
         """All schedules, paused included, deleted excluded, oldest first."""
-        return [self._schedule(row) for row in self._query("schedules")]
+        return [self._schedule(row) for row in self._sql("schedules")]
 
     def get_schedule(self, schedule_id: str) -> Schedule:
         """One live schedule; ``NotFound`` when unknown or deleted."""
         rows = (
-            self._query("get_schedule", {"id": schedule_id})
+            self._sql("get_schedule", {"id": schedule_id})
             if self._dialect.valid_id(schedule_id)
             else []
         )
@@ -2597,7 +2597,7 @@ class Client:
         """Stop a schedule from firing until resumed; ``NotFound`` when unknown or deleted."""
         if not (
             self._dialect.valid_id(schedule_id)
-            and self._query("pause_schedule", {"id": schedule_id, "enabled": False})
+            and self._sql("pause_schedule", {"id": schedule_id, "enabled": False})
         ):
             raise NotFound(f"schedule {schedule_id!r} not found")
 
@@ -2624,7 +2624,7 @@ class Client:
         """
         if not (
             self._dialect.valid_id(schedule_id)
-            and self._query("delete_schedule", {"id": schedule_id, "disabled": False})
+            and self._sql("delete_schedule", {"id": schedule_id, "disabled": False})
         ):
             raise NotFound(f"schedule {schedule_id!r} not found")
 
@@ -2636,10 +2636,98 @@ class Client:
         (``schedules=True``), as does ``python -m minflow ticker``.
         """
         with self._pool.connection() as conn:
-            fired = _tick(self._dialect, conn)
+            fired = self._tick_on(conn)
         if fired:
             _wakeups.notify(self._dsn.key)
         return fired
+
+    # -- internal interface used by the Worker, RunContext, the HTTP layer and the CLI -----
+    # Underscored because users must not depend on it. These methods are all those callers use
+    # of a Client: its DSN, dialect and pool stay private to it.
+
+    def _configure(self, dsn: str | None) -> None:
+        """Point this client at another database, closing the connections to the previous one
+        (the CLI's ``worker --dsn``, for an imported App)."""
+        parsed = _parse_dsn(dsn)  # a bad DSN leaves the client as it was
+        self.close()
+        self._open(parsed)
+
+    def _ensure_schema(self) -> None:
+        """Migrate unless the schema is current; checked once per client (Worker, CLI)."""
+        if not self._migrated and self.schema_version() < SCHEMA_VERSION:
+            self.migrate()
+        self._migrated = True
+
+    def _sql(self, name: str, params: dict | None = None) -> list:
+        """Rows of the named statement, run on a pooled connection (HTTP, RunContext)."""
+        with self._pool.connection() as conn:
+            return conn.query(self._dialect.sql[name], params)
+
+    def _heartbeat(self, run_id: str, worker_id: str, attempt: int, seconds: float) -> bool:
+        """Extend a held lease to now + ``seconds`` and record a heartbeat event; False when
+        the lease is no longer this worker's (RunContext)."""
+        sql = self._dialect.sql
+        with self._pool.connection() as conn, conn.transaction():
+            held = conn.query(
+                sql["heartbeat"],
+                {"id": run_id, "worker": worker_id, "attempt": attempt, "seconds": float(seconds)},
+            )
+            if held:
+                data = json.dumps({"extended_by_seconds": seconds})
+                conn.query(
+                    sql["insert_event"], {"id": run_id, "event_type": "heartbeat", "data": data}
+                )
+        return bool(held)
+
+    # The Worker's threads keep connections of their own (never pooled) and run the dialect's
+    # hot paths on them.
+
+    def _connect(self) -> _Connection:
+        """A new connection for one worker thread; the caller closes it."""
+        return self._dialect.connect()
+
+    def _watcher(self) -> Callable[[threading.Event, Callable[[], None]], None] | None:
+        """A loop that calls wake() when another process may have submitted work, if any."""
+        return self._dialect.watcher()
+
+    def _may_have_work(self, conn: _Connection, filt: _Filter) -> bool:
+        return self._dialect.may_have_work(conn, filt)
+
+    def _cycle(
+        self,
+        conn: _Connection,
+        worker_id: str,
+        done: list[_Completion],
+        limit: int,
+        lease: float,
+        filt: _Filter,
+    ) -> tuple[list[_Claim], dict[str, tuple[str, int]]]:
+        """Record outcomes and claim up to ``limit`` runs, in one transaction."""
+        return self._dialect.cycle(conn, worker_id, done, limit, lease, filt)
+
+    def _rescue(self, conn: _Connection) -> list:
+        """Expired leases back to pending or failed; wakes this process's workers for them."""
+        rows = self._dialect.rescue(conn)
+        if rows:
+            _wakeups.notify(self._dsn.key)
+        return rows
+
+    def _extend_leases(
+        self, conn: _Connection, worker_id: str, held: list[tuple[str, int]], lease: float
+    ) -> set[str]:
+        """Extend the leases a worker holds; returns the ids whose lease it still holds."""
+        return self._dialect.extend_leases(conn, worker_id, held, lease)
+
+    def _tick_on(self, conn: _Connection) -> int:
+        """One ticker pass on ``conn``; returns how many runs it created (see ``tick``)."""
+        return _tick(self._dialect, conn)
+
+    def _subscribe(self, wake: threading.Event) -> None:
+        """Set ``wake`` whenever this process submits to the same database."""
+        _wakeups.register(self._dsn.key, wake)
+
+    def _unsubscribe(self, wake: threading.Event) -> None:
+        _wakeups.unregister(self._dsn.key, wake)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -3227,7 +3315,6 @@ class RunContext:
         self.worker_id = worker.worker_id
         self._worker = worker
         self._lost = False  # sticky: set once the lease is known to be gone
-        self._claimed_at = time.monotonic()
 
     def __repr__(self) -> str:
         return f"RunContext(id={self.id!r}, type={self.type!r}, attempt={self.attempt}/{self.max_attempts})"
@@ -3241,28 +3328,7 @@ class RunContext:
         seconds = self._worker.lease if seconds is None else seconds
         if not _is_number(seconds) or seconds <= 0 or math.isinf(seconds):
             raise InvalidInput(f"heartbeat seconds must be a positive number, got {seconds!r}")
-        client = self._worker.app
-        sql = client._dialect.sql
-        with client._pool.connection() as conn, conn.transaction():
-            rows = conn.query(
-                sql["heartbeat"],
-                {
-                    "id": self.id,
-                    "worker": self.worker_id,
-                    "attempt": self.attempt,
-                    "seconds": float(seconds),
-                },
-            )
-            if rows:
-                conn.query(
-                    sql["insert_event"],
-                    {
-                        "id": self.id,
-                        "event_type": "heartbeat",
-                        "data": json.dumps({"extended_by_seconds": seconds}),
-                    },
-                )
-        if not rows:
+        if not self._worker.app._heartbeat(self.id, self.worker_id, self.attempt, seconds):
             self._lost = True
             raise LeaseLost(f"run {self.id}: lease lost (cancelled, rescued or taken over)")
 
@@ -3271,13 +3337,19 @@ class RunContext:
         if self._lost:
             return True
         try:
-            rows = self._worker.app._query("run_state", {"id": self.id})
+            rows = self._worker.app._sql("run_state", {"id": self.id})
         except MinflowError as exc:
             _worker_log.warning("run %s: cancellation check failed: %s", self.id, exc)
             return False
         if not rows or tuple(rows[0]) != ("leased", self.worker_id, self.attempt):
             self._lost = True
         return self._lost
+
+    # -- internal interface used by the Worker ---------------------------------------------
+    def _mark_lost(self) -> bool:
+        """Record that the worker found the lease gone; True the first time."""
+        first, self._lost = not self._lost, True
+        return first
 
 
 _worker_numbers = iter(range(1, 1 << 62))
@@ -3451,7 +3523,7 @@ class Worker:
         return _Filter(types, self._prefixes, frozenset(handlers))
 
     def _run(self, burst: bool) -> int:
-        dialect = self.app._dialect
+        app = self.app
         threads: list[threading.Thread] = []
         side_stop = threading.Event()
         conn: _Connection | None = None
@@ -3466,7 +3538,7 @@ class Worker:
             conn, rescued = prepared
             self._pool = _HandlerPool(self.concurrency, self._execute, self.worker_id)
             threads.append(_spawn(self._housekeeper, f"{self.worker_id}-housekeeper", side_stop))
-            watch = dialect.watcher()
+            watch = app._watcher()
             if watch is not None and not burst:
                 threads.append(
                     _spawn(
@@ -3475,7 +3547,7 @@ class Worker:
                         side_stop,
                     )
                 )
-            _wakeups.register(self.app._dsn.key, self._wake)
+            app._subscribe(self._wake)
         except BaseException as exc:
             self._fatal = exc
             self._ready.set()
@@ -3497,7 +3569,7 @@ class Worker:
         try:
             conn = self._loop(conn, filt, burst)
         finally:
-            _wakeups.unregister(self.app._dsn.key, self._wake)
+            app._unsubscribe(self._wake)
             side_stop.set()
             self._pool.shutdown()
             for thread in threads:
@@ -3516,16 +3588,15 @@ class Worker:
         Retried with backoff while the database is unavailable, as it is once running, so a
         worker may start before its database; ``start()`` returns meanwhile.
         """
-        dialect = self.app._dialect
         delay = 0.1
         while True:
             conn = None
             try:
                 self.app._ensure_schema()
-                conn = dialect.connect()
+                conn = self.app._connect()
                 rescued = self._rescue(conn)
                 if self.schedules:
-                    _tick(dialect, conn)
+                    self.app._tick_on(conn)
                 return conn, rescued
             except Unavailable as exc:
                 if conn is not None:
@@ -3543,7 +3614,7 @@ class Worker:
                 delay = min(delay * 2, 5.0)
 
     def _loop(self, conn: _Connection | None, filt: _Filter, burst: bool) -> _Connection | None:
-        dialect = self.app._dialect
+        app = self.app
         retry_delay = 0.1
         deadline = None
         while not self._force.is_set():
@@ -3568,14 +3639,14 @@ class Worker:
             claimed: list = []
             try:
                 if conn is None:
-                    conn = dialect.connect()
+                    conn = app._connect()
                 # An idle SQLite worker polls with the read-only pre-check alone; it counts as
                 # a poll, so last_poll_timestamp does not make an idle worker look stuck.
                 polled = bool(limit)
-                if limit and not done and not dialect.may_have_work(conn, filt):
+                if limit and not done and not app._may_have_work(conn, filt):
                     limit = 0
                 if done or limit:
-                    claimed, finished = dialect.cycle(
+                    claimed, finished = app._cycle(
                         conn, self.worker_id, done, limit, self.lease, filt
                     )
                     polled = True
@@ -3625,9 +3696,7 @@ class Worker:
             done, self._completions = self._completions, []
         if done:
             with contextlib.suppress(MinflowError):
-                _, finished = self.app._dialect.cycle(
-                    conn, self.worker_id, done, 0, self.lease, filt
-                )
+                _, finished = self.app._cycle(conn, self.worker_id, done, 0, self.lease, filt)
                 self._record(done, finished)
 
     def _dispatch(self, claimed: list[_Claim]) -> None:
@@ -3640,8 +3709,12 @@ class Worker:
         with self._lock:
             for ctx in contexts:
                 self._active[(ctx.id, ctx.attempt)] = ctx
+        now = time.monotonic()
         for ctx in contexts:
-            self._pool.submit(ctx)
+            # Succeeded until the handler says otherwise; started: the claim, for the duration.
+            self._pool.submit(
+                ctx, _Completion(ctx.id, ctx.attempt, _SUCCEEDED, type=ctx.type, started=now)
+            )
         for run_type, count in collections.Counter(ctx.type for ctx in contexts).items():
             self.metrics.inc(
                 "workflow_run_claimed_total",
@@ -3688,9 +3761,8 @@ class Worker:
             self.metrics.inc("workflow_run_completed_total", len(values), **labels)
             self.metrics.observe_many("workflow_run_execution_duration_seconds", values, **labels)
 
-    def _execute(self, ctx: RunContext) -> None:
-        """Run one handler on a pool thread and queue its outcome (never raises)."""
-        item = _Completion(ctx.id, ctx.attempt, _SUCCEEDED, type=ctx.type, started=ctx._claimed_at)
+    def _execute(self, ctx: RunContext, item: _Completion) -> None:
+        """Run one handler on a pool thread and queue its outcome in ``item`` (never raises)."""
         try:
             fn = self._handlers.get(ctx.type)
             if fn is None:
@@ -3732,7 +3804,7 @@ class Worker:
 
     # -- housekeeping: heartbeats, rescue, schedules ---------------------------------------
     def _rescue(self, conn: _Connection) -> int:
-        rows = self.app._dialect.rescue(conn)
+        rows = self.app._rescue(conn)
         for run_id, run_type, status, attempt, leased_by in rows:
             self.metrics.inc("workflow_run_rescued_total", worker_id=self.worker_id, status=status)
             _worker_log.warning(
@@ -3743,12 +3815,9 @@ class Worker:
                 attempt,
                 status,
             )
-        if rows:
-            _wakeups.notify(self.app._dsn.key)
         return len(rows)
 
     def _housekeeper(self, stop: threading.Event) -> None:
-        dialect = self.app._dialect
         conn: _Connection | None = None
         beat_every = self.lease / 3
         rescue_every = max(0.5, min(self.lease / 2, 15.0))
@@ -3760,7 +3829,7 @@ class Worker:
         while not stop.is_set():
             try:
                 if conn is None:
-                    conn = dialect.connect()
+                    conn = self.app._connect()
                 now = time.monotonic()
                 if now >= due["beat"]:
                     due["beat"] = now + beat_every
@@ -3770,7 +3839,7 @@ class Worker:
                     self._rescue(conn)
                 if "tick" in due and now >= due["tick"]:
                     due["tick"] = now + self.tick_interval
-                    _tick(dialect, conn)
+                    self.app._tick_on(conn)
                 delay = 0.1
                 stop.wait(max(0.0, min(due.values()) - time.monotonic()))
             except MinflowError as exc:
@@ -3798,16 +3867,28 @@ class Worker:
             held = [(ctx.id, ctx.attempt) for ctx in self._active.values()]
         if not held:
             return
-        kept = self.app._dialect.extend_leases(conn, self.worker_id, held, self.lease)
+        kept = self.app._extend_leases(conn, self.worker_id, held, self.lease)
         for run_id, attempt in held:
             if run_id not in kept:
                 ctx = self._active.get((run_id, attempt))
-                if ctx is not None and not ctx._lost:
-                    ctx._lost = True
+                if ctx is not None and ctx._mark_lost():
                     _worker_log.info(
                         "run %s: lease lost (cancelled or taken over); is_cancelled() is now true",
                         run_id,
                     )
+
+    # -- internal interface used by the HTTP layer (metrics) and the CLI ------------------
+    def _uptime(self) -> float:
+        """Seconds since this worker was created."""
+        return time.time() - self._started_at
+
+    def _claimed_types(self) -> Iterable[str]:
+        """The exact types this worker claims (its app's handlers unless ``types`` narrowed them)."""
+        return self._types or self.app.handlers
+
+    def _stopped_hard(self) -> bool:
+        """True when it stopped without waiting for running handlers (second signal, timeout)."""
+        return self._force.is_set()
 
 
 def _as_list(value: Any, name: str) -> list:
@@ -3830,7 +3911,7 @@ def _spawn(
 class _HandlerPool:
     """Daemon threads running handlers; daemon so that a forced exit never waits for them."""
 
-    def __init__(self, size: int, execute: Callable[[RunContext], None], name: str):
+    def __init__(self, size: int, execute: Callable[[RunContext, _Completion], None], name: str):
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._execute = execute
         self._threads = [
@@ -3842,13 +3923,13 @@ class _HandlerPool:
 
     def _serve(self) -> None:
         while True:
-            ctx = self._queue.get()
-            if ctx is None:
+            work = self._queue.get()
+            if work is None:
                 return
-            self._execute(ctx)
+            self._execute(*work)
 
-    def submit(self, ctx: RunContext) -> None:
-        self._queue.put(ctx)
+    def submit(self, ctx: RunContext, item: _Completion) -> None:
+        self._queue.put((ctx, item))
 
     def shutdown(self) -> None:
         for _ in self._threads:
@@ -3982,7 +4063,7 @@ def _optional(body: dict, name: str, default: Any) -> Any:
 
 def _r_healthz(req: _Request) -> tuple[int, Any]:
     try:
-        req.client._query("now")
+        req.client._sql("now")
     except MinflowError as exc:
         _http_log.warning("health check: database unhealthy: %s", exc)
         raise _HTTPError(503, "database unhealthy") from None
@@ -4016,7 +4097,7 @@ def _r_submit(req: _Request) -> tuple[int, Any]:
     if body.get("run_after") is not None and body.get("run_at") is not None:
         raise _HTTPError(400, "give run_after or run_at, not both")
     when = _optional(body, "run_after", body.get("run_at"))
-    job = Job(
+    run_id = req.client.submit(
         body["type"],
         body.get("payload"),
         priority=_optional(body, "priority", DEFAULT_PRIORITY),
@@ -4026,8 +4107,7 @@ def _r_submit(req: _Request) -> tuple[int, Any]:
         run_at=None if when is None else _parse_rfc3339(when, "run_after"),
         run_in=body.get("run_in"),
     )
-    ((run_id, created),) = req.client._submit([job])
-    if not created:
+    if run_id.deduplicated:
         raise _HTTPError(
             409, "idempotency conflict: a run with this idempotency_key already exists", id=run_id
         )
@@ -4157,7 +4237,7 @@ def _queue_snapshot(client: Client) -> list[tuple[str, str, int, float | None]]:
     """Pending and leased runs by type and status, with how long the oldest due pending run
     has waited past its run_at (None: none is due), from one aggregate query."""
     out = []
-    for run_type, status, count, oldest, now in client._query("queue_snapshot"):
+    for run_type, status, count, oldest, now in client._sql("queue_snapshot"):
         since, clock = _parse_time(oldest), _parse_time(now)
         waited = max(0.0, (clock - since).total_seconds()) if since and clock else None
         out.append((run_type, status, int(count), waited))
@@ -4170,13 +4250,13 @@ def _render_metrics(client: Client, worker: Worker | None = None) -> str:
     extra: dict[str, dict[tuple, float]] = {}
     if worker is not None:
         wid = (("worker_id", worker.worker_id),)
-        extra["workflow_worker_uptime_seconds"] = {wid: time.time() - worker._started_at}
+        extra["workflow_worker_uptime_seconds"] = {wid: worker._uptime()}
         extra["workflow_worker_running"] = {wid: float(worker.running)}
     depth: dict[tuple, float] = {}
     age: dict[tuple, float] = {}
     if worker is not None:
         # Handled types always have series, so an alert sees 0 rather than nothing.
-        for run_type in worker._types or worker.app.handlers:
+        for run_type in worker._claimed_types():
             for status in ("pending", "leased"):
                 depth[(("workflow_type", run_type), ("status", status))] = 0.0
             age[(("workflow_type", run_type),)] = 0.0
@@ -4823,7 +4903,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
             server.server_close()
     if args.burst:
         print(f"{count} runs executed")
-    return 1 if worker._force.is_set() else 0
+    return 1 if worker._stopped_hard() else 0
 
 
 def _listen(make: Callable[[], _Server]) -> _Server:
@@ -4974,7 +5054,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     payload = _json_arg(args.payload, "PAYLOAD_JSON")
     with Client(args.dsn) as client:
         client._ensure_schema()
-        job = Job(
+        run_id = client.submit(
             args.type,
             payload,
             priority=args.priority,
@@ -4983,12 +5063,11 @@ def _cmd_submit(args: argparse.Namespace) -> int:
             run_at=args.run_at,
             run_in=args.run_in,
         )
-        ((run_id, created),) = client._submit([job])
     if args.json:
         _print_json({"id": run_id})
     else:
         print(run_id)
-        if not created:
+        if run_id.deduplicated:
             print(f"minflow: idempotency key {args.key!r} exists; that run's id", file=sys.stderr)
     return 0
 
