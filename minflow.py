@@ -162,7 +162,9 @@ class Retry(Exception):  # noqa: N818 - named for what the handler asks for
     """
 
     def __init__(self, delay: float | None = None):
-        if delay is not None and (not _is_number(delay) or delay < 0 or math.isinf(delay)):
+        # A finite number >= 0 (NaN fails the comparison); bool is an int but no delay.
+        number = isinstance(delay, (int, float)) and not isinstance(delay, bool)
+        if delay is not None and not (number and 0 <= delay < math.inf):
             raise InvalidInput(
                 f"Retry delay must be a non-negative number of seconds, got {delay!r}"
             )
@@ -2268,6 +2270,335 @@ _wakeups = _Wakeups()
 
 
 # ---------------------------------------------------------------------------------------------
+# Schedules: cron arithmetic and the tick
+# ---------------------------------------------------------------------------------------------
+# A cron expression is evaluated on the wall clock of the schedule's zone and mapped to UTC
+# here, not by croniter: croniter's arithmetic on aware datetimes fires a repeated wall time
+# twice when clocks go back (01:30 EDT, then 01:30 EST). croniter only ever sees wall-clock
+# times labelled UTC, where its arithmetic is plain calendar arithmetic. The policy (README):
+# - a wall time that occurs twice (clocks go back) stands for its first occurrence only;
+# - a wall time that does not exist (clocks go forward) stands for the moment the gap ends, so
+#   a daily 02:30 job runs at 03:00 that day, and several skipped times collapse into one slot.
+
+_croniter_module: Any = None
+
+# The Go ticker's parser rejects @-aliases, so they are stored in their 5-field form: every
+# schedule minflow writes stays readable by a Go ticker sharing the schema.
+_CRON_ALIASES = {
+    "@yearly": "0 0 1 1 *",
+    "@annually": "0 0 1 1 *",
+    "@monthly": "0 0 1 * *",
+    "@weekly": "0 0 * * 0",
+    "@daily": "0 0 * * *",
+    "@midnight": "0 0 * * *",
+    "@hourly": "0 * * * *",
+}
+# The standard five fields as the Go parser (robfig/cron) reads them:
+# (name, lowest, highest, names counted from lowest, whether '?' is allowed).
+_MONTHS = ("JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT", "NOV", "DEC")
+_WEEKDAYS = ("SUN", "MON", "TUE", "WED", "THU", "FRI", "SAT")
+_CRON_FIELDS: tuple[tuple[str, int, int, tuple[str, ...], bool], ...] = (
+    ("minute", 0, 59, (), False),
+    ("hour", 0, 23, (), False),
+    ("day of month", 1, 31, (), True),
+    ("month", 1, 12, _MONTHS, False),
+    ("day of week", 0, 6, _WEEKDAYS, True),
+)
+_CRON_TERM = re.compile(r"^(?:([*?])|([0-9A-Za-z]+)(?:-([0-9A-Za-z]+))?)(?:/([0-9]+))?$")
+# The Go parser accepts "TZ=Zone expr" and "CRON_TZ=Zone expr", overriding the timezone column.
+_CRON_TZ_PREFIX = re.compile(r"^(?:CRON_)?TZ=(\S+) (.*)$")
+_cron_cache: dict[tuple[Any, Any], tuple[str, _dt.tzinfo]] = {}
+# Candidates inside a repeated hour are skipped one by one (at most one per minute); needing
+# more steps than this means the expression is unusable, never an endless loop in the ticker.
+_CRON_MAX_STEPS = 10_000
+
+
+def _croniter() -> Any:
+    global _croniter_module
+    if _croniter_module is None:
+        try:
+            import croniter
+        except ImportError:
+            raise MinflowError("cron schedules need croniter: pip install croniter") from None
+        _croniter_module = croniter
+    return _croniter_module
+
+
+def _zone(name: Any) -> _dt.tzinfo:
+    """The IANA zone ``name``; ``InvalidInput`` naming the ``timezone`` field otherwise."""
+    import zoneinfo
+
+    if not isinstance(name, str) or not name.strip():
+        raise InvalidInput("timezone: must be an IANA name such as 'UTC' or 'Europe/Berlin'")
+    if name == "UTC":
+        return UTC  # needs no tz database on the host
+    try:
+        return zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError) as exc:
+        raise InvalidInput(f"timezone: unknown IANA timezone {name!r} ({exc})") from None
+
+
+def _cron_value(text: str, field: tuple) -> int:
+    name, low, high, names, _ = field
+    if text.isdigit():
+        value = int(text)
+    elif text.upper() in names:
+        value = low + names.index(text.upper())
+    else:
+        raise InvalidInput(f"cron: {text!r} is not a valid {name}")
+    if not low <= value <= high:
+        hint = " (Sunday is 0; the Go ticker rejects 7)" if name == "day of week" else ""
+        raise InvalidInput(f"cron: {name} {value} is out of range {low}-{high}{hint}")
+    return value
+
+
+def _check_cron_field(text: str, field: tuple) -> None:
+    name, _, _, _, question_mark = field
+    for term in text.split(","):
+        match = _CRON_TERM.match(term)
+        if not match:
+            raise InvalidInput(
+                f"cron: {term!r} in the {name} field is not standard cron "
+                "(croniter's L, W, #, R and H extensions are not supported)"
+            )
+        wildcard, first, last, step = match.groups()
+        if wildcard == "?" and not question_mark:
+            raise InvalidInput(f"cron: '?' is only allowed in the day fields, not in {name}")
+        if step is not None and int(step) == 0:
+            raise InvalidInput(f"cron: step 0 in the {name} field")
+        if first is not None:
+            low = _cron_value(first, field)
+            if last is not None and _cron_value(last, field) < low:
+                raise InvalidInput(f"cron: range {term!r} in the {name} field runs backwards")
+
+
+def _check_cron(cron: Any, timezone: Any) -> str:
+    """Validate a new schedule's cron and timezone; return the expression to store.
+
+    Accepts what the Go library's parser reads too: 5 fields (no seconds), numbers, month and
+    weekday names, ``*``, ``?``, ranges, steps and lists, plus the usual @-aliases (stored
+    expanded). Raises ``InvalidInput`` whose message starts with ``cron:`` or ``timezone:``.
+    """
+    if not isinstance(cron, str) or not cron.strip():
+        raise InvalidInput("cron: a cron expression is required (e.g. '*/5 * * * *' or '@daily')")
+    text = " ".join(cron.split())
+    if _CRON_TZ_PREFIX.match(text):
+        raise InvalidInput("cron: give the zone as timezone=..., not as a TZ= prefix")
+    if text.startswith("@"):
+        if text.lower() == "@reboot":
+            raise InvalidInput("cron: @reboot has no meaning for a stored schedule")
+        if text.lower() not in _CRON_ALIASES:
+            raise InvalidInput(
+                f"cron: unknown alias {text!r}; use one of {', '.join(sorted(_CRON_ALIASES))}"
+            )
+        text = _CRON_ALIASES[text.lower()]
+    fields = text.split(" ")
+    if len(fields) != 5:
+        raise InvalidInput(
+            f"cron: {cron!r} must have 5 fields (minute hour day-of-month month day-of-week), "
+            f"got {len(fields)}; a seconds field is not supported"
+        )
+    for value, field in zip(fields, _CRON_FIELDS, strict=True):
+        _check_cron_field(value, field)
+    _zone(timezone)
+    # Whatever croniter still refuses, and expressions that never match (0 0 30 2 *), which the
+    # Go library stores as the year-1 "zero time" and keeps due forever.
+    _cron_next(text, timezone, _dt.datetime.now(UTC))
+    return text
+
+
+def _parse_cron(cron: Any, timezone: Any) -> tuple[str, _dt.tzinfo]:
+    """(croniter expression, zone) of a stored schedule; ``InvalidInput`` when unusable.
+
+    More lenient than ``_check_cron``, because rows other tools wrote may use a ``TZ=`` prefix
+    (the Go library), aliases or croniter's deterministic extensions (the seed's Python client).
+    """
+    key = (cron, timezone)
+    cached = _cron_cache.get(key)
+    if cached is not None:
+        return cached
+    if not isinstance(cron, str) or not cron.strip():
+        raise InvalidInput("cron: empty cron expression")
+    text = " ".join(cron.split())
+    prefix = _CRON_TZ_PREFIX.match(text)
+    if prefix:
+        timezone, text = prefix.groups()
+    text = _CRON_ALIASES.get(text.lower(), text)
+    fields = text.split(" ")
+    # Six fields would mean seconds to croniter; random terms (R) differ between tickers.
+    if len(fields) != 5 or any(re.search(r"(?:^|,)R", f, re.I) for f in fields):
+        raise InvalidInput(f"cron: {cron!r} is not a 5-field cron expression")
+    if not _croniter().croniter.is_valid(text):
+        raise InvalidInput(f"cron: invalid cron expression {cron!r}")
+    zone = _zone(timezone if timezone != "" else "UTC")  # Go reads an empty zone as UTC
+    if len(_cron_cache) > 4096:
+        _cron_cache.clear()
+    _cron_cache[key] = (text, zone)
+    return text, zone
+
+
+def _wall(moment: _dt.datetime, zone: _dt.tzinfo) -> _dt.datetime:
+    """The wall-clock reading of ``moment`` in ``zone``, labelled UTC for croniter."""
+    return moment.astimezone(zone).replace(tzinfo=UTC, fold=0)
+
+
+def _instant(wall: _dt.datetime, zone: _dt.tzinfo) -> _dt.datetime:
+    """The instant a cron wall time stands for: first occurrence if repeated, gap end if skipped."""
+    local = wall.replace(tzinfo=zone, fold=0)
+    moment = local.astimezone(UTC)
+    if moment.astimezone(zone).replace(tzinfo=None) == local.replace(tzinfo=None):
+        return moment  # the time exists; fold=0 is the first of two occurrences
+    # In a gap, fold=0 reads the wall time with the offset from before the change, landing after
+    # the gap, and fold=1 with the offset from after it, landing before. The change lies between
+    # the two: bisect on whole seconds for the first one with the new offset.
+    new_offset = moment.astimezone(zone).utcoffset()
+    low = int(local.replace(fold=1).astimezone(UTC).timestamp())
+    high = int(moment.timestamp())
+    while high - low > 1:
+        middle = (low + high) // 2
+        if _dt.datetime.fromtimestamp(middle, zone).utcoffset() == new_offset:
+            high = middle
+        else:
+            low = middle
+    return _dt.datetime.fromtimestamp(high, UTC)
+
+
+def _cron_walk(expr: str, zone: _dt.tzinfo, start: _dt.datetime, backwards: bool) -> Any:
+    """Slots (instants) from ``start``'s wall clock onwards (or backwards), as croniter lists them."""
+    module = _croniter()
+    it = module.croniter(expr, _wall(start, zone))
+    step = it.get_prev if backwards else it.get_next
+    for _ in range(_CRON_MAX_STEPS):
+        try:
+            wall = step(_dt.datetime)
+        except module.CroniterBadDateError:
+            raise InvalidInput(f"cron: {expr!r} never matches") from None
+        yield _instant(wall, zone)
+    raise InvalidInput(f"cron: {expr!r} has no usable slot near {start.isoformat()}")
+
+
+def _next_slot(expr: str, zone: _dt.tzinfo, after: _dt.datetime) -> _dt.datetime:
+    # Wall time -> instant never goes backwards, and ``after``'s own wall time maps to ``after``
+    # or (inside a repeated hour) earlier: no slot after ``after`` is skipped, and only
+    # candidates inside a repeated hour can come out too early.
+    for slot in _cron_walk(expr, zone, after, backwards=False):
+        if slot > after:
+            return slot
+    raise AssertionError("unreachable")  # _cron_walk raises when it gives up
+
+
+def _cron_next(cron: str, timezone: str, after: _dt.datetime) -> _dt.datetime:
+    """The first slot strictly after ``after``, computed on the wall clock of ``timezone``."""
+    expr, zone = _parse_cron(cron, timezone)
+    return _next_slot(expr, zone, after)
+
+
+def _cron_latest(cron: str, timezone: str, at: _dt.datetime) -> _dt.datetime:
+    """The last slot at or before ``at``."""
+    expr, zone = _parse_cron(cron, timezone)
+    # croniter's previous wall time is strictly before ``at``'s, so it maps to at most ``at``;
+    # step forwards to catch a slot exactly at ``at``, or later ones inside a repeated hour.
+    slot = next(_cron_walk(expr, zone, at, backwards=True))
+    for _ in range(_CRON_MAX_STEPS):
+        following = _next_slot(expr, zone, slot)
+        if following > at:
+            return slot
+        slot = following
+    raise InvalidInput(f"cron: {cron!r} has no usable slot near {at.isoformat()}")
+
+
+def _due_slot(
+    cron: str, timezone: str, planned: _dt.datetime | None, now: _dt.datetime
+) -> tuple[_dt.datetime, _dt.datetime]:
+    """(slot to fire, next ``next_run_at``) for a due schedule planned at ``planned``.
+
+    Missed slots fire once: the latest slot at or before ``now``. A planned time off the cron
+    grid but later than that (written by another tool, e.g. the Go ticker, which computes from
+    "now") is itself the slot, so both tickers derive the same idempotency key. The next time
+    is computed from the slot, not from ``now``, and is always after ``now``.
+    """
+    latest = _cron_latest(cron, timezone, now)
+    slot = planned if planned is not None and latest < planned <= now else latest
+    return slot, _cron_next(cron, timezone, slot)
+
+
+# Warned about once per process: (schedule id, cron, timezone).
+_broken_schedules: set[tuple[str, Any, Any]] = set()
+# An unusable row is moved this far ahead instead of being retried every tick, as the seed did:
+# ten such rows starved every other schedule there. An hour bounds the log
+# noise and the delay after someone repairs the row; its last_run_at is left alone.
+_BROKEN_RETRY_SECONDS = 3600.0
+# Batches per tick; a larger backlog continues on the next tick.
+_TICK_BATCHES = 10
+
+
+def _tick(dialect: _Dialect, conn: _Connection, limit: int = TICK_BATCH) -> int:
+    """One ticker pass over ``conn``; returns the number of runs created. See ``Client.tick``."""
+    if not conn.query(dialect.sql["schedules_due"]):  # the idle path: one indexed query
+        return 0
+    fired = 0
+    for _ in range(_TICK_BATCHES):
+        with conn.transaction():
+            rows = conn.query(dialect.sql["claim_schedules"], {"limit": limit})
+            types = set()
+            for row in rows:
+                if _fire(dialect, conn, row):
+                    fired += 1
+                    types.add(row[1])
+            if types:
+                dialect.notify(conn, types)
+        if len(rows) < limit:
+            break
+    return fired
+
+
+def _fire(dialect: _Dialect, conn: _Connection, row: Sequence) -> bool:
+    """Turn one due schedule row into its slot's run and advance it; True if a run was created."""
+    sched_id, run_type, payload, cron, timezone, planned, priority, max_attempts, now = row
+    sched_id, sql = str(sched_id), dialect.sql
+    try:
+        json.loads(payload)  # SQLite rows written by raw SQL may hold anything
+        slot, following = _due_slot(cron, timezone, _parse_time(planned), _parse_time(now))
+    except (InvalidInput, ValueError, TypeError, OverflowError) as exc:
+        if (sched_id, cron, timezone) not in _broken_schedules:
+            _broken_schedules.add((sched_id, cron, timezone))
+            _ticker_log.warning(
+                "schedule %s (cron %r, timezone %r) skipped, looking again in an hour: %s",
+                sched_id,
+                cron,
+                timezone,
+                exc,
+            )
+        conn.query(sql["defer_schedule"], {"id": sched_id, "seconds": _BROKEN_RETRY_SECONDS})
+        return False
+    run_id = _new_id()
+    created = conn.query(
+        sql["insert_scheduled_run"],
+        {
+            "id": run_id,
+            "type": run_type,
+            "payload": payload,
+            "priority": priority,
+            # The seed's key format, so a Go ticker beside this one never fires a slot twice.
+            "key": f"schedule:{sched_id}:{int(slot.timestamp())}",
+            # The Go builder stores 0 as given; a run needs at least one attempt.
+            "max_attempts": max(1, max_attempts),
+        },
+    )
+    if created:
+        conn.query(
+            sql["insert_event"],
+            {
+                "id": run_id,
+                "event_type": "created",
+                "data": json.dumps({"schedule_id": sched_id, "slot": _json_value(slot)}),
+            },
+        )
+    conn.query(sql["advance_schedule"], {"id": sched_id, "next_run_at": following})
+    return bool(created)
+
+
+# ---------------------------------------------------------------------------------------------
 # Client: the producer API
 # ---------------------------------------------------------------------------------------------
 
@@ -2731,337 +3062,10 @@ class Client:
 
 
 # ---------------------------------------------------------------------------------------------
-# Schedules: cron arithmetic and the tick
-# ---------------------------------------------------------------------------------------------
-# A cron expression is evaluated on the wall clock of the schedule's zone and mapped to UTC
-# here, not by croniter: croniter's arithmetic on aware datetimes fires a repeated wall time
-# twice when clocks go back (01:30 EDT, then 01:30 EST). croniter only ever sees wall-clock
-# times labelled UTC, where its arithmetic is plain calendar arithmetic. The policy (README):
-# - a wall time that occurs twice (clocks go back) stands for its first occurrence only;
-# - a wall time that does not exist (clocks go forward) stands for the moment the gap ends, so
-#   a daily 02:30 job runs at 03:00 that day, and several skipped times collapse into one slot.
-
-_croniter_module: Any = None
-
-# The Go ticker's parser rejects @-aliases, so they are stored in their 5-field form: every
-# schedule minflow writes stays readable by a Go ticker sharing the schema.
-_CRON_ALIASES = {
-    "@yearly": "0 0 1 1 *",
-    "@annually": "0 0 1 1 *",
-    "@monthly": "0 0 1 * *",
-    "@weekly": "0 0 * * 0",
-    "@daily": "0 0 * * *",
-    "@midnight": "0 0 * * *",
-    "@hourly": "0 * * * *",
-}
-# The standard five fields as the Go parser (robfig/cron) reads them:
-# (name, lowest, highest, names counted from lowest, whether '?' is allowed).
-_MONTHS = ("JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT", "NOV", "DEC")
-_WEEKDAYS = ("SUN", "MON", "TUE", "WED", "THU", "FRI", "SAT")
-_CRON_FIELDS: tuple[tuple[str, int, int, tuple[str, ...], bool], ...] = (
-    ("minute", 0, 59, (), False),
-    ("hour", 0, 23, (), False),
-    ("day of month", 1, 31, (), True),
-    ("month", 1, 12, _MONTHS, False),
-    ("day of week", 0, 6, _WEEKDAYS, True),
-)
-_CRON_TERM = re.compile(r"^(?:([*?])|([0-9A-Za-z]+)(?:-([0-9A-Za-z]+))?)(?:/([0-9]+))?$")
-# The Go parser accepts "TZ=Zone expr" and "CRON_TZ=Zone expr", overriding the timezone column.
-_CRON_TZ_PREFIX = re.compile(r"^(?:CRON_)?TZ=(\S+) (.*)$")
-_cron_cache: dict[tuple[Any, Any], tuple[str, _dt.tzinfo]] = {}
-# Candidates inside a repeated hour are skipped one by one (at most one per minute); needing
-# more steps than this means the expression is unusable, never an endless loop in the ticker.
-_CRON_MAX_STEPS = 10_000
-
-
-def _croniter() -> Any:
-    global _croniter_module
-    if _croniter_module is None:
-        try:
-            import croniter
-        except ImportError:
-            raise MinflowError("cron schedules need croniter: pip install croniter") from None
-        _croniter_module = croniter
-    return _croniter_module
-
-
-def _zone(name: Any) -> _dt.tzinfo:
-    """The IANA zone ``name``; ``InvalidInput`` naming the ``timezone`` field otherwise."""
-    import zoneinfo
-
-    if not isinstance(name, str) or not name.strip():
-        raise InvalidInput("timezone: must be an IANA name such as 'UTC' or 'Europe/Berlin'")
-    if name == "UTC":
-        return UTC  # needs no tz database on the host
-    try:
-        return zoneinfo.ZoneInfo(name)
-    except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError) as exc:
-        raise InvalidInput(f"timezone: unknown IANA timezone {name!r} ({exc})") from None
-
-
-def _cron_value(text: str, field: tuple) -> int:
-    name, low, high, names, _ = field
-    if text.isdigit():
-        value = int(text)
-    elif text.upper() in names:
-        value = low + names.index(text.upper())
-    else:
-        raise InvalidInput(f"cron: {text!r} is not a valid {name}")
-    if not low <= value <= high:
-        hint = " (Sunday is 0; the Go ticker rejects 7)" if name == "day of week" else ""
-        raise InvalidInput(f"cron: {name} {value} is out of range {low}-{high}{hint}")
-    return value
-
-
-def _check_cron_field(text: str, field: tuple) -> None:
-    name, _, _, _, question_mark = field
-    for term in text.split(","):
-        match = _CRON_TERM.match(term)
-        if not match:
-            raise InvalidInput(
-                f"cron: {term!r} in the {name} field is not standard cron "
-                "(croniter's L, W, #, R and H extensions are not supported)"
-            )
-        wildcard, first, last, step = match.groups()
-        if wildcard == "?" and not question_mark:
-            raise InvalidInput(f"cron: '?' is only allowed in the day fields, not in {name}")
-        if step is not None and int(step) == 0:
-            raise InvalidInput(f"cron: step 0 in the {name} field")
-        if first is not None:
-            low = _cron_value(first, field)
-            if last is not None and _cron_value(last, field) < low:
-                raise InvalidInput(f"cron: range {term!r} in the {name} field runs backwards")
-
-
-def _check_cron(cron: Any, timezone: Any) -> str:
-    """Validate a new schedule's cron and timezone; return the expression to store.
-
-    Accepts what the Go library's parser reads too: 5 fields (no seconds), numbers, month and
-    weekday names, ``*``, ``?``, ranges, steps and lists, plus the usual @-aliases (stored
-    expanded). Raises ``InvalidInput`` whose message starts with ``cron:`` or ``timezone:``.
-    """
-    if not isinstance(cron, str) or not cron.strip():
-        raise InvalidInput("cron: a cron expression is required (e.g. '*/5 * * * *' or '@daily')")
-    text = " ".join(cron.split())
-    if _CRON_TZ_PREFIX.match(text):
-        raise InvalidInput("cron: give the zone as timezone=..., not as a TZ= prefix")
-    if text.startswith("@"):
-        if text.lower() == "@reboot":
-            raise InvalidInput("cron: @reboot has no meaning for a stored schedule")
-        if text.lower() not in _CRON_ALIASES:
-            raise InvalidInput(
-                f"cron: unknown alias {text!r}; use one of {', '.join(sorted(_CRON_ALIASES))}"
-            )
-        text = _CRON_ALIASES[text.lower()]
-    fields = text.split(" ")
-    if len(fields) != 5:
-        raise InvalidInput(
-            f"cron: {cron!r} must have 5 fields (minute hour day-of-month month day-of-week), "
-            f"got {len(fields)}; a seconds field is not supported"
-        )
-    for value, field in zip(fields, _CRON_FIELDS, strict=True):
-        _check_cron_field(value, field)
-    _zone(timezone)
-    # Whatever croniter still refuses, and expressions that never match (0 0 30 2 *), which the
-    # Go library stores as the year-1 "zero time" and keeps due forever.
-    _cron_next(text, timezone, _dt.datetime.now(UTC))
-    return text
-
-
-def _parse_cron(cron: Any, timezone: Any) -> tuple[str, _dt.tzinfo]:
-    """(croniter expression, zone) of a stored schedule; ``InvalidInput`` when unusable.
-
-    More lenient than ``_check_cron``, because rows other tools wrote may use a ``TZ=`` prefix
-    (the Go library), aliases or croniter's deterministic extensions (the seed's Python client).
-    """
-    key = (cron, timezone)
-    cached = _cron_cache.get(key)
-    if cached is not None:
-        return cached
-    if not isinstance(cron, str) or not cron.strip():
-        raise InvalidInput("cron: empty cron expression")
-    text = " ".join(cron.split())
-    prefix = _CRON_TZ_PREFIX.match(text)
-    if prefix:
-        timezone, text = prefix.groups()
-    text = _CRON_ALIASES.get(text.lower(), text)
-    fields = text.split(" ")
-    # Six fields would mean seconds to croniter; random terms (R) differ between tickers.
-    if len(fields) != 5 or any(re.search(r"(?:^|,)R", f, re.I) for f in fields):
-        raise InvalidInput(f"cron: {cron!r} is not a 5-field cron expression")
-    if not _croniter().croniter.is_valid(text):
-        raise InvalidInput(f"cron: invalid cron expression {cron!r}")
-    zone = _zone(timezone if timezone != "" else "UTC")  # Go reads an empty zone as UTC
-    if len(_cron_cache) > 4096:
-        _cron_cache.clear()
-    _cron_cache[key] = (text, zone)
-    return text, zone
-
-
-def _wall(moment: _dt.datetime, zone: _dt.tzinfo) -> _dt.datetime:
-    """The wall-clock reading of ``moment`` in ``zone``, labelled UTC for croniter."""
-    return moment.astimezone(zone).replace(tzinfo=UTC, fold=0)
-
-
-def _instant(wall: _dt.datetime, zone: _dt.tzinfo) -> _dt.datetime:
-    """The instant a cron wall time stands for: first occurrence if repeated, gap end if skipped."""
-    local = wall.replace(tzinfo=zone, fold=0)
-    moment = local.astimezone(UTC)
-    if moment.astimezone(zone).replace(tzinfo=None) == local.replace(tzinfo=None):
-        return moment  # the time exists; fold=0 is the first of two occurrences
-    # In a gap, fold=0 reads the wall time with the offset from before the change, landing after
-    # the gap, and fold=1 with the offset from after it, landing before. The change lies between
-    # the two: bisect on whole seconds for the first one with the new offset.
-    new_offset = moment.astimezone(zone).utcoffset()
-    low = int(local.replace(fold=1).astimezone(UTC).timestamp())
-    high = int(moment.timestamp())
-    while high - low > 1:
-        middle = (low + high) // 2
-        if _dt.datetime.fromtimestamp(middle, zone).utcoffset() == new_offset:
-            high = middle
-        else:
-            low = middle
-    return _dt.datetime.fromtimestamp(high, UTC)
-
-
-def _cron_walk(expr: str, zone: _dt.tzinfo, start: _dt.datetime, backwards: bool) -> Any:
-    """Slots (instants) from ``start``'s wall clock onwards (or backwards), as croniter lists them."""
-    module = _croniter()
-    it = module.croniter(expr, _wall(start, zone))
-    step = it.get_prev if backwards else it.get_next
-    for _ in range(_CRON_MAX_STEPS):
-        try:
-            wall = step(_dt.datetime)
-        except module.CroniterBadDateError:
-            raise InvalidInput(f"cron: {expr!r} never matches") from None
-        yield _instant(wall, zone)
-    raise InvalidInput(f"cron: {expr!r} has no usable slot near {start.isoformat()}")
-
-
-def _next_slot(expr: str, zone: _dt.tzinfo, after: _dt.datetime) -> _dt.datetime:
-    # Wall time -> instant never goes backwards, and ``after``'s own wall time maps to ``after``
-    # or (inside a repeated hour) earlier: no slot after ``after`` is skipped, and only
-    # candidates inside a repeated hour can come out too early.
-    for slot in _cron_walk(expr, zone, after, backwards=False):
-        if slot > after:
-            return slot
-    raise AssertionError("unreachable")  # _cron_walk raises when it gives up
-
-
-def _cron_next(cron: str, timezone: str, after: _dt.datetime) -> _dt.datetime:
-    """The first slot strictly after ``after``, computed on the wall clock of ``timezone``."""
-    expr, zone = _parse_cron(cron, timezone)
-    return _next_slot(expr, zone, after)
-
-
-def _cron_latest(cron: str, timezone: str, at: _dt.datetime) -> _dt.datetime:
-    """The last slot at or before ``at``."""
-    expr, zone = _parse_cron(cron, timezone)
-    # croniter's previous wall time is strictly before ``at``'s, so it maps to at most ``at``;
-    # step forwards to catch a slot exactly at ``at``, or later ones inside a repeated hour.
-    slot = next(_cron_walk(expr, zone, at, backwards=True))
-    for _ in range(_CRON_MAX_STEPS):
-        following = _next_slot(expr, zone, slot)
-        if following > at:
-            return slot
-        slot = following
-    raise InvalidInput(f"cron: {cron!r} has no usable slot near {at.isoformat()}")
-
-
-def _due_slot(
-    cron: str, timezone: str, planned: _dt.datetime | None, now: _dt.datetime
-) -> tuple[_dt.datetime, _dt.datetime]:
-    """(slot to fire, next ``next_run_at``) for a due schedule planned at ``planned``.
-
-    Missed slots fire once: the latest slot at or before ``now``. A planned time off the cron
-    grid but later than that (written by another tool, e.g. the Go ticker, which computes from
-    "now") is itself the slot, so both tickers derive the same idempotency key. The next time
-    is computed from the slot, not from ``now``, and is always after ``now``.
-    """
-    latest = _cron_latest(cron, timezone, now)
-    slot = planned if planned is not None and latest < planned <= now else latest
-    return slot, _cron_next(cron, timezone, slot)
-
-
-# Warned about once per process: (schedule id, cron, timezone).
-_broken_schedules: set[tuple[str, Any, Any]] = set()
-# An unusable row is moved this far ahead instead of being retried every tick, as the seed did:
-# ten such rows starved every other schedule there. An hour bounds the log
-# noise and the delay after someone repairs the row; its last_run_at is left alone.
-_BROKEN_RETRY_SECONDS = 3600.0
-# Batches per tick; a larger backlog continues on the next tick.
-_TICK_BATCHES = 10
-
-
-def _tick(dialect: _Dialect, conn: _Connection, limit: int = TICK_BATCH) -> int:
-    """One ticker pass over ``conn``; returns the number of runs created. See ``Client.tick``."""
-    if not conn.query(dialect.sql["schedules_due"]):  # the idle path: one indexed query
-        return 0
-    fired = 0
-    for _ in range(_TICK_BATCHES):
-        with conn.transaction():
-            rows = conn.query(dialect.sql["claim_schedules"], {"limit": limit})
-            types = set()
-            for row in rows:
-                if _fire(dialect, conn, row):
-                    fired += 1
-                    types.add(row[1])
-            if types:
-                dialect.notify(conn, types)
-        if len(rows) < limit:
-            break
-    return fired
-
-
-def _fire(dialect: _Dialect, conn: _Connection, row: Sequence) -> bool:
-    """Turn one due schedule row into its slot's run and advance it; True if a run was created."""
-    sched_id, run_type, payload, cron, timezone, planned, priority, max_attempts, now = row
-    sched_id, sql = str(sched_id), dialect.sql
-    try:
-        json.loads(payload)  # SQLite rows written by raw SQL may hold anything
-        slot, following = _due_slot(cron, timezone, _parse_time(planned), _parse_time(now))
-    except (InvalidInput, ValueError, TypeError, OverflowError) as exc:
-        if (sched_id, cron, timezone) not in _broken_schedules:
-            _broken_schedules.add((sched_id, cron, timezone))
-            _ticker_log.warning(
-                "schedule %s (cron %r, timezone %r) skipped, looking again in an hour: %s",
-                sched_id,
-                cron,
-                timezone,
-                exc,
-            )
-        conn.query(sql["defer_schedule"], {"id": sched_id, "seconds": _BROKEN_RETRY_SECONDS})
-        return False
-    run_id = _new_id()
-    created = conn.query(
-        sql["insert_scheduled_run"],
-        {
-            "id": run_id,
-            "type": run_type,
-            "payload": payload,
-            "priority": priority,
-            # The seed's key format, so a Go ticker beside this one never fires a slot twice.
-            "key": f"schedule:{sched_id}:{int(slot.timestamp())}",
-            # The Go builder stores 0 as given; a run needs at least one attempt.
-            "max_attempts": max(1, max_attempts),
-        },
-    )
-    if created:
-        conn.query(
-            sql["insert_event"],
-            {
-                "id": run_id,
-                "event_type": "created",
-                "data": json.dumps({"schedule_id": sched_id, "slot": _json_value(slot)}),
-            },
-        )
-    conn.query(sql["advance_schedule"], {"id": sched_id, "next_run_at": following})
-    return bool(created)
-
-
-# ---------------------------------------------------------------------------------------------
 # App: a Client with a handler registry (the seed's "Workflow")
 # ---------------------------------------------------------------------------------------------
+# The one name used before its section: App.worker() and run_worker() build a Worker, which in
+# turn takes an App.
 
 
 class App(Client):
