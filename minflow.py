@@ -1043,11 +1043,12 @@ _SQL: dict[str, str] = {
         "WHERE id = {uuid:id} AND status = 'leased' AND leased_by = :worker AND attempt = :attempt "
         "RETURNING id"
     ),
-    # Schedules: list (paused included), one live schedule.
+    # Live schedules (paused included), oldest first.
     "schedules": (
         f"SELECT {_SCHEDULE_COLUMNS} FROM {{workflow_schedule}} WHERE deleted_at IS NULL "
         "ORDER BY created_at, id"
     ),
+    # One live schedule.
     "get_schedule": (
         f"SELECT {_SCHEDULE_COLUMNS} FROM {{workflow_schedule}} "
         "WHERE id = {uuid:id} AND deleted_at IS NULL"
