@@ -3023,6 +3023,7 @@ class Client:
         return self._dialect.watcher()
 
     def _may_have_work(self, conn: _Connection, filt: _Filter) -> bool:
+        """False when nothing is claimable, where a read-only check can tell that cheaply."""
         return self._dialect.may_have_work(conn, filt)
 
     def _cycle(
@@ -3059,6 +3060,7 @@ class Client:
         _wakeups.register(self._dsn.key, wake)
 
     def _unsubscribe(self, wake: threading.Event) -> None:
+        """Undo ``_subscribe``."""
         _wakeups.unregister(self._dsn.key, wake)
 
 
@@ -3528,7 +3530,6 @@ class Worker:
         return _Filter(types, self._prefixes, frozenset(handlers))
 
     def _run(self, burst: bool) -> int:
-        app = self.app
         threads: list[threading.Thread] = []
         side_stop = threading.Event()
         conn: _Connection | None = None
@@ -3543,7 +3544,7 @@ class Worker:
             conn, rescued = prepared
             self._pool = _HandlerPool(self.concurrency, self._execute, self.worker_id)
             threads.append(_spawn(self._housekeeper, f"{self.worker_id}-housekeeper", side_stop))
-            watch = app._watcher()
+            watch = self.app._watcher()
             if watch is not None and not burst:
                 threads.append(
                     _spawn(
@@ -3552,7 +3553,7 @@ class Worker:
                         side_stop,
                     )
                 )
-            app._subscribe(self._wake)
+            self.app._subscribe(self._wake)
         except BaseException as exc:
             self._fatal = exc
             self._ready.set()
@@ -3574,7 +3575,7 @@ class Worker:
         try:
             conn = self._loop(conn, filt, burst)
         finally:
-            app._unsubscribe(self._wake)
+            self.app._unsubscribe(self._wake)
             side_stop.set()
             self._pool.shutdown()
             for thread in threads:
@@ -3641,7 +3642,7 @@ class Worker:
                 )
                 break
             limit = 0 if stopping else free
-            claimed: list = []
+            claimed: list[_Claim] = []
             try:
                 if conn is None:
                     conn = app._connect()
