@@ -209,13 +209,14 @@ def explain_claim(target) -> str:
     import re
 
     if target.backend == "sqlite":
-        claim = minflow._SQLITE_CLAIM.replace("{filter}", "type IN ('noop')")
+        dialect = minflow._SQLiteDialect(minflow._parse_dsn(dsn(target)))
+        claim = dialect.compose("claim", filter="type IN ('noop')")
         claim = re.sub(r":(\w+)", lambda m: {"limit": "100", "lease": "30"}.get(m[1], "'w'"), claim)
         rows = query(target, "EXPLAIN QUERY PLAN " + claim.replace("{", "{{").replace("}", "}}"))
         return "\n".join(row[-1] for row in rows)
-    picked = re.search(r"picked AS \((.*?)\n\), claimed", minflow._PG_CYCLE, re.S)[1]
+    picked = re.search(r"picked AS \((.*?)\n\), claimed", minflow._PG_SQL["cycle"], re.S)[1]
     picked = (
-        picked.replace("workflow_run", "{run}")
+        picked.replace("{workflow_run}", "{run}")
         .replace(":claim_types", "'{{noop}}'")
         .replace(":patterns", "'{{}}'")
         .replace(":limit", "100")

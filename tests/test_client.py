@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
+import pickle
 import threading
+import uuid
 
 import pytest
 
 import minflow
-from conftest import db, event_types
+from conftest import PgSchema, db, event_types, pg_connect, require_pg, wait_for, with_query
 
 UTC = dt.timezone.utc
 
@@ -259,3 +262,40 @@ def test_unencodable_text_and_absurd_delays_are_invalid_input(client, kwargs, ma
     with pytest.raises(minflow.InvalidInput, match=match):
         client.submit(**kwargs)
     assert count_runs(client) == 0
+
+
+def test_submit_tells_whether_it_deduplicated(client):
+    first = client.submit("t", idempotency_key="k")
+    again = client.submit("t", {"other": 1}, idempotency_key="k")
+    assert again == first and (first.deduplicated, again.deduplicated) == (False, True)
+    ids = client.submit_many([minflow.Job("t", idempotency_key="k"), minflow.Job("t")])
+    assert ids[0] == first and [i.deduplicated for i in ids] == [True, False]
+    # Still an id wherever a str goes: lookups, JSON, pickling.
+    assert client.get(again).id == first and json.dumps(again) == f'"{first}"'
+    assert pickle.loads(pickle.dumps(again)).deduplicated
+    assert client.get(first).payload is None  # the second submit wrote nothing
+
+
+def test_pointing_a_client_elsewhere_closes_its_old_connections(tmp_path):
+    """What ``minflow worker --dsn`` does to an imported App: the old pool is closed."""
+    require_pg()
+    schema = PgSchema()
+    name = f"mf_old_{uuid.uuid4().hex[:8]}"
+    admin = pg_connect()
+    try:
+        app = minflow.App(with_query(schema.dsn, application_name=name))
+        app.migrate()  # leaves a pooled connection open
+        sessions = "SELECT COUNT(*) FROM pg_stat_activity WHERE application_name = :name"
+        assert admin.run(sessions, name=name) == [[1]]
+        # Closed, not merely dropped: with a reference left (here), or without CPython's
+        # reference counting, a dropped pool would keep its sessions open.
+        old_pool = app._pool
+        app._configure(f"sqlite:///{tmp_path / 'other.db'}")
+        wait_for(lambda: admin.run(sessions, name=name) == [[0]], 10, message="the old session")
+        assert old_pool is not app._pool
+        app.migrate()
+        assert app.dialect == "sqlite" and app.get(app.submit("t")).status == "pending"
+        app.close()
+    finally:
+        admin.close()
+        schema.drop()

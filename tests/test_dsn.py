@@ -3,6 +3,7 @@ schema names. Parsing needs no database; only the end-to-end schema tests touch 
 
 from __future__ import annotations
 
+import re
 import threading
 import uuid
 from urllib.parse import quote
@@ -10,7 +11,7 @@ from urllib.parse import quote
 import pytest
 
 import minflow
-from conftest import PG_DSN, pg_connect, require_pg, wait_for, with_query
+from conftest import PG_DSN, PgSchema, pg_connect, require_pg, wait_for, with_query
 
 
 def parse(text):
@@ -319,3 +320,97 @@ def test_keyword_dsn_with_a_quoted_schema_end_to_end():
             conn.close()
     finally:
         _drop_schema(name)
+
+
+# -- statements name their schema -----------------------------------------------------------
+
+_TABLE_WORD = r"(?<![\w.])({})(?![\w.])"
+
+
+def test_every_postgres_statement_names_its_schema():
+    """No PostgreSQL statement leaves a table to the search_path: every table reference is
+    qualified (column references like workflow_run.attempt aside)."""
+    dialect = minflow._PostgresDialect(parse(with_query(PG_DSN, schema=quote('my "q" schema'))))
+    statements = [*dialect.sql.values(), *(s for _, _, ddl in dialect.migrations for s in ddl)]
+    statements.append(dialect.compose("list_runs", filters=minflow._LIST_FILTERS["type"]))
+    bare = re.compile(_TABLE_WORD.format("|".join(minflow._TABLES)))
+    qualified = '"my ""q"" schema".'
+    for statement in statements:
+        assert "{" not in statement.replace("'{}'", ""), statement  # every slot filled
+        assert not bare.search(statement.replace(qualified, qualified + "."))
+    assert any(qualified + "workflow_run" in s for s in statements)
+
+
+def test_statements_do_not_depend_on_the_search_path(monkeypatch):
+    """On connections whose search_path leads to another minflow schema (a caller's own
+    connection, PgBouncer in transaction mode), migrate, submit, claim, complete, rescue,
+    schedules and reads all use the DSN's schema, and the other one stays empty."""
+    require_pg()
+    decoy, mine = PgSchema(), PgSchema()
+    try:
+        with minflow.Client(decoy.dsn) as other:
+            other.migrate()  # an unqualified statement would find these tables first
+        connect = minflow._PostgresDialect.connect
+
+        def connect_elsewhere(dialect):
+            conn = connect(dialect)
+            conn.query(f"SET search_path TO {minflow._quote_ident(decoy.name)}")
+            return conn
+
+        monkeypatch.setattr(minflow._PostgresDialect, "connect", connect_elsewhere)
+        app = minflow.App(mine.dsn)
+        assert app.migrate() == len(minflow._PG_MIGRATIONS)
+
+        @app.handler("t")
+        def handler(run):
+            run.heartbeat(60)
+            assert not run.is_cancelled()
+            return run.payload
+
+        first = app.submit("t", {"n": 1}, idempotency_key="k")
+        ids = app.submit_many([minflow.Job("t", {"n": 2}), minflow.Job("t", idempotency_key="k")])
+        assert ids[1] == first
+        app.cancel(ids[0])
+        app.retry(ids[0])
+        schedule_id = app.schedule("t", {"n": 3}, cron="0 0 1 1 *", name="yearly")
+        app.pause_schedule(schedule_id)
+        app.resume_schedule(schedule_id)
+        raw = pg_connect()
+        try:
+            table = f"{minflow._quote_ident(mine.name)}.workflow_schedule"
+            raw.run(f"UPDATE {table} SET next_run_at = NOW() - interval '1 minute'")
+            assert app.tick() == 1
+            stranded = app.submit("t", {"n": 4})
+            table = f"{minflow._quote_ident(mine.name)}.workflow_run"
+            raw.run(
+                f"UPDATE {table} SET status = 'leased', attempt = 1, leased_by = 'gone', "
+                "lease_until = NOW() - interval '1 second' WHERE id = :id",
+                id=stranded,
+            )
+            assert app.run_worker(burst=True, schedules=False) == 4
+            runs = app.list()
+            assert sorted(r.payload["n"] for r in runs) == [1, 2, 3, 4]
+            assert {r.status for r in runs} == {"succeeded"}
+            assert "retried" in [e.event_type for e in app.events(stranded)]
+            assert app.stats() == {"t": {"succeeded": 4}}
+            assert app.get_schedule(schedule_id).name == "yearly"
+            app.delete_schedule(schedule_id)
+            assert app.schedules() == []
+            events = sum(len(app.events(r.id)) for r in runs)
+            # Per run: created, leased, started, heartbeat, succeeded; and cancelled, retried
+            # by hand, retried by the rescue.
+            assert events == 4 * 5 + 3
+            app.close()
+            for name, want_runs, want_events in ((mine.name, 4, events), (decoy.name, 0, 0)):
+                schema = minflow._quote_ident(name)
+                counts = raw.run(
+                    f"SELECT (SELECT COUNT(*) FROM {schema}.workflow_run), "
+                    f"(SELECT COUNT(*) FROM {schema}.workflow_event), "
+                    f"(SELECT COUNT(*) FROM {schema}.workflow_schedule WHERE deleted_at IS NULL)"
+                )
+                assert counts == [[want_runs, want_events, 0]], name
+        finally:
+            raw.close()
+    finally:
+        decoy.drop()
+        mine.drop()

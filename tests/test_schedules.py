@@ -749,7 +749,7 @@ def test_go_zero_time_row_is_deferred_not_fired(client):
 def test_idle_tick_is_one_indexed_query(client):
     for n in range(300):
         client.schedule("t", {"n": n}, cron="0 0 1 1 *")
-    statement = minflow._SCHEDULE_SQL[client.dialect]["due"]
+    statement = client._dialect.sql["schedules_due"]
     if client.dialect == "sqlite":
         db(client, "ANALYZE")
         plan = " ".join(str(row[-1]) for row in db(client, "EXPLAIN QUERY PLAN " + statement))

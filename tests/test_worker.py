@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import subprocess
 import sys
 import threading
@@ -536,3 +537,62 @@ def test_an_idle_worker_sleeps(app, schedules):
     finally:
         worker.stop(timeout=10)
     assert used < 0.25, f"an idle worker used {used:.0%} of a core"
+
+
+def test_outcome_and_rescue_events_keep_their_stored_shapes(app):
+    """The data of the event after each outcome and after a rescue, as stored: SQLite keeps the
+    text minflow wrote, which the Go reader parses; PostgreSQL keeps the same JSON values."""
+    app.handler("ok")(lambda run: 1)
+
+    @app.handler("fail")
+    def fail(run):
+        raise ValueError("boom")
+
+    snoozed = []
+
+    @app.handler("snooze")
+    def snooze(run):
+        if not snoozed:
+            snoozed.append(run.id)
+            raise minflow.Retry(delay=0)
+
+    ids = [app.submit("ok"), app.submit("fail", max_attempts=1), app.submit("snooze")]
+    stranded = app.submit("ok")
+    db(
+        app,
+        "UPDATE workflow_run SET status = 'leased', attempt = 1, leased_by = 'gone', "
+        "lease_until = {time:t} WHERE id = {uuid:id}",
+        id=stranded,
+        t=dt.datetime.now(UTC) - dt.timedelta(seconds=5),
+    )
+    assert app.run_worker(burst=True, **NO_WAIT) == 5
+    stored = {
+        run_id: [
+            (event, text)
+            for event, text in db(
+                app,
+                "SELECT event_type, CAST(data AS TEXT) FROM workflow_event "
+                "WHERE workflow_id = {uuid:id} AND event_type IN ('succeeded', 'failed', 'retried') "
+                "ORDER BY id",
+                id=run_id,
+            )
+        ]
+        for run_id in [*ids, stranded]
+    }
+    expected = {
+        ids[0]: [("succeeded", None)],
+        ids[1]: [("failed", '{"attempt": 1, "error": "ValueError: boom"}')],
+        ids[2]: [
+            ("retried", '{"attempt": 0, "reason": "retry_requested", "delay": 0}'),
+            ("succeeded", None),
+        ],
+        stranded: [
+            ("retried", '{"reason": "lease_expired", "attempt": 1, "worker_id": "gone"}'),
+            ("succeeded", None),
+        ],
+    }
+    if app.dialect == "postgres":  # jsonb keeps values, not text
+        decode = lambda pairs: [(e, None if t is None else json.loads(t)) for e, t in pairs]  # noqa: E731
+        stored = {k: decode(v) for k, v in stored.items()}
+        expected = {k: decode(v) for k, v in expected.items()}
+    assert stored == expected
