@@ -3996,6 +3996,7 @@ class _Request:
     body: bytes
     client: Client
     worker: Worker | None
+    api_key_required: bool
 
     def json_object(self, allowed: Sequence[str]) -> dict:
         """The body as a JSON object with only ``allowed`` keys, or a 400."""
@@ -4085,7 +4086,7 @@ def _r_metrics(req: _Request) -> tuple[int, Any]:
 
 
 def _r_openapi(req: _Request) -> tuple[int, Any]:
-    return 200, _openapi_document()
+    return 200, _openapi_document(req.api_key_required)
 
 
 _SUBMIT_FIELDS = (
@@ -4223,13 +4224,17 @@ def _status_is(word: str) -> dict:
 
 _CREATED = {"type": "object", "properties": {"id": {"type": "string"}}, "required": ["id"]}
 # What the Client accepts: non-blank text without NUL; filters may also be empty (no filter).
+# Blank is Python's str.isspace(), spelled out: the \s of JSON Schema's regular expressions
+# lacks U+001C-U+001F and U+0085, and has U+FEFF.
+_SPACE = r"\t-\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+_NON_BLANK = rf"[^\u0000]*[^{_SPACE}\u0000][^\u0000]*"
 _NAME_TEXT = {
     "type": "string",
     "minLength": 1,
     "maxLength": MAX_TYPE_LENGTH,
-    "pattern": r"^[^\u0000]*[^\s\u0000][^\u0000]*$",
+    "pattern": f"^{_NON_BLANK}$",
 }
-_FILTER_TEXT = {**_NAME_TEXT, "minLength": 0, "pattern": r"^([^\u0000]*[^\s\u0000][^\u0000]*)?$"}
+_FILTER_TEXT = {**_NAME_TEXT, "minLength": 0, "pattern": f"^({_NON_BLANK})?$"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -4240,7 +4245,7 @@ class _Operation:
     id: str  # operationId
     summary: str
     schema: dict | None  # of the success body; None: text/plain
-    errors: tuple[int, ...] = ()  # error statuses; 401 is added unless the route is public
+    errors: tuple[int, ...] = ()  # error statuses; 401 is added when the server requires a key
     status: int = 200  # on success
     public: bool = False  # answered without the API key
     query: tuple[tuple[str, dict], ...] = ()  # query parameters and their schemas
@@ -4532,7 +4537,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 query[key] = value
             params = {k: unquote(v) for k, v in match.groupdict().items()}
             return fn(
-                _Request(self.command, url.path, params, query, body, server.client, server.worker)
+                _Request(
+                    self.command,
+                    url.path,
+                    params,
+                    query,
+                    body,
+                    server.client,
+                    server.worker,
+                    server.api_key is not None,
+                )
             )
         if allowed:
             raise _HTTPError(
@@ -4918,11 +4932,11 @@ def _serve_metrics(worker: Worker, host: str, port: int) -> _Server:
 
 # -- the OpenAPI document ---------------------------------------------------------------------
 
-_openapi_cache: dict = {}
+_openapi_cache: dict[bool, dict] = {}  # by whether the server requires an API key
 
 _ERROR_TEXT = {
     400: "Invalid input (the body, a parameter or a value).",
-    401: "Missing or wrong API key (only when MINFLOW_API_KEY is set).",
+    401: "Missing or wrong API key.",
     404: "No such run or schedule.",
     409: "Conflict: the idempotency key exists (the body carries that run's id), or the run is "
     "not in a state that allows the operation.",
@@ -4931,8 +4945,9 @@ _ERROR_TEXT = {
 }
 
 
-def _openapi_operation(path: str, op: _Operation) -> dict:
-    """One route of the table as an OpenAPI operation."""
+def _openapi_operation(path: str, op: _Operation, secured: bool) -> dict:
+    """One route of the table as an OpenAPI operation of a server that requires an API key
+    (``secured``) or not."""
     text = {"type": "string"}
     media = "text/plain" if op.schema is None else "application/json"
     success: dict[str, Any] = {
@@ -4945,7 +4960,7 @@ def _openapi_operation(path: str, op: _Operation) -> dict:
             for target in op.links
         }
     responses = {str(op.status): success}
-    for error in sorted(set(op.errors) if op.public else {401, *op.errors}):
+    for error in sorted({401, *op.errors} if secured and not op.public else set(op.errors)):
         responses[str(error)] = {
             "description": _ERROR_TEXT[error],
             "content": {"application/json": {"schema": _ref("Error")}},
@@ -4955,7 +4970,7 @@ def _openapi_operation(path: str, op: _Operation) -> dict:
         "summary": op.summary,
         "responses": responses,
     }
-    if op.public:
+    if secured and op.public:
         operation["security"] = []
     parameters = [
         {"name": name, "in": "path", "required": True, "schema": text}
@@ -4979,6 +4994,7 @@ def _openapi_schemas() -> dict:
     text = {"type": "string"}
     integer = {"type": "integer"}
     anything = {"description": "Any JSON value."}
+    no_nul = {"pattern": r"^[^\u0000]*$"}
     int32 = {"type": "integer", "minimum": _INT32[0], "maximum": _INT32[1]}
 
     def model(cls: type, **properties: dict) -> dict:
@@ -5002,6 +5018,15 @@ def _openapi_schemas() -> dict:
         }
 
     return {
+        # What a request may carry as a payload: what the Client stores on both dialects.
+        "Value": {
+            "description": "Any JSON value in which no string, object keys included, contains "
+            "NUL (\\u0000), which PostgreSQL's jsonb cannot store.",
+            **no_nul,
+            "propertyNames": no_nul,
+            "items": _ref("Value"),
+            "additionalProperties": _ref("Value"),
+        },
         "Error": {
             "type": "object",
             "properties": {"error": text, "id": {**text, "description": "The existing run (409)."}},
@@ -5052,7 +5077,7 @@ def _openapi_schemas() -> dict:
             **request(
                 ["type"],
                 type=_NAME_TEXT,
-                payload=anything,
+                payload=_ref("Value"),
                 priority=nullable({**int32, "description": "Lower runs first; default 100."}),
                 idempotency_key=nullable({**_FILTER_TEXT, "maxLength": 1000}),
                 max_attempts=nullable({**int32, "minimum": 1, "description": "Default 3."}),
@@ -5076,9 +5101,20 @@ def _openapi_schemas() -> dict:
         "ScheduleRequest": request(
             ["type", "cron"],
             type=_NAME_TEXT,
-            cron={**text, "minLength": 1, "description": "5-field cron, or @hourly, @daily..."},
-            payload=anything,
-            timezone=nullable({**text, "description": "IANA name; default UTC."}),
+            cron={
+                **text,
+                "pattern": f"^{_NON_BLANK}$",
+                "description": "5-field cron, or @hourly, @daily...",
+            },
+            payload=_ref("Value"),
+            # The name must also be in the server's tz database, which no pattern can say.
+            timezone=nullable(
+                {
+                    **text,
+                    "pattern": r"^[A-Za-z0-9_+-]+(/[A-Za-z0-9_+-]+)*$",
+                    "description": "IANA name such as Europe/Berlin; default UTC.",
+                }
+            ),
             priority=nullable(int32),
             max_attempts=nullable({**int32, "minimum": 1}),
             name=nullable(_NAME_TEXT),
@@ -5086,33 +5122,32 @@ def _openapi_schemas() -> dict:
     }
 
 
-def _openapi_document() -> dict:
-    """OpenAPI 3.1 description of ``_API_ROUTES``; built once."""
-    if _openapi_cache:
-        return _openapi_cache
+def _openapi_document(secured: bool) -> dict:
+    """OpenAPI 3.1 description of ``_API_ROUTES`` as served by a server that requires an API
+    key (``secured``) or not; each built once."""
+    document = _openapi_cache.get(secured)
+    if document is not None:
+        return document
     paths: dict[str, dict] = {}
     for method, path, operation in _API_ROUTES:
-        paths.setdefault(path, {})[method.lower()] = _openapi_operation(path, operation)
-    _openapi_cache.update(
-        {
-            "openapi": "3.1.0",
-            "info": {
-                "title": "minflow",
-                "version": __version__,
-                "description": "Durable job queue: runs, their audit trail and cron schedules.",
-            },
-            "paths": paths,
-            "components": {
-                "schemas": _openapi_schemas(),
-                "securitySchemes": {
-                    "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
-                    "bearer": {"type": "http", "scheme": "bearer"},
-                },
-            },
-            "security": [{"apiKey": []}, {"bearer": []}],
+        paths.setdefault(path, {})[method.lower()] = _openapi_operation(path, operation, secured)
+    document = {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "minflow",
+            "version": __version__,
+            "description": "Durable job queue: runs, their audit trail and cron schedules.",
+        },
+        "paths": paths,
+        "components": {"schemas": _openapi_schemas()},
+    }
+    if secured:
+        document["components"]["securitySchemes"] = {
+            "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+            "bearer": {"type": "http", "scheme": "bearer"},
         }
-    )
-    return _openapi_cache
+        document["security"] = [{"apiKey": []}, {"bearer": []}]
+    return _openapi_cache.setdefault(secured, document)
 
 
 # ---------------------------------------------------------------------------------------------
