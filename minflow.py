@@ -48,6 +48,8 @@ import collections
 import contextlib
 import dataclasses
 import datetime as _dt
+import email.utils
+import errno
 import hmac
 import http.server
 import importlib
@@ -60,6 +62,7 @@ import queue
 import random
 import re
 import select
+import selectors
 import signal
 import socket
 import socketserver
@@ -3951,9 +3954,10 @@ class _HandlerPool:
 # HTTP API and metrics
 # ---------------------------------------------------------------------------------------------
 # The REST API (the seed's routes under /api/v1 with clean JSON, plus retry, one schedule, an
-# OpenAPI document, /healthz and /metrics) on the stdlib's ThreadingHTTPServer: a
-# (method, pattern) -> function route table, JSON errors, an optional API key compared in
-# constant time, a body limit, a per-request deadline and a bounded number of handler threads.
+# OpenAPI document, /healthz and /metrics) on the stdlib's http.server: a (method, pattern) ->
+# function route table, JSON errors, an optional API key compared in constant time, a body
+# limit, a per-request deadline, request heads read before a handler thread is taken, and
+# bounded numbers of handler threads and of connections still sending their head.
 # The same server with two routes is a worker's --metrics-port listener.
 
 _http_log = logging.getLogger("minflow.http")
@@ -3992,6 +3996,7 @@ class _Request:
     body: bytes
     client: Client
     worker: Worker | None
+    api_key_required: bool
 
     def json_object(self, allowed: Sequence[str]) -> dict:
         """The body as a JSON object with only ``allowed`` keys, or a 400."""
@@ -4081,7 +4086,7 @@ def _r_metrics(req: _Request) -> tuple[int, Any]:
 
 
 def _r_openapi(req: _Request) -> tuple[int, Any]:
-    return 200, _openapi_document()
+    return 200, _openapi_document(req.api_key_required)
 
 
 _SUBMIT_FIELDS = (
@@ -4219,13 +4224,17 @@ def _status_is(word: str) -> dict:
 
 _CREATED = {"type": "object", "properties": {"id": {"type": "string"}}, "required": ["id"]}
 # What the Client accepts: non-blank text without NUL; filters may also be empty (no filter).
+# Blank is Python's str.isspace(), spelled out: the \s of JSON Schema's regular expressions
+# lacks U+001C-U+001F and U+0085, and has U+FEFF.
+_SPACE = r"\t-\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+_NON_BLANK = rf"[^\u0000]*[^{_SPACE}\u0000][^\u0000]*"
 _NAME_TEXT = {
     "type": "string",
     "minLength": 1,
     "maxLength": MAX_TYPE_LENGTH,
-    "pattern": r"^[^\u0000]*[^\s\u0000][^\u0000]*$",
+    "pattern": f"^{_NON_BLANK}$",
 }
-_FILTER_TEXT = {**_NAME_TEXT, "minLength": 0, "pattern": r"^([^\u0000]*[^\s\u0000][^\u0000]*)?$"}
+_FILTER_TEXT = {**_NAME_TEXT, "minLength": 0, "pattern": f"^({_NON_BLANK})?$"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -4236,7 +4245,7 @@ class _Operation:
     id: str  # operationId
     summary: str
     schema: dict | None  # of the success body; None: text/plain
-    errors: tuple[int, ...] = ()  # error statuses; 401 is added unless the route is public
+    errors: tuple[int, ...] = ()  # error statuses; 401 is added when the server requires a key
     status: int = 200  # on success
     public: bool = False  # answered without the API key
     query: tuple[tuple[str, dict], ...] = ()  # query parameters and their schemas
@@ -4341,20 +4350,104 @@ def _render_metrics(client: Client, worker: Worker | None = None) -> str:
 
 
 # -- the server -------------------------------------------------------------------------------
+# One accept loop (a selector, on the thread that runs serve_forever) accepts connections and
+# collects each request head (request line and headers) without blocking. Only a complete head
+# takes one of the handler threads, so a client sending slowly holds a socket in the loop, never
+# a thread. The loop holds at most `pending` connections; a new one pushes out the oldest. A
+# handler thread parses the head (http.server's parser), reads the body under the same deadline
+# (accept + request_timeout) and answers. The loop answers by itself only what needs no handler:
+# 503 when every thread is busy, 408, 414 and 431 for heads too slow or too large.
+
+_MAX_HEAD = 64 << 10  # bytes of request line and headers
+_MAX_PENDING = 256  # connections still sending their head, or being closed after the loop's answer
+_LINGER = 2.0  # seconds to discard what a client still sends after the loop's answer
+_SWEEP = 0.1  # seconds between checks of the pending connections' deadlines
+_ACCEPT_BATCH = 64  # connections accepted per wake-up, so that heads already sent are read soon
+_LOGGED_LINE = 500  # characters of a request line in the access log
+_CONTROL_CHARS = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F)}
+
+
+def _json_bytes(body: Any) -> bytes:
+    return (json.dumps(body, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def _response(
+    status: int, content_type: str, data: bytes, headers: dict[str, str], *, head: bool = False
+) -> bytes:
+    """A whole response: status line, headers (the connection always closes) and the body
+    (left out for a HEAD request, whose Content-Length is still the body's)."""
+    lines = [
+        f"HTTP/1.0 {status} {http.HTTPStatus(status).phrase}",
+        f"Server: minflow/{__version__}",
+        f"Date: {email.utils.formatdate(usegmt=True)}",
+        f"Content-Type: {content_type}",
+        f"Content-Length: {len(data)}",
+        "Cache-Control: no-store",
+        "Connection: close",
+        *(f"{name}: {value}" for name, value in headers.items()),
+    ]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (b"" if head else data)
+
+
+def _log_access(
+    address: Any, requestline: str, status: int, size: int, started: float, quiet: bool = False
+) -> None:
+    # Headers are never logged: they may carry the API key. The request line is the client's
+    # text, so control characters are escaped and a long one is cut.
+    line = requestline.translate(_CONTROL_CHARS)
+    if len(line) > _LOGGED_LINE:
+        line = line[:_LOGGED_LINE] + "..."
+    _http_log.log(
+        logging.DEBUG if quiet else logging.INFO,
+        '%s "%s" %d %d %.1fms',
+        address[0],
+        line,
+        status,
+        size,
+        (time.monotonic() - started) * 1000,
+    )
+
+
+@dataclasses.dataclass(eq=False)
+class _Pending:
+    """A connection the accept loop holds: its head still arriving (``reply`` is None), or the
+    loop's own answer being written (the bytes left) and then what follows discarded (b"")."""
+
+    sock: socket.socket
+    address: Any
+    accepted: float  # time.monotonic()
+    deadline: float  # for the whole request; once answered, for the discarding
+    head: bytearray = dataclasses.field(default_factory=bytearray)
+    reply: bytes | None = None
+
+    def request_line(self) -> str:
+        return bytes(self.head.split(b"\n", 1)[0]).rstrip(b"\r").decode("latin-1")
+
+    def complete(self, start: int) -> bool:
+        """Whether the head has ended (an empty line, CRLF or LF as http.server reads lines),
+        looking from byte ``start`` on."""
+        return self.head.find(b"\n\r\n", start) >= 0 or self.head.find(b"\n\n", start) >= 0
 
 
 class _DeadlineReader(io.RawIOBase):
     """Socket reads that fail once the request's deadline has passed, so a client sending one
-    byte at a time cannot hold a handler thread for longer than the request time limit."""
+    byte at a time cannot hold a handler thread for longer than the request time limit. The
+    bytes the accept loop already read (the head, perhaps the start of the body) come first."""
 
-    def __init__(self, sock: socket.socket, deadline: float):
+    def __init__(self, sock: socket.socket, deadline: float, buffered: bytes = b""):
         self._sock = sock
         self._deadline = deadline
+        self._buffered = buffered
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer: Any) -> int:
+        if self._buffered:
+            count = min(len(buffer), len(self._buffered))
+            buffer[:count] = self._buffered[:count]
+            self._buffered = self._buffered[count:]
+            return count
         remaining = self._deadline - time.monotonic()
         if remaining <= 0:
             raise TimeoutError("request not received within the time limit")
@@ -4363,18 +4456,23 @@ class _DeadlineReader(io.RawIOBase):
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
-    """One connection, one request (HTTP/1.0 semantics: the connection closes after it)."""
+    """One request on a connection whose head the accept loop has read (HTTP/1.0 semantics: the
+    connection closes after it)."""
 
     server: _Server
-    server_version = f"minflow/{__version__}"
-    sys_version = ""
     protocol_version = "HTTP/1.0"
+
+    def __init__(self, conn: _Pending, client_address: Any, server: _Server):
+        self._conn = conn
+        super().__init__(conn.sock, client_address, server)
 
     def setup(self) -> None:
         super().setup()
-        self._started = time.monotonic()
+        # http.server sets these once the request line parses; the answer to one that does not
+        # is logged with them.
+        self.path = self.requestline = ""
         self.rfile = io.BufferedReader(
-            _DeadlineReader(self.connection, self._started + self.server.request_timeout)
+            _DeadlineReader(self.connection, self._conn.deadline, bytes(self._conn.head))
         )
 
     def __getattr__(self, name: str) -> Any:
@@ -4409,7 +4507,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _route(self) -> tuple[int, Any]:
         server = self.server
-        url = urlsplit(self.path)
+        length = self._body_length()
+        try:
+            url = urlsplit(self.path)
+        except ValueError:  # e.g. "http://[::1/": an absolute URL with a broken host
+            raise _HTTPError(400, f"invalid request target {self.path[:100]!r}") from None
         if url.path not in _PUBLIC_PATHS and server.api_key is not None and not self._authorized():
             raise _HTTPError(
                 401, "invalid or missing API key", {"WWW-Authenticate": 'Bearer realm="minflow"'}
@@ -4423,7 +4525,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 if method not in allowed:
                     allowed.append(method)
                 continue
-            body = self._read_body()
+            body = self._read_body(length)
             try:
                 pairs = parse_qsl(url.query, keep_blank_values=True, max_num_fields=50)
             except ValueError:
@@ -4435,7 +4537,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 query[key] = value
             params = {k: unquote(v) for k, v in match.groupdict().items()}
             return fn(
-                _Request(self.command, url.path, params, query, body, server.client, server.worker)
+                _Request(
+                    self.command,
+                    url.path,
+                    params,
+                    query,
+                    body,
+                    server.client,
+                    server.worker,
+                    server.api_key is not None,
+                )
             )
         if allowed:
             raise _HTTPError(
@@ -4455,17 +4566,33 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         # Header bytes arrive decoded as Latin-1; compare the original bytes in constant time.
         return hmac.compare_digest(offered.encode("latin-1", "replace"), self.server.api_key)
 
-    def _read_body(self) -> bytes:
-        if self.headers.get("Transfer-Encoding"):
-            self.close_connection = True
+    def _body_length(self) -> int:
+        """The body's length from the framing headers, or a 400 for framing that a proxy in
+        front could read differently (request smuggling); a 411 for a chunked body."""
+        # http.server's parser stops at a malformed line ("Content-Length : 5") and drops the
+        # headers after it; an obsolete folded line continues the previous header's value.
+        if self.headers.defects or any("\n" in value for value in self.headers.values()):
+            raise _HTTPError(400, "malformed header line (whitespace before ':' or line folding)")
+        lengths = {
+            part.strip()
+            for value in self.headers.get_all("Content-Length", [])
+            for part in value.split(",")
+        }
+        if self.headers.get("Transfer-Encoding") is not None:
+            if lengths:
+                raise _HTTPError(400, "Content-Length and Transfer-Encoding together are refused")
             raise _HTTPError(411, "send the body with a Content-Length (chunked is not supported)")
-        text = self.headers.get("Content-Length", "0").strip() or "0"
-        if not text.isdigit():
-            self.close_connection = True
+        # The same value repeated ("5, 5", or the header twice) is one length (RFC 9110 8.6).
+        if len(lengths) > 1:
+            shown = ", ".join(sorted(repr(text[:20]) for text in lengths))
+            raise _HTTPError(400, f"conflicting Content-Length values: {shown}")
+        text = lengths.pop() if lengths else "0"
+        if not (text.isascii() and text.isdigit()):
             raise _HTTPError(400, f"invalid Content-Length {text[:30]!r}")
-        length = int(text)
+        return int(text)
+
+    def _read_body(self, length: int) -> bytes:
         if length > self.server.max_body:
-            self.close_connection = True
             if length <= _DRAIN_LIMIT:
                 # Read and drop the body: closing with unread data would reset the connection
                 # before the client reads the 413.
@@ -4476,9 +4603,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                             break
                         length -= len(chunk)
             raise _HTTPError(413, f"request body larger than {self.server.max_body} bytes")
-        body = self.rfile.read(length) if length else b""
+        try:
+            body = self.rfile.read(length) if length else b""
+        except TimeoutError:
+            raise _HTTPError(408, "request not received within the time limit") from None
         if len(body) != length:
-            self.close_connection = True
             raise _HTTPError(400, "request body shorter than its Content-Length")
         return body
 
@@ -4486,57 +4615,37 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if isinstance(body, _Text):
             data, content_type = body.text.encode("utf-8"), body.content_type
         else:
-            data = (json.dumps(body, ensure_ascii=False) + "\n").encode("utf-8")
-            content_type = "application/json"
+            data, content_type = _json_bytes(body), "application/json"
         # Writing gets its own time limit, so a client that stops reading cannot hold the thread.
         self.connection.settimeout(self.server.request_timeout)
-        self.send_response_only(status)
-        self.send_header("Server", self.version_string())
-        self.send_header("Date", self.date_time_string())
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(data)))
-        self.send_header("Cache-Control", "no-store")
-        self.send_header("Connection", "close")
-        for name, value in headers.items():
-            self.send_header(name, value)
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(data)
-        self._access_log(status, len(data))
+        self.wfile.write(
+            _response(status, content_type, data, headers, head=self.command == "HEAD")
+        )
+        quiet = self.path.partition("?")[0] in ("/healthz", "/metrics") and status < 400
+        _log_access(
+            self.client_address, self.requestline, status, len(data), self._conn.accepted, quiet
+        )
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """http.server's own errors (malformed request line, oversized headers), as JSON."""
         self.close_connection = True
-        text = message or self.responses.get(code, ("error",))[0]
+        text = message or http.HTTPStatus(code).phrase
         self._send(code, {"error": text}, {})
 
-    def _access_log(self, status: int, size: int) -> None:
-        # Headers are never logged: they may carry the API key.
-        path = urlsplit(self.path or "").path
-        level = logging.DEBUG if path in ("/healthz", "/metrics") and status < 400 else logging.INFO
-        _http_log.log(
-            level,
-            '%s "%s" %d %d %.1fms',
-            self.client_address[0],
-            self.requestline,
-            status,
-            size,
-            (time.monotonic() - self._started) * 1000,
-        )
-
     def log_request(self, code: Any = "-", size: Any = "-") -> None:
-        """Unused: responses are logged by ``_access_log`` once their size is known."""
+        """Unused: responses are logged by ``_send`` once their size is known."""
 
     def log_message(self, format: str, *args: Any) -> None:
         """http.server's own messages (timeouts, protocol errors) go to ``minflow.http``."""
         _http_log.info("%s: %s", self.client_address[0], format % args)
 
 
-class _Server(http.server.ThreadingHTTPServer):
-    """A ThreadingHTTPServer with at most ``threads`` requests in flight; beyond that a new
-    connection gets an immediate 503, so the accept loop never waits on a slow client."""
+class _Server(http.server.HTTPServer):
+    """The HTTP server. ``serve_forever`` runs the accept loop, which reads request heads and
+    holds at most ``pending`` connections doing so (a new one drops the oldest); each complete
+    head gets one of at most ``threads`` handler threads, or an immediate 503 when all are busy.
+    Connections are only ever handled this way (``handle_request`` is not supported)."""
 
-    daemon_threads = True
     request_queue_size = 128
 
     def __init__(
@@ -4551,6 +4660,7 @@ class _Server(http.server.ThreadingHTTPServer):
         max_body: int = DEFAULT_MAX_BODY,
         request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
         threads: int = DEFAULT_HTTP_THREADS,
+        pending: int = _MAX_PENDING,
     ):
         self.client = client
         self.worker = worker
@@ -4562,6 +4672,13 @@ class _Server(http.server.ThreadingHTTPServer):
         self.request_timeout = float(request_timeout)
         self._max_threads = _check_int("threads", threads, minimum=1)
         self._slots = threading.BoundedSemaphore(self._max_threads)
+        self._max_pending = _check_int("pending", pending, minimum=1)
+        # The accept loop's state, touched by its thread only. Oldest first.
+        self._pending: dict[_Pending, None] = {}
+        self._selector: selectors.BaseSelector | None = None
+        self._warned: dict[str, tuple[int, float]] = {}  # -> (times since logged, when logged)
+        self._stop, self._stopped = threading.Event(), threading.Event()
+        self._stopped.set()
         if ":" in host:
             self.address_family = socket.AF_INET6
         super().__init__((host, port), _Handler)
@@ -4578,31 +4695,192 @@ class _Server(http.server.ThreadingHTTPServer):
         host, port = self.server_address[:2]
         return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
-    def process_request(self, request: Any, client_address: Any) -> None:
-        if not self._slots.acquire(blocking=False):
-            body = b'{"error": "server busy, retry shortly"}\n'
-            with contextlib.suppress(OSError):
-                request.sendall(
-                    b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                    b"Retry-After: 1\r\nConnection: close\r\nContent-Length: "
-                    + str(len(body)).encode()
-                    + b"\r\n\r\n"
-                    + body
-                )
-            self.shutdown_request(request)
-            _http_log.warning("%s: all handler threads busy; answered 503", client_address[0])
-            return
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        """Run the accept loop until ``shutdown()``."""
+        self._stopped.clear()
+        self.socket.setblocking(False)
+        sweep = paused = 0.0  # next deadline check; end of a pause in accepting
         try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self._slots.release()
-            raise
-
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        try:
-            super().process_request_thread(request, client_address)
+            with selectors.DefaultSelector() as selector:
+                self._selector = selector
+                selector.register(self.socket, selectors.EVENT_READ)
+                while not self._stop.is_set():
+                    now = time.monotonic()
+                    if now >= sweep:
+                        self._expire(now)
+                        sweep = now + _SWEEP
+                    if paused and now >= paused:
+                        selector.register(self.socket, selectors.EVENT_READ)
+                        paused = 0.0
+                    waiting = self._pending or paused
+                    for key, _ in selector.select(
+                        min(poll_interval, sweep - now) if waiting else poll_interval
+                    ):
+                        conn = key.data
+                        try:
+                            if conn is None:
+                                if self._accept():
+                                    selector.unregister(self.socket)
+                                    paused = time.monotonic() + _SWEEP
+                            elif conn in self._pending:  # not dropped by an earlier event
+                                self._advance(conn)
+                        except Exception:  # a bug costs one connection, not the server
+                            _http_log.exception("accept loop failed")
+                            if conn is not None:
+                                self._drop(conn)
         finally:
+            for conn in list(self._pending):
+                self._drop(conn)
+            self._selector = None
+            self._stop.clear()
+            self._stopped.set()
+
+    def shutdown(self) -> None:
+        """Stop the accept loop (within its poll interval) and wait until it has stopped; the
+        connections it held are closed. Requests in flight go on: see ``drain``."""
+        self._stop.set()
+        self._stopped.wait()
+
+    def _accept(self) -> bool:
+        """Accept what is waiting; True when out of file descriptors with nothing to free."""
+        for _ in range(_ACCEPT_BATCH):
+            try:
+                sock, address = self.socket.accept()
+            except BlockingIOError:
+                return False
+            except OSError as exc:
+                if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    return False  # this client gave up before it was accepted
+                if not self._pending:
+                    self._warn(f"cannot accept connections: {exc}")
+                    return True
+                self._push_out(next(iter(self._pending)), str(exc))
+                continue
+            sock.setblocking(False)
+            now = time.monotonic()
+            self._admit(_Pending(sock, address, now, now + self.request_timeout))
+        return False
+
+    def _admit(self, conn: _Pending, events: int = selectors.EVENT_READ) -> None:
+        if len(self._pending) >= self._max_pending:
+            self._push_out(next(iter(self._pending)), f"more than {self._max_pending} pending")
+        self._pending[conn] = None
+        assert self._selector is not None
+        self._selector.register(conn.sock, events, conn)
+
+    def _push_out(self, conn: _Pending, reason: str) -> None:
+        self._drop(conn)
+        self._warn(f"closed the oldest connection waiting in the accept loop: {reason}")
+
+    def _warn(self, message: str) -> None:
+        # One line per message and 10 s, however hard the flood, with how often it happened.
+        count, logged = self._warned.get(message, (0, -math.inf))
+        now = time.monotonic()
+        if now - logged < 10:
+            self._warned[message] = (count + 1, logged)
+        else:
+            _http_log.warning("%s (%d time(s) since the last such warning)", message, count + 1)
+            self._warned[message] = (0, now)
+
+    def _forget(self, conn: _Pending) -> None:
+        self._pending.pop(conn, None)
+        if self._selector is not None:
+            with contextlib.suppress(KeyError, ValueError):
+                self._selector.unregister(conn.sock)
+
+    def _drop(self, conn: _Pending) -> None:
+        self._forget(conn)
+        conn.sock.close()
+
+    def _advance(self, conn: _Pending) -> None:
+        """Read more of a head, write more of an answer, or discard what follows one."""
+        try:
+            if conn.reply is None:
+                self._read_head(conn)
+            elif conn.reply:
+                conn.reply = conn.reply[conn.sock.send(conn.reply) :]
+                if not conn.reply:
+                    conn.sock.shutdown(socket.SHUT_WR)
+                    assert self._selector is not None
+                    self._selector.modify(conn.sock, selectors.EVENT_READ, conn)
+            elif not conn.sock.recv(1 << 16):
+                self._drop(conn)  # the client has read the answer and closed
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:
+            self._drop(conn)
+
+    def _read_head(self, conn: _Pending) -> None:
+        data = conn.sock.recv(_MAX_HEAD + 1 - len(conn.head))
+        if not data:
+            self._drop(conn)  # closed before its head was complete: nobody to answer
+            return
+        start = max(len(conn.head) - 2, 0)
+        conn.head += data
+        if conn.complete(start):
+            self._hand_over(conn)
+        elif len(conn.head) > _MAX_HEAD:
+            if b"\n" in conn.head:
+                self._reply(conn, 431, f"request head larger than {_MAX_HEAD} bytes")
+            else:
+                self._reply(conn, 414, f"request line longer than {_MAX_HEAD} bytes")
+
+    def _hand_over(self, conn: _Pending) -> None:
+        self._forget(conn)
+        if self._slots.acquire(blocking=False):
+            conn.sock.setblocking(True)
+            try:
+                threading.Thread(
+                    target=self._handle, args=(conn,), name="minflow-http-request", daemon=True
+                ).start()
+                return
+            except RuntimeError:  # the system refused another thread
+                self._slots.release()
+                conn.sock.setblocking(False)
+        _http_log.warning("%s: all handler threads busy; answered 503", conn.address[0])
+        self._reply(conn, 503, "server busy, retry shortly", {"Retry-After": "1"})
+
+    def _reply(
+        self, conn: _Pending, status: int, message: str, headers: dict[str, str] | None = None
+    ) -> None:
+        """Answer from the loop; then discard what the client still sends, until it closes or
+        for at most _LINGER seconds (closing at once could reset the connection, and a reset
+        can destroy the answer before the client reads it)."""
+        data = _json_bytes({"error": message})
+        head = conn.head.startswith(b"HEAD ")
+        conn.reply = _response(status, "application/json", data, headers or {}, head=head)
+        conn.deadline = time.monotonic() + _LINGER
+        _log_access(conn.address, conn.request_line(), status, len(data), conn.accepted)
+        self._forget(conn)
+        self._admit(conn, selectors.EVENT_WRITE)
+
+    def _expire(self, now: float) -> None:
+        for conn in [conn for conn in self._pending if conn.deadline <= now]:
+            if conn.reply is None and conn.head:
+                self._reply(conn, 408, "request not received within the time limit")
+            else:  # nothing sent at all (an idle preconnection), or the discarding is over
+                self._drop(conn)
+
+    def _handle(self, conn: _Pending) -> None:
+        """A handler thread: one request, then the connection is closed and the slot freed."""
+        try:
+            _Handler(conn, conn.address, self)
+        except Exception:
+            self.handle_error(conn.sock, conn.address)
+        finally:
+            self.shutdown_request(conn.sock)
             self._slots.release()
+
+    def shutdown_request(self, request: Any) -> None:
+        # A body not read because the answer came first (a 401, a 404) would make close() reset
+        # the connection: discard what has already arrived, after sending the FIN.
+        with contextlib.suppress(OSError):
+            request.shutdown(socket.SHUT_WR)
+            request.setblocking(False)
+            for _ in range(16):
+                if not request.recv(1 << 16):
+                    break
+        request.close()
 
     def drain(self, timeout: float) -> bool:
         """After ``shutdown()``: wait until no request is in flight, at most ``timeout`` seconds."""
@@ -4654,11 +4932,11 @@ def _serve_metrics(worker: Worker, host: str, port: int) -> _Server:
 
 # -- the OpenAPI document ---------------------------------------------------------------------
 
-_openapi_cache: dict = {}
+_openapi_cache: dict[bool, dict] = {}  # by whether the server requires an API key
 
 _ERROR_TEXT = {
     400: "Invalid input (the body, a parameter or a value).",
-    401: "Missing or wrong API key (only when MINFLOW_API_KEY is set).",
+    401: "Missing or wrong API key.",
     404: "No such run or schedule.",
     409: "Conflict: the idempotency key exists (the body carries that run's id), or the run is "
     "not in a state that allows the operation.",
@@ -4667,8 +4945,9 @@ _ERROR_TEXT = {
 }
 
 
-def _openapi_operation(path: str, op: _Operation) -> dict:
-    """One route of the table as an OpenAPI operation."""
+def _openapi_operation(path: str, op: _Operation, secured: bool) -> dict:
+    """One route of the table as an OpenAPI operation of a server that requires an API key
+    (``secured``) or not."""
     text = {"type": "string"}
     media = "text/plain" if op.schema is None else "application/json"
     success: dict[str, Any] = {
@@ -4681,7 +4960,7 @@ def _openapi_operation(path: str, op: _Operation) -> dict:
             for target in op.links
         }
     responses = {str(op.status): success}
-    for error in sorted(set(op.errors) if op.public else {401, *op.errors}):
+    for error in sorted({401, *op.errors} if secured and not op.public else set(op.errors)):
         responses[str(error)] = {
             "description": _ERROR_TEXT[error],
             "content": {"application/json": {"schema": _ref("Error")}},
@@ -4691,7 +4970,7 @@ def _openapi_operation(path: str, op: _Operation) -> dict:
         "summary": op.summary,
         "responses": responses,
     }
-    if op.public:
+    if secured and op.public:
         operation["security"] = []
     parameters = [
         {"name": name, "in": "path", "required": True, "schema": text}
@@ -4715,6 +4994,7 @@ def _openapi_schemas() -> dict:
     text = {"type": "string"}
     integer = {"type": "integer"}
     anything = {"description": "Any JSON value."}
+    no_nul = {"pattern": r"^[^\u0000]*$"}
     int32 = {"type": "integer", "minimum": _INT32[0], "maximum": _INT32[1]}
 
     def model(cls: type, **properties: dict) -> dict:
@@ -4738,6 +5018,15 @@ def _openapi_schemas() -> dict:
         }
 
     return {
+        # What a request may carry as a payload: what the Client stores on both dialects.
+        "Value": {
+            "description": "Any JSON value in which no string, object keys included, contains "
+            "NUL (\\u0000), which PostgreSQL's jsonb cannot store.",
+            **no_nul,
+            "propertyNames": no_nul,
+            "items": _ref("Value"),
+            "additionalProperties": _ref("Value"),
+        },
         "Error": {
             "type": "object",
             "properties": {"error": text, "id": {**text, "description": "The existing run (409)."}},
@@ -4788,7 +5077,7 @@ def _openapi_schemas() -> dict:
             **request(
                 ["type"],
                 type=_NAME_TEXT,
-                payload=anything,
+                payload=_ref("Value"),
                 priority=nullable({**int32, "description": "Lower runs first; default 100."}),
                 idempotency_key=nullable({**_FILTER_TEXT, "maxLength": 1000}),
                 max_attempts=nullable({**int32, "minimum": 1, "description": "Default 3."}),
@@ -4812,9 +5101,20 @@ def _openapi_schemas() -> dict:
         "ScheduleRequest": request(
             ["type", "cron"],
             type=_NAME_TEXT,
-            cron={**text, "minLength": 1, "description": "5-field cron, or @hourly, @daily..."},
-            payload=anything,
-            timezone=nullable({**text, "description": "IANA name; default UTC."}),
+            cron={
+                **text,
+                "pattern": f"^{_NON_BLANK}$",
+                "description": "5-field cron, or @hourly, @daily...",
+            },
+            payload=_ref("Value"),
+            # The name must also be in the server's tz database, which no pattern can say.
+            timezone=nullable(
+                {
+                    **text,
+                    "pattern": r"^[A-Za-z0-9_+-]+(/[A-Za-z0-9_+-]+)*$",
+                    "description": "IANA name such as Europe/Berlin; default UTC.",
+                }
+            ),
             priority=nullable(int32),
             max_attempts=nullable({**int32, "minimum": 1}),
             name=nullable(_NAME_TEXT),
@@ -4822,33 +5122,32 @@ def _openapi_schemas() -> dict:
     }
 
 
-def _openapi_document() -> dict:
-    """OpenAPI 3.1 description of ``_API_ROUTES``; built once."""
-    if _openapi_cache:
-        return _openapi_cache
+def _openapi_document(secured: bool) -> dict:
+    """OpenAPI 3.1 description of ``_API_ROUTES`` as served by a server that requires an API
+    key (``secured``) or not; each built once."""
+    document = _openapi_cache.get(secured)
+    if document is not None:
+        return document
     paths: dict[str, dict] = {}
     for method, path, operation in _API_ROUTES:
-        paths.setdefault(path, {})[method.lower()] = _openapi_operation(path, operation)
-    _openapi_cache.update(
-        {
-            "openapi": "3.1.0",
-            "info": {
-                "title": "minflow",
-                "version": __version__,
-                "description": "Durable job queue: runs, their audit trail and cron schedules.",
-            },
-            "paths": paths,
-            "components": {
-                "schemas": _openapi_schemas(),
-                "securitySchemes": {
-                    "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
-                    "bearer": {"type": "http", "scheme": "bearer"},
-                },
-            },
-            "security": [{"apiKey": []}, {"bearer": []}],
+        paths.setdefault(path, {})[method.lower()] = _openapi_operation(path, operation, secured)
+    document = {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "minflow",
+            "version": __version__,
+            "description": "Durable job queue: runs, their audit trail and cron schedules.",
+        },
+        "paths": paths,
+        "components": {"schemas": _openapi_schemas()},
+    }
+    if secured:
+        document["components"]["securitySchemes"] = {
+            "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+            "bearer": {"type": "http", "scheme": "bearer"},
         }
-    )
-    return _openapi_cache
+        document["security"] = [{"apiKey": []}, {"bearer": []}]
+    return _openapi_cache.setdefault(secured, document)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -121,6 +121,15 @@ def client(dsn):
 
 
 @pytest.fixture
+def sqlite_client(tmp_path):
+    """A migrated SQLite client, for behaviour that does not depend on the dialect."""
+    c = minflow.Client(f"sqlite:///{tmp_path / 'sqlite.db'}")
+    c.migrate()
+    yield c
+    c.close()
+
+
+@pytest.fixture
 def app(dsn):
     """A migrated App (Client + handler registry) on a fresh database."""
     a = minflow.App(dsn)
