@@ -7,7 +7,7 @@ The schema is the one of the Go library ``simple-workflow``, so both can share a
 
     import minflow
 
-    app = minflow.App("sqlite:///jobs.db")
+    app = minflow.App("sqlite://jobs.db")   # jobs.db in the working directory
 
     @app.handler("billing.invoice.v1")
     def invoice(run):
@@ -72,7 +72,7 @@ import uuid
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 log = logging.getLogger("minflow")
 log.addHandler(logging.NullHandler())
@@ -85,7 +85,7 @@ UTC = _dt.timezone.utc
 # Defaults (the seed's, unless a comment says why not)
 # ---------------------------------------------------------------------------------------------
 
-DEFAULT_DSN = "sqlite:///minflow.db"
+DEFAULT_DSN = "sqlite://minflow.db"  # minflow.db in the working directory
 DEFAULT_SCHEMA = "workflow"
 DEFAULT_PRIORITY = 100  # lower runs first
 DEFAULT_MAX_ATTEMPTS = 3
@@ -434,7 +434,71 @@ class Schedule(_Record):
 # Connection strings
 # ---------------------------------------------------------------------------------------------
 
+# SQLite query parameters. minflow's own: ``synchronous`` (NORMAL is the opt-in to trade the
+# last commits before a power loss for speed) and ``busy_timeout`` (milliseconds).
 _SQLITE_OPTIONS = {"synchronous": ("full", "normal", "extra"), "busy_timeout": None}
+# The Go library hands the query string to its SQLite driver (modernc.org/sqlite, which also
+# reads mattn/go-sqlite3's names), so a DSN shared with a Go service may carry that driver's
+# parameters. Each is accepted: honoured where it means something to sqlite3, otherwise
+# ignored (README). Parameters naming a pragma, by the pragma they set:
+_GO_PRAGMA_KEYS = {
+    "_busy_timeout": "busy_timeout",
+    "_timeout": "busy_timeout",
+    "_journal_mode": "journal_mode",
+    "_journal": "journal_mode",
+    "_synchronous": "synchronous",
+    "_sync": "synchronous",
+    "_foreign_keys": "foreign_keys",
+    "_fk": "foreign_keys",
+}
+# ... and those without meaning for minflow's connections: it always begins write
+# transactions IMMEDIATE (_txlock), writes its own UTC time text (_time_format), opens private
+# read-write connections (cache, mode: outside a file: URI the Go drivers drop these too).
+_GO_IGNORED = frozenset(
+    [
+        "_txlock",
+        "_time_format",
+        "_time_integer_format",
+        "cache",
+        "mode",
+        "vfs",
+        "immutable",
+        "nolock",
+        "psow",
+        "_loc",
+        "_mutex",
+        "_auth",
+        "_auth_user",
+        "_auth_pass",
+        "_auth_crypt",
+        "_auth_salt",
+        "_auto_vacuum",
+        "_vacuum",
+        "_case_sensitive_like",
+        "_cslike",
+        "_defer_foreign_keys",
+        "_defer_fk",
+        "_ignore_check_constraints",
+        "_locking_mode",
+        "_locking",
+        "_query_only",
+        "_recursive_triggers",
+        "_rt",
+        "_secure_delete",
+        "_writable_schema",
+        "_cache_size",
+    ]
+)
+# What minflow's connections need, whatever a Go parameter asks: WAL (its locking and
+# wake-ups rely on it, and the mode persists in the file), foreign keys (events cascade with
+# their run) and at least FULL durability unless minflow's own synchronous=normal says so.
+_SQLITE_FIXED = {
+    "journal_mode": ("wal",),
+    "foreign_keys": ("1", "on", "true", "yes"),
+    "synchronous": ("2", "full", "3", "extra"),
+}
+_PRAGMA = re.compile(r"\s*(\w+)\s*(?:\(\s*([^()]*?)\s*\)|=\s*(.*?))?\s*")
+_warned_dsns: set[str] = set()
 _PG_OPTIONS = {
     "schema",
     "search_path",
@@ -445,6 +509,7 @@ _PG_OPTIONS = {
     "connect_timeout",
     "timeout",
     "application_name",
+    "binary_parameters",
 }
 _SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 
@@ -457,6 +522,7 @@ class _DSN:
     text: str  # for messages, password masked
     path: str = ""
     memory: bool = False
+    three_slash: bool = False  # sqlite:///x: read as the absolute /x, as the Go library does
     synchronous: str = "full"
     busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS
     host: str = "localhost"
@@ -470,6 +536,7 @@ class _DSN:
     ssl_files: tuple[str | None, str | None, str | None] = (None, None, None)
     timeout: float = PG_TIMEOUT
     application_name: str | None = "minflow"
+    binary_parameters: bool = False  # lib/pq's binary_parameters=yes
 
     @property
     def schema(self) -> str:
@@ -481,9 +548,20 @@ class _DSN:
             return "sqlite:" + (f":memory:{id(self)}" if self.memory else self.path)
         return f"pg:{self.unix_sock or self.host}:{self.port}/{self.database}/{self.schema}"
 
+    @property
+    def hint(self) -> str:
+        """For errors about a file that cannot be opened: how a three-slash DSN was read."""
+        if not self.three_slash:
+            return ""
+        relative = self.path.lstrip("/")
+        return (
+            f" (sqlite:///{relative} names the absolute path {self.path}, as in the Go library;"
+            f" for {relative} in the working directory write sqlite://{relative})"
+        )
+
 
 def _parse_dsn(text: str | None) -> _DSN:
-    """Parse ``sqlite:///file``, ``postgres://...`` or libpq ``key=value`` text (``None``:
+    """Parse ``sqlite://PATH``, ``postgres://...`` or libpq ``key=value`` text (``None``:
     ``$MINFLOW_DSN``, else ``DEFAULT_DSN``); ``InvalidInput`` names what is wrong."""
     if text is None:
         text = os.environ.get("MINFLOW_DSN") or DEFAULT_DSN
@@ -501,17 +579,20 @@ def _parse_dsn(text: str | None) -> _DSN:
     if "=" in text:
         return _parse_pg_keywords(text)
     raise InvalidInput(
-        f"unrecognised DSN {text!r}: expected sqlite:///file.db, postgres://... or key=value pairs"
+        f"unrecognised DSN {text!r}: expected sqlite://file.db, postgres://... or key=value pairs"
     )
 
 
 def _parse_sqlite_dsn(text: str) -> _DSN:
     rest = text.split("://", 1)[1]
     rest, _, query = rest.partition("?")
-    options = _query_options(query, _SQLITE_OPTIONS.keys(), "sqlite")
-    # sqlite:///rel.db -> "/rel.db" after the scheme: one leading slash separates the (empty)
-    # host from a relative path; sqlite:////abs.db keeps the absolute path.
-    path = unquote(rest[1:] if rest.startswith("/") else rest)
+    rest = rest.partition("#")[0]  # a fragment is no part of the path (Go's net/url)
+    options = _sqlite_query(text, query)
+    # PATH as written, as the Go library reads it: sqlite:///abs/x.db is /abs/x.db (four
+    # slashes too), sqlite://x.db is x.db in the working directory.
+    path = unquote(rest)
+    if path.startswith("//"):
+        path = "/" + path.lstrip("/")
     memory = path in ("", ":memory:")
     synchronous = options.get("synchronous", "full").lower()
     if synchronous not in _SQLITE_OPTIONS["synchronous"]:
@@ -528,9 +609,60 @@ def _parse_sqlite_dsn(text: str) -> _DSN:
         text,
         path=":memory:" if memory else path,
         memory=memory,
+        three_slash=rest.startswith("/") and not rest.startswith("//"),
         synchronous=synchronous,
         busy_timeout_ms=int(busy),
     )
+
+
+def _sqlite_query(text: str, query: str) -> dict[str, str]:
+    """minflow's SQLite options from a query string that may also carry the Go drivers'
+    parameters (busy timeout and durability given those ways are folded in); what is ignored
+    and changes behaviour is logged once per DSN."""
+    try:
+        pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
+    except ValueError:
+        raise InvalidInput(f"malformed sqlite DSN query string {query!r}") from None
+    options: dict[str, str] = {}
+    pragmas: dict[str, str] = {}  # from the Go drivers' parameters
+    ignored: list[str] = []
+    for key, value in pairs:
+        if key in _SQLITE_OPTIONS:
+            if key in options:
+                raise InvalidInput(f"sqlite DSN parameter {key!r} given twice")
+            options[key] = value
+        elif key == "_pragma":  # modernc's: busy_timeout(5000) or busy_timeout=5000
+            match = _PRAGMA.fullmatch(value)
+            if not match or match.group(2) is None and match.group(3) is None:
+                raise InvalidInput(f"sqlite _pragma must be NAME(VALUE), got {value!r}")
+            name = match.group(1).lower()
+            pragmas[name] = (match.group(2) or match.group(3) or "").strip("'\"")
+        elif key in _GO_PRAGMA_KEYS:
+            pragmas[_GO_PRAGMA_KEYS[key]] = value
+        elif key not in _GO_IGNORED:
+            ignored.append(f"unknown parameter {key}={value}")
+    for name, value in pragmas.items():
+        if name in options:  # minflow's own option wins
+            continue
+        if name == "busy_timeout":
+            if not value.isdigit():
+                raise InvalidInput(f"sqlite busy_timeout must be milliseconds, got {value!r}")
+            options["busy_timeout"] = value
+        elif name not in _SQLITE_FIXED:
+            ignored.append(f"pragma {name}({value})")
+        elif value.lower() not in _SQLITE_FIXED[name]:
+            kept = "WAL" if name == "journal_mode" else "ON" if name == "foreign_keys" else "FULL"
+            ignored.append(f"{name}={value} (minflow keeps {kept})")
+        elif name == "synchronous":
+            options["synchronous"] = "extra" if value.lower() in ("3", "extra") else "full"
+    if ignored and text not in _warned_dsns:
+        _warned_dsns.add(text)
+        log.warning(
+            "SQLite DSN: ignored %s; minflow's own options are synchronous=full|normal|extra and "
+            "busy_timeout=MS",
+            ", ".join(ignored),
+        )
+    return options
 
 
 def _query_options(query: str, allowed: Iterable[str], what: str) -> dict[str, str]:
@@ -653,6 +785,9 @@ def _pg_dsn(
         raise InvalidInput(
             f"timeout must be a positive number of seconds, got {timeout!r}"
         ) from None
+    binary = options.get("binary_parameters", "no")
+    if binary not in ("yes", "no"):
+        raise InvalidInput(f"binary_parameters must be yes or no, got {binary!r}")
     unix_sock = None
     if host.startswith("/"):
         unix_sock = f"{host.rstrip('/')}/.s.PGSQL.{port}"
@@ -670,6 +805,7 @@ def _pg_dsn(
         ssl_files=(options.get("sslrootcert"), options.get("sslcert"), options.get("sslkey")),
         timeout=timeout_value,
         application_name=options.get("application_name", "minflow"),
+        binary_parameters=binary == "yes",
     )
 
 
@@ -1721,6 +1857,7 @@ class _Dialect:
     fragments: dict[str, str] = {}  # slot -> SQL text
     pool_size = POOL_SIZE
     pool_ping = False  # check a pooled connection that sat idle before handing it out
+    create = True  # False: a missing database is an error, never created (SQLite)
 
     def __init__(self, dsn: _DSN):
         self.dsn = dsn
@@ -1848,11 +1985,15 @@ class _SQLiteDialect(_Dialect):
         return json.loads(value)
 
     def _open(self) -> sqlite3.Connection:
+        target, uri = self.dsn.path, False
+        if not self.create and not self.dsn.memory:
+            target, uri = f"file:{quote(self.dsn.path)}?mode=rw", True  # rw: never create
         raw = sqlite3.connect(
-            self.dsn.path,
+            target,
             timeout=self.dsn.busy_timeout_ms / 1000,
             isolation_level=None,
             check_same_thread=False,
+            uri=uri,
         )
         try:
             raw.execute(self.sql["busy_timeout"])
@@ -1890,7 +2031,12 @@ class _SQLiteDialect(_Dialect):
             try:
                 return _SQLiteConnection(self._open(), self.sql)
             except sqlite3.Error as exc:
-                raise Unavailable(f"cannot open SQLite database {self.dsn.path}: {exc}") from exc
+                path, hint = self.dsn.path, self.dsn.hint
+                if not self.create and not os.path.exists(path):
+                    raise MinflowError(
+                        f"SQLite database {path} does not exist{hint}; `minflow migrate` creates it"
+                    ) from exc
+                raise Unavailable(f"cannot open SQLite database {path}: {exc}{hint}") from exc
         with self._shared_lock:
             if self._shared is None:
                 self._shared = _SQLiteConnection(self._open(), self.sql, self._shared_lock)
@@ -2988,6 +3134,11 @@ class Client:
         parsed = _parse_dsn(dsn)  # a bad DSN leaves the client as it was
         self.close()
         self._open(parsed)
+
+    def _open_existing(self) -> None:
+        """Never create the database: a missing SQLite file is an error naming it (the CLI's
+        commands that inspect or change existing runs)."""
+        self._dialect.create = False
 
     def _ensure_schema(self) -> None:
         """Migrate unless the schema is current; checked once per client (Worker, CLI)."""
@@ -5076,6 +5227,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 # -- producer and inspector commands ----------------------------------------------------------
 
 
+def _existing_client(dsn: str | None) -> Client:
+    """A Client for a command that reads or changes existing runs: it never creates a database."""
+    client = Client(dsn)
+    client._open_existing()
+    return client
+
+
 def _print_json(value: Any) -> None:
     print(json.dumps(value, ensure_ascii=False, indent=2))
 
@@ -5138,7 +5296,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    with Client(args.dsn) as client:
+    with _existing_client(args.dsn) as client:
         runs = client.list(
             type=args.type,
             status=args.status,
@@ -5170,7 +5328,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
-    with Client(args.dsn) as client:
+    with _existing_client(args.dsn) as client:
         run = client.get(args.run_id)
         if run is None:
             raise NotFound(f"run {args.run_id!r} not found")
@@ -5215,7 +5373,7 @@ def _change_command(
 
     def change(args: argparse.Namespace) -> int:
         target = getattr(args, id_arg)
-        with Client(args.dsn) as client:
+        with _existing_client(args.dsn) as client:
             getattr(client, method)(target)
         if args.json:
             _print_json({"id": target, "status": status})
@@ -5233,7 +5391,7 @@ _cmd_retry = _change_command(
 
 
 def _cmd_stats(args: argparse.Namespace) -> int:
-    with Client(args.dsn) as client:
+    with _existing_client(args.dsn) as client:
         counts = client.stats()
         ages = (
             {} if args.json else {t: w for t, _, _, w in _queue_snapshot(client) if w is not None}
@@ -5278,7 +5436,7 @@ def _cmd_schedule_add(args: argparse.Namespace) -> int:
 
 
 def _cmd_schedule_list(args: argparse.Namespace) -> int:
-    with Client(args.dsn) as client:
+    with _existing_client(args.dsn) as client:
         schedules = client.schedules()
     if args.json:
         _print_json([s.to_json() for s in schedules])
@@ -5305,7 +5463,7 @@ def _cmd_schedule_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_schedule_show(args: argparse.Namespace) -> int:
-    with Client(args.dsn) as client:
+    with _existing_client(args.dsn) as client:
         schedule = client.get_schedule(args.schedule_id)
     if args.json:
         _print_json(schedule.to_json())
@@ -5320,7 +5478,7 @@ def _cmd_schedule_show(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     import tempfile
 
-    dsn = args.dsn or "sqlite:///" + os.path.join(
+    dsn = args.dsn or "sqlite://" + os.path.join(
         tempfile.mkdtemp(prefix="minflow-demo-"), "demo.db"
     )
     app = App(dsn)
@@ -5407,7 +5565,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 _EPILOG = """\
 examples:
-  minflow migrate --dsn sqlite:///jobs.db
+  minflow migrate --dsn sqlite://jobs.db
   minflow submit billing.invoice.v1 '{"order": 42}' --key order-42
   minflow worker myjobs:app --concurrency 8 --metrics-port 9100
   minflow list --status failed --json
@@ -5415,7 +5573,7 @@ examples:
   minflow schedule add reports.daily.v1 --cron '0 6 * * *' --timezone Europe/Berlin
   minflow serve --port 8080
 
-Every command takes --dsn (default: $MINFLOW_DSN, else sqlite:///minflow.db) and
+Every command takes --dsn (default: $MINFLOW_DSN, else sqlite://minflow.db) and
 --help. Exit status: 0 success, 1 the operation failed (not found, wrong state,
 database error), 2 invalid arguments or input.
 """
@@ -5453,7 +5611,8 @@ def _build_parser() -> argparse.ArgumentParser:
         sub.add_argument(
             "--dsn",
             default=None,
-            help="database (default: $MINFLOW_DSN, else sqlite:///minflow.db)",
+            help="database (default: $MINFLOW_DSN, else sqlite://minflow.db, a file in the "
+            "working directory; sqlite:///abs/path.db is absolute)",
         )
         if json_flag:
             sub.add_argument(
