@@ -108,6 +108,9 @@ MAX_DELAY = (
     100 * 365.25 * 86400
 )  # seconds; beyond this a delay is a bug, and overflows SQLite's clock
 RESCUE_BATCH = 500
+# How often a worker looks for expired leases (and, on SQLite, zoned retry times to rewrite):
+# a dead worker's runs are taken over within about this long after their lease expires.
+RESCUE_INTERVAL = 0.5
 TICK_BATCH = 100
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 SQLITE_WATCH_INTERVAL = 0.005  # PRAGMA data_version costs microseconds; 5 ms keeps latency low
@@ -825,6 +828,8 @@ def _quote_ident(name: str) -> str:
 # Values are always bound as :name parameters, never formatted in. Each dialect renders every
 # statement once, when it is created, filling these slots from its fragments:
 #   {now}                        the database clock, as the dialect stores time
+#   {clock}                      the same for an event: the moment it is written, not the
+#                                transaction's start, so events written later sort later
 #   {later:x}                    the database clock + :x seconds ({later:t.c}: + column t.c)
 #   {json:x} {rawjson:x}         a JSON parameter (rawjson: one Go reads as json.RawMessage)
 #   {uuid:x} {time:x} {bool:x}   an id, a timestamp, a boolean parameter
@@ -925,6 +930,18 @@ _SQLITE_MIGRATIONS: list[tuple[int, str, list[str]]] = [
             WHERE enabled = 1 AND deleted_at IS NULL""",
         ],
     ),
+    (
+        3,
+        "index of zoned retry times",
+        [
+            # The Go worker writes retry times as Go's time.Time text, in its own zone
+            # ("... 21:23:45.07 +0900 JST m=+60.69"), which compares as text at the wrong
+            # instant. minflow's forms are 19 or 23 characters; this holds only the longer ones,
+            # usually none, so finding them to rewrite as UTC costs a look at an empty index.
+            """CREATE INDEX IF NOT EXISTS minflow_run_zoned ON {workflow_run} (id)
+            WHERE status = 'pending' AND length(run_at) > 23""",
+        ],
+    ),
 ]
 
 _PG_MIGRATIONS: list[tuple[int, str, list[str]]] = [
@@ -1012,6 +1029,8 @@ _PG_MIGRATIONS: list[tuple[int, str, list[str]]] = [
             WHERE name IS NOT NULL AND deleted_at IS NULL""",
         ],
     ),
+    # Nothing to add: timestamptz compares instants. Kept so both dialects share version numbers.
+    (3, "index of zoned retry times", []),
 ]
 
 SCHEMA_VERSION = max(version for version, _, _ in _PG_MIGRATIONS)
@@ -1154,7 +1173,7 @@ _SQL: dict[str, str] = {
     # Insert one audit event.
     "insert_event": (
         "INSERT INTO {workflow_event} (workflow_id, event_type, data, created_at) "
-        "VALUES ({uuid:id}, :event_type, {json:data}, {now})"
+        "VALUES ({uuid:id}, :event_type, {json:data}, {clock})"
     ),
     # Cancel a run that is not finished; sticky: the worker's fenced writes no longer match.
     "cancel": (
@@ -1287,8 +1306,9 @@ UPDATE {workflow_run} SET
   result = CASE WHEN d.kind = 'succeeded' THEN d.result ELSE workflow_run.result END,
   last_error = CASE WHEN d.kind = 'failed' THEN d.error ELSE last_error END,
   attempt = CASE WHEN d.kind = 'snoozed' THEN workflow_run.attempt - 1 ELSE workflow_run.attempt END,
-  run_at = CASE WHEN d.kind = 'succeeded' THEN run_at
-           ELSE {later:d.delay} END,
+  -- A run that failed for good keeps its run_at: no retry is due.
+  run_at = CASE WHEN d.kind = 'succeeded' OR (d.kind = 'failed' AND workflow_run.attempt >= max_attempts)
+           THEN run_at ELSE {later:d.delay} END,
   updated_at = {now}
 FROM (SELECT json_extract(value, '$[0]') AS id, json_extract(value, '$[1]') AS attempt,
              json_extract(value, '$[2]') AS kind, json_extract(value, '$[3]') AS result,
@@ -1302,28 +1322,41 @@ RETURNING id, status, attempt""",
     "insert_events": """
 INSERT INTO {workflow_event} (workflow_id, event_type, data, created_at)
 SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), json_extract(value, '$[2]'),
-       {now}
+       {clock}
 FROM json_each(:events)""",
     # Claim due runs of the worker's types ({filter}) in claim order; attempt counts claims.
     # Without statistics SQLite prefers the type index and sorts every due run on each claim;
     # walking the claim-order index stops after LIMIT rows (0.2 ms instead of 6 ms with 20,000
-    # runs queued).
+    # runs queued). A zoned time (longer than minflow's forms, see minflow_run_zoned) compares
+    # at the wrong instant: it waits for repair_times to rewrite it (the index holds run_at).
     "claim": """
 UPDATE {workflow_run} SET status = 'leased', attempt = attempt + 1, leased_by = :worker,
   lease_until = {later:lease}, updated_at = {now}
 WHERE id IN (SELECT id FROM {workflow_run} INDEXED BY minflow_run_claim
-             WHERE status = 'pending' AND deleted_at IS NULL AND run_at <= {now} AND ({filter})
+             WHERE status = 'pending' AND deleted_at IS NULL AND run_at <= {now}
+               AND length(run_at) <= 23 AND ({filter})
              ORDER BY priority, run_at, created_at, rowid LIMIT :limit)
 RETURNING id, type, payload, attempt, max_attempts, priority,
   COALESCE(julianday(run_at), 0), COALESCE(julianday(created_at), 0)""",
     # Is anything claimable? (read-only pre-check)
     "has_work": """
 SELECT 1 FROM {workflow_run} WHERE status = 'pending' AND deleted_at IS NULL AND run_at <= {now}
-AND ({filter}) LIMIT 1""",
+AND length(run_at) <= 23 AND ({filter}) LIMIT 1""",
+    # Pending runs whose run_at is not minflow's UTC text (the partial index minflow_run_zoned).
+    "zoned_runs": """
+SELECT id, run_at FROM {workflow_run} WHERE status = 'pending' AND length(run_at) > 23
+LIMIT :limit""",
+    # Rewrite one as UTC text, unless it changed meanwhile.
+    "set_run_at": """
+UPDATE {workflow_run} SET run_at = :run_at
+WHERE id = :id AND status = 'pending' AND run_at = :old RETURNING id""",
+    # Has any lease expired? (read-only: spares the sweep's write transaction most of the time)
+    "lease_expired": """
+SELECT 1 FROM {workflow_run} WHERE status = 'leased' AND lease_until < {now} LIMIT 1""",
     # Expired leases go back to pending, or to failed once attempts are used up (crash loops end).
     "rescue": """
 UPDATE {workflow_run} SET status = CASE WHEN attempt >= max_attempts THEN 'failed' ELSE 'pending' END,
-  run_at = {now}, updated_at = {now},
+  run_at = CASE WHEN attempt >= max_attempts THEN run_at ELSE {now} END, updated_at = {now},
   last_error = 'lease expired: worker ' || COALESCE(leased_by, '?') || ' stopped before finishing'
 WHERE id IN (SELECT id FROM {workflow_run} WHERE status = 'leased' AND lease_until < {now}
              ORDER BY lease_until LIMIT :limit)
@@ -1360,6 +1393,8 @@ def _sqlite_type_filter(types: int, prefixes: int) -> str:
 
 _SQLITE_SLOTS = {
     "now": "strftime('%Y-%m-%d %H:%M:%f', 'now')",
+    # 'now' is fixed per statement; events of one statement keep their order by id.
+    "clock": "strftime('%Y-%m-%d %H:%M:%f', 'now')",
     "later": "strftime('%Y-%m-%d %H:%M:%f', 'now', printf('%+.3f seconds', {}))",
     "json": "{}",
     # Schedule payloads: the Go ticker scans them into json.RawMessage, which database/sql
@@ -1439,14 +1474,15 @@ WITH d AS (
     result = CASE WHEN d.kind = 'succeeded' THEN d.result ELSE r.result END,
     last_error = CASE WHEN d.kind = 'failed' THEN d.error ELSE r.last_error END,
     attempt = CASE WHEN d.kind = 'snoozed' THEN r.attempt - 1 ELSE r.attempt END,
-    run_at = CASE WHEN d.kind = 'succeeded' THEN r.run_at ELSE NOW() + make_interval(secs => d.delay) END,
+    run_at = CASE WHEN d.kind = 'succeeded' OR (d.kind = 'failed' AND r.attempt >= r.max_attempts)
+                  THEN r.run_at ELSE NOW() + make_interval(secs => d.delay) END,
     updated_at = NOW()
   FROM d
   WHERE r.id = d.id AND r.status = 'leased' AND r.leased_by = :worker AND r.attempt = d.attempt
   RETURNING r.id, r.status, r.attempt, d.kind, d.error, d.delay
 ), done_events AS (
   INSERT INTO {workflow_event} (workflow_id, event_type, data, created_at)
-  SELECT id, {event_type}, {outcome_data}, NOW()
+  SELECT id, {event_type}, {outcome_data}, clock_timestamp()
   FROM done
 ), picked AS (
   SELECT id FROM {workflow_run}
@@ -1459,13 +1495,17 @@ WITH d AS (
   UPDATE {workflow_run} r SET status = 'leased', attempt = r.attempt + 1, leased_by = :worker,
     lease_until = NOW() + make_interval(secs => :lease), updated_at = NOW()
   FROM picked WHERE r.id = picked.id
-  RETURNING r.id, r.type, r.payload, r.attempt, r.max_attempts, r.priority, r.run_at, r.created_at
+  RETURNING r.id, r.type, r.payload, r.attempt, r.max_attempts, r.priority, r.run_at, r.created_at,
+    clock_timestamp() AS at
 ), claim_events AS (
+  -- Distinct times, in causal order: a reader ordering by time alone (the Go library's) sees
+  -- leased before started; ids, drawn in this order, agree.
   INSERT INTO {workflow_event} (workflow_id, event_type, data, created_at)
-  SELECT id, 'leased', jsonb_build_object('worker_id', CAST(:worker AS text), 'attempt', attempt), NOW()
+  SELECT id, 'leased', jsonb_build_object('worker_id', CAST(:worker AS text), 'attempt', attempt), at
   FROM claimed
   UNION ALL
-  SELECT id, 'started', jsonb_build_object('worker_id', CAST(:worker AS text)), NOW()
+  SELECT id, 'started', jsonb_build_object('worker_id', CAST(:worker AS text)),
+    at + interval '1 microsecond'
   FROM claimed WHERE type = ANY(CAST(:handled AS text[]))
 )
 -- Two JSON arrays in one row: the driver decodes them in C instead of value by value in Python.
@@ -1481,13 +1521,13 @@ WITH expired AS (
   ORDER BY lease_until LIMIT :limit FOR UPDATE SKIP LOCKED
 ), r AS (
   UPDATE {workflow_run} w SET status = CASE WHEN w.attempt >= w.max_attempts THEN 'failed' ELSE 'pending' END,
-    run_at = NOW(), updated_at = NOW(),
+    run_at = CASE WHEN w.attempt >= w.max_attempts THEN w.run_at ELSE NOW() END, updated_at = NOW(),
     last_error = 'lease expired: worker ' || COALESCE(w.leased_by, '?') || ' stopped before finishing'
   FROM expired WHERE w.id = expired.id
   RETURNING w.id, w.type, w.status, w.attempt, w.leased_by
 ), ev AS (
   INSERT INTO {workflow_event} (workflow_id, event_type, data, created_at)
-  SELECT id, {event_type}, {rescue_data}, NOW()
+  SELECT id, {event_type}, {rescue_data}, clock_timestamp()
   FROM r
 )
 SELECT id, type, status, attempt, leased_by FROM r""",
@@ -1520,6 +1560,7 @@ RETURNING r.id""",
 
 _PG_SLOTS = {
     "now": "NOW()",
+    "clock": "clock_timestamp()",
     "later": "NOW() + make_interval(secs => {})",
     "json": "CAST({} AS jsonb)",
     "rawjson": "CAST({} AS jsonb)",
@@ -1932,6 +1973,11 @@ class _Dialect:
         """Expired leases back to pending or failed; (id, type, status, attempt, leased_by) each."""
         raise NotImplementedError
 
+    def repair_times(self, conn: _Connection) -> int:
+        """Rewrite pending runs' times that other tools wrote in a form the claim cannot compare;
+        returns how many."""
+        return 0
+
     def extend_leases(
         self, conn: _Connection, worker_id: str, held: list[tuple[str, int]], lease: float
     ) -> set[str]:
@@ -2140,6 +2186,8 @@ class _SQLiteDialect(_Dialect):
         return claimed, finished
 
     def rescue(self, conn):
+        if not conn.query(self.sql["lease_expired"]):
+            return []
         with conn.transaction():
             rows = conn.query(self.sql["rescue"], {"limit": RESCUE_BATCH})
             if rows:
@@ -2149,6 +2197,19 @@ class _SQLiteDialect(_Dialect):
                 ]
                 conn.query(self.sql["insert_events"], {"events": json.dumps(events)})
         return rows
+
+    def repair_times(self, conn):
+        rows = conn.query(self.sql["zoned_runs"], {"limit": RESCUE_BATCH})
+        # An unparseable one is logged by _parse_time, and stays (never claimed).
+        moments = [(run_id, text, _parse_time(text)) for run_id, text in rows]
+        repaired = 0
+        if any(moment is not None for _, _, moment in moments):
+            with conn.transaction():
+                for run_id, text, moment in moments:
+                    if moment is not None:
+                        params = {"id": run_id, "run_at": moment, "old": text}
+                        repaired += len(conn.query(self.sql["set_run_at"], params))
+        return repaired
 
     def extend_leases(self, conn, worker_id, held, lease):
         kept = set()
@@ -3201,6 +3262,14 @@ class Client:
             _wakeups.notify(self._dsn.key)
         return rows
 
+    def _repair_times(self, conn: _Connection) -> int:
+        """Rewrite pending runs' zoned times (the Go worker's, on SQLite) as UTC; wakes this
+        process's workers when some were."""
+        repaired = self._dialect.repair_times(conn)
+        if repaired:
+            _wakeups.notify(self._dsn.key)
+        return repaired
+
     def _extend_leases(
         self, conn: _Connection, worker_id: str, held: list[tuple[str, int]], lease: float
     ) -> set[str]:
@@ -3757,6 +3826,7 @@ class Worker:
                 self.app._ensure_schema()
                 conn = self.app._connect()
                 rescued = self._rescue(conn)
+                self.app._repair_times(conn)
                 if self.schedules:
                     self.app._tick_on(conn)
                 return conn, rescued
@@ -3982,9 +4052,8 @@ class Worker:
     def _housekeeper(self, stop: threading.Event) -> None:
         conn: _Connection | None = None
         beat_every = self.lease / 3
-        rescue_every = max(0.5, min(self.lease / 2, 15.0))
         now = time.monotonic()
-        due = {"beat": now + beat_every, "rescue": now + rescue_every}
+        due = {"beat": now + beat_every, "rescue": now + RESCUE_INTERVAL}
         if self.schedules:  # a deadline nobody advances would make the wait below spin
             due["tick"] = now + self.tick_interval
         delay = 0.1
@@ -3997,8 +4066,9 @@ class Worker:
                     due["beat"] = now + beat_every
                     self._extend(conn)
                 if now >= due["rescue"]:
-                    due["rescue"] = now + rescue_every
+                    due["rescue"] = now + RESCUE_INTERVAL
                     self._rescue(conn)
+                    self.app._repair_times(conn)
                 if "tick" in due and now >= due["tick"]:
                     due["tick"] = now + self.tick_interval
                     self.app._tick_on(conn)

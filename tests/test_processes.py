@@ -368,6 +368,34 @@ def test_second_sigterm_forces_exit_and_leases_are_rescued(dsn, records, workers
     client.close()
 
 
+def test_a_dead_workers_run_is_taken_over_within_a_second_of_lease_expiry(dsn, records, workers):
+    """A worker holding a run with a 2 s lease is killed; a survivor with the default 30 s
+    lease (so its own lease does not pace its sweep) runs it about a second after expiry."""
+    app = minflow.App(dsn)
+    app.migrate()
+    run_id = app.submit("proc.gate")
+    dying = workers(dsn, records, "--lease", "2", "--worker-id", "dying")
+    wait_for(lambda: len(_starts(records)) == 1, 30, 0.02, "the handler to start")
+    taken = threading.Event()
+    app.handler("proc.gate")(lambda run: taken.set() or "taken over")
+    survivor = minflow.Worker(app, schedules=False, worker_id="survivor").start()
+    try:
+        dying.kill()
+        [[now]] = db(app, "SELECT {now}")
+        remaining = (app.get(run_id).lease_until - minflow._parse_time(now)).total_seconds()
+        expiry = time.monotonic() + remaining
+        assert 0 < remaining <= 2.1
+        assert taken.wait(remaining + 20), "never taken over"
+        late = time.monotonic() - expiry
+        assert late < 1.5, f"taken over {late:.2f}s after the lease expired"
+        wait_for(lambda: app.get(run_id).status == "succeeded", 10, 0.02)
+    finally:
+        survivor.stop(timeout=10)
+    run = app.get(run_id)
+    assert (run.attempt, run.leased_by, run.result) == (2, "survivor", "taken over")
+    app.close()
+
+
 # -- crash loops ----------------------------------------------------------------------------
 
 

@@ -156,6 +156,28 @@ def test_max_attempts_one_fails_at_once(app):
     assert app.get(run_id).status == "failed"
 
 
+def test_a_run_that_failed_for_good_keeps_its_run_at(app):
+    """No retry is due, so run_at is not moved to now + backoff: it stays as submitted."""
+    app.handler("t")(lambda run: 1 / 0)
+    planned = dt.datetime.now(UTC).replace(microsecond=0) - dt.timedelta(minutes=5)
+    run_id = app.submit("t", max_attempts=1, run_at=planned)
+    minflow.Worker(app, backoff=lambda attempt: 3600.0, schedules=False).run(burst=True)
+    run = app.get(run_id)
+    assert (run.status, run.run_at) == ("failed", planned)
+    # The same when the lease of its last attempt expired (a crash loop ends).
+    crashed = app.submit("t", max_attempts=1, run_at=planned)
+    db(
+        app,
+        "UPDATE workflow_run SET status = 'leased', attempt = 1, leased_by = 'crashed', "
+        "lease_until = {time:t} WHERE id = {uuid:id}",
+        id=crashed,
+        t=dt.datetime.now(UTC) - dt.timedelta(seconds=1),
+    )
+    minflow.Worker(app, **NO_WAIT).run(burst=True)
+    run = app.get(crashed)
+    assert (run.status, run.run_at) == ("failed", planned)
+
+
 def test_seed_backoff_formula():
     for attempt in (1, 2, 3, 10):
         samples = [minflow.seed_backoff(attempt) for _ in range(200)]
