@@ -95,6 +95,9 @@ DEFAULT_LEASE = 30.0  # seconds
 DEFAULT_POLL_INTERVAL = 1.0
 DEFAULT_CONCURRENCY = 4
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0
+# A second SIGTERM/SIGINT this soon after the first is not "exit now": terminals may send two
+# SIGINTs for one Ctrl-C, and impatient fingers press twice.
+SIGNAL_DEBOUNCE = 1.0
 DEFAULT_TICK_INTERVAL = 1.0  # a due schedule becomes a run within about a second
 DEFAULT_HTTP_HOST = "127.0.0.1"  # loopback unless the operator decides otherwise
 DEFAULT_HTTP_PORT = 8080
@@ -363,6 +366,18 @@ class _RunId(str):
     def __new__(cls, run_id: str, deduplicated: bool = False) -> _RunId:
         self = super().__new__(cls, run_id)
         self.deduplicated = deduplicated
+        return self
+
+
+class _ScheduleId(str):
+    """A schedule id as ``schedule`` returns it: a plain ``str`` with an ``updated`` flag, True
+    when a live schedule of the given name existed and was updated in place."""
+
+    updated: bool
+
+    def __new__(cls, schedule_id: str, updated: bool = False) -> _ScheduleId:
+        self = super().__new__(cls, schedule_id)
+        self.updated = updated
         return self
 
 
@@ -835,6 +850,7 @@ def _quote_ident(name: str) -> str:
 #   {uuid:x} {time:x} {bool:x}   an id, a timestamp, a boolean parameter
 #   {tiebreak}                   orders rows whose created_at ties
 #   {schema} {channel}           the DSN's schema and its NOTIFY channel, quoted (PostgreSQL)
+#   {ascii:x}                    a NOTIFY payload made ASCII (PostgreSQL)
 #   {event_type} {outcome_data} {rescue_data}   the audit-trail rule below, as SQL (PostgreSQL)
 #   {workflow_run}...            a table, qualified with the DSN's schema on PostgreSQL (_TABLES)
 #   {filters} {filter}           pieces composed at run time: list()'s filters, the SQLite claim's
@@ -1440,7 +1456,7 @@ WITH j AS (
 )
 SELECT CAST(id AS text) FROM ins WHERE idempotency_key IS NOT NULL
 UNION ALL
-SELECT NULL FROM (SELECT pg_notify(:channel, type) FROM ins GROUP BY type) AS notified""",
+SELECT NULL FROM (SELECT pg_notify(:channel, {ascii:ins.type}) FROM ins GROUP BY type) AS notified""",
     # The same for one run.
     "submit_one": """
 WITH ins AS (
@@ -1453,7 +1469,7 @@ WITH ins AS (
 ), ev AS (
   INSERT INTO {workflow_event} (workflow_id, event_type, created_at) SELECT id, 'created', NOW() FROM ins
 )
-SELECT pg_notify(:channel, type) FROM ins""",
+SELECT pg_notify(:channel, {ascii:ins.type}) FROM ins""",
     # The runs holding these idempotency keys (the rows a batch submit skipped).
     "runs_by_keys": (
         "SELECT idempotency_key, id FROM {workflow_run} "
@@ -1539,7 +1555,7 @@ FROM unnest(CAST(:ids AS uuid[]), CAST(:attempts AS int[])) AS h(id, attempt)
 WHERE r.id = h.id AND r.attempt = h.attempt AND r.status = 'leased' AND r.leased_by = :worker
 RETURNING r.id""",
     # Wake the workers listening on this schema's channel, naming the run type submitted.
-    "notify": "SELECT pg_notify(:channel, :type)",
+    "notify": "SELECT pg_notify(:channel, {ascii:type})",
     # Subscribe this connection to the schema's channel.
     "listen": "LISTEN {channel}",
     # An empty query: a round trip that makes pg8000 read the notifications waiting for it.
@@ -1559,6 +1575,9 @@ RETURNING r.id""",
 }
 
 _PG_SLOTS = {
+    # A NOTIFY payload as ASCII (bytes above 127 as \ooo escapes): pg8000 decodes channel
+    # and payload as ASCII, and one non-ASCII type would cut every LISTEN connection.
+    "ascii": "encode(convert_to(CAST({} AS text), 'UTF8'), 'escape')",
     "now": "NOW()",
     "clock": "clock_timestamp()",
     "later": "NOW() + make_interval(secs => {})",
@@ -2272,10 +2291,10 @@ class _PostgresDialect(_Dialect):
         self._errors = pg8000.exceptions
         schema = dsn.schema
         # NOTIFY channel per schema, so queues in different schemas do not wake each other.
-        # A channel name is an identifier too: at most 63 bytes.
+        # A channel name is an identifier too: at most 63 bytes; and ASCII, as its payload.
         self.channel = (
             ("minflow_" + schema)
-            if len(schema.encode()) <= 55
+            if len(schema.encode()) <= 55 and schema.isascii()
             else "minflow_" + uuid.uuid5(uuid.NAMESPACE_OID, schema).hex
         )
         self.fragments = {
@@ -2526,13 +2545,17 @@ _cron_cache: dict[tuple[Any, Any], tuple[str, _dt.tzinfo]] = {}
 _CRON_MAX_STEPS = 10_000
 
 
+class _MissingCroniter(MinflowError):
+    """croniter is not installed: no cron expression can be evaluated in this process."""
+
+
 def _croniter() -> Any:
     global _croniter_module
     if _croniter_module is None:
         try:
             import croniter
         except ImportError:
-            raise MinflowError("cron schedules need croniter: pip install croniter") from None
+            raise _MissingCroniter("cron schedules need croniter: pip install croniter") from None
         _croniter_module = croniter
     return _croniter_module
 
@@ -2607,9 +2630,17 @@ def _check_cron(cron: Any, timezone: Any) -> str:
         text = _CRON_ALIASES[text.lower()]
     fields = text.split(" ")
     if len(fields) != 5:
+        count = len(fields)
+        why = (
+            f"{5 - count} missing"
+            if count < 5
+            else "a seconds field is not supported"
+            if count == 6
+            else f"{count - 5} too many"
+        )
         raise InvalidInput(
             f"cron: {cron!r} must have 5 fields (minute hour day-of-month month day-of-week), "
-            f"got {len(fields)}; a seconds field is not supported"
+            f"got {len(fields)}: {why}"
         )
     for value, field in zip(fields, _CRON_FIELDS, strict=True):
         _check_cron_field(value, field)
@@ -3086,7 +3117,7 @@ class Client:
         priority: int = DEFAULT_PRIORITY,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         name: str | None = None,
-    ) -> str:
+    ) -> _ScheduleId:
         """Create a cron schedule and return its id; each slot becomes one run of ``type``.
 
         ``cron`` is a standard 5-field expression (minute hour day-of-month month day-of-week)
@@ -3097,7 +3128,8 @@ class Client:
         With a ``name``, the call is an upsert: a live schedule of that name is updated in place
         (type, payload, cron, timezone, priority, max_attempts; its next slot is kept when cron
         and timezone are unchanged; a paused one stays paused) and its id returned, so a
-        program may declare its schedules at every start-up without piling up duplicates.
+        program may declare its schedules at every start-up without piling up duplicates. The
+        id is a ``str`` whose ``updated`` attribute tells which happened.
         Raises ``InvalidInput`` (message starting with the field name) before writing anything.
         """
         _check_type(type)
@@ -3120,7 +3152,8 @@ class Client:
         with self._pool.connection() as conn, conn.transaction():
             params["next_run_at"] = _cron_next(expr, timezone, self._db_now(conn))
             rows = conn.query(self._dialect.sql["upsert_schedule"], params)
-        return str(rows[0][0])
+        schedule_id = str(rows[0][0])
+        return _ScheduleId(schedule_id, updated=schedule_id != params["id"])
 
     def schedules(self) -> list[Schedule]:
         """All schedules, paused included, deleted excluded, oldest first."""
@@ -3646,6 +3679,7 @@ class Worker:
             for p in _as_list(prefixes or (), "prefixes")
         )
         self.schedules = bool(schedules)
+        self._ticking = True  # until croniter turns out to be missing
         if backoff is not None and not callable(backoff):
             raise InvalidInput("backoff must be a callable(attempt) -> seconds")
         self._backoff = backoff or seed_backoff
@@ -3653,6 +3687,8 @@ class Worker:
         self.processed = 0  # executions finished, as run() returns
         self._stop = threading.Event()
         self._force = threading.Event()
+        self._signals: list[tuple[int, float]] = []  # (signal, monotonic time) not yet acted on
+        self._first_signal: float | None = None
         self._wake = threading.Event()
         self._ready = threading.Event()
         self._finished = threading.Event()
@@ -3681,12 +3717,12 @@ class Worker:
         """
         if self._finished.is_set() or self._thread not in (None, threading.current_thread()):
             raise InvalidState("a Worker runs once; create a new one")
-        restore = self._install_signals() if handle_signals else {}
+        restore = self._install_signals() if handle_signals else None
         try:
             return self._run(burst)
         finally:
-            for signum, previous in restore.items():
-                signal.signal(signum, previous)
+            if restore is not None:
+                restore()
 
     def start(self) -> Worker:
         """Run in a background thread; returns once it is claiming (or waiting for its database)."""
@@ -3720,26 +3756,74 @@ class Worker:
         """Handlers executing now."""
         return len(self._active)
 
-    def _install_signals(self) -> dict:
+    def _install_signals(self) -> Callable[[], None] | None:
+        """Route SIGTERM and SIGINT to this worker; returns what restores the previous set-up."""
         if threading.current_thread() is not threading.main_thread():
-            return {}
+            return None
 
         def on_signal(signum: int, frame: Any) -> None:
-            if self._stop.is_set():
-                self._force.set()
-            else:
+            # Only a note, acted on (and logged) by the coordinator: a handler that logged or
+            # took a lock could re-enter the very lock the main thread was interrupted in.
+            self._signals.append((signum, time.monotonic()))
+
+        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        # The coordinator may be asleep in an Event wait, which the Python-level handler does
+        # not end: the interpreter's C-level handler writes to this pipe, and a thread that
+        # reads it sets the event from outside any signal handler.
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(write_fd, False)
+        old_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+
+        def relay() -> None:
+            with contextlib.suppress(OSError):
+                while os.read(read_fd, 64):  # empty once the write end is closed
+                    self._wake.set()
+
+        thread = threading.Thread(target=relay, name=f"{self.worker_id}-signals", daemon=True)
+        thread.start()
+
+        def restore() -> None:
+            signal.set_wakeup_fd(old_fd)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+            os.close(write_fd)
+            thread.join(1)
+            os.close(read_fd)
+
+        return restore
+
+    def _handle_signals(self) -> None:
+        """Act on the signals noted since the last call: the first stops claiming; one more
+        within SIGNAL_DEBOUNCE seconds of it is ignored; one after that stops at once."""
+        while self._signals:
+            signum, at = self._signals.pop(0)
+            name = signal.Signals(signum).name
+            if self._first_signal is None and not self._stop.is_set():
+                self._first_signal = at
                 self._stop.set()
                 _worker_log.info(
                     "%s: %s received, finishing %d running handlers (again to exit now)",
                     self.worker_id,
-                    signal.Signals(signum).name,
+                    name,
                     len(self._active),
                 )
-            self._wake.set()
-
-        return {
-            signum: signal.signal(signum, on_signal) for signum in (signal.SIGTERM, signal.SIGINT)
-        }
+            elif self._first_signal is not None and at - self._first_signal < SIGNAL_DEBOUNCE:
+                _worker_log.info(
+                    "%s: %s received again within %gs of the first: ignored (a double press?); "
+                    "send it once more to exit now",
+                    self.worker_id,
+                    name,
+                    SIGNAL_DEBOUNCE,
+                )
+            else:
+                self._force.set()
+                _worker_log.warning(
+                    "%s: %s received again: exiting now; %d running handlers are left to "
+                    "lease expiry",
+                    self.worker_id,
+                    name,
+                    len(self._active),
+                )
 
     # -- the coordinator -------------------------------------------------------------------
     def _filter(self) -> _Filter:
@@ -3787,7 +3871,7 @@ class Worker:
                 conn.close()
             raise
         _worker_log.info(
-            "%s started: %s, types=%s prefixes=%s concurrency=%d lease=%.1fs%s",
+            "%s started: %s, types=%s prefixes=%s concurrency=%d lease=%gs%s",
             self.worker_id,
             self.app.dsn,
             list(filt.types),
@@ -3828,7 +3912,7 @@ class Worker:
                 rescued = self._rescue(conn)
                 self.app._repair_times(conn)
                 if self.schedules:
-                    self.app._tick_on(conn)
+                    self._tick(conn)
                 return conn, rescued
             except Unavailable as exc:
                 if conn is not None:
@@ -3841,6 +3925,7 @@ class Worker:
                 )
                 self._ready.set()
                 self._wake.wait(delay)  # stop() sets it
+                self._handle_signals()
                 if self._force.is_set() or self._stop.is_set():
                     return None
                 delay = min(delay * 2, 5.0)
@@ -3849,7 +3934,10 @@ class Worker:
         app = self.app
         retry_delay = 0.1
         deadline = None
-        while not self._force.is_set():
+        while True:
+            self._handle_signals()
+            if self._force.is_set():
+                break
             self._wake.clear()
             stopping = self._stop.is_set()
             if stopping and deadline is None:
@@ -4054,7 +4142,7 @@ class Worker:
         beat_every = self.lease / 3
         now = time.monotonic()
         due = {"beat": now + beat_every, "rescue": now + RESCUE_INTERVAL}
-        if self.schedules:  # a deadline nobody advances would make the wait below spin
+        if self.schedules and self._ticking:  # a deadline nobody advances would spin the wait
             due["tick"] = now + self.tick_interval
         delay = 0.1
         while not stop.is_set():
@@ -4071,7 +4159,9 @@ class Worker:
                     self.app._repair_times(conn)
                 if "tick" in due and now >= due["tick"]:
                     due["tick"] = now + self.tick_interval
-                    self.app._tick_on(conn)
+                    self._tick(conn)
+                    if not self._ticking:
+                        del due["tick"]
                 delay = 0.1
                 stop.wait(max(0.0, min(due.values()) - time.monotonic()))
             except MinflowError as exc:
@@ -4093,6 +4183,20 @@ class Worker:
                 break
         if conn is not None:
             conn.close()
+
+    def _tick(self, conn: _Connection) -> None:
+        """One ticker pass. Without croniter no schedule can fire here: the ticker is switched
+        off for good, with one error (the worker goes on running handlers)."""
+        try:
+            self.app._tick_on(conn)
+        except _MissingCroniter as exc:
+            self._ticking = False
+            _worker_log.error(
+                "%s: a schedule is due but %s; this worker's ticker is off (install croniter, "
+                "or start workers with schedules=False / --no-schedules)",
+                self.worker_id,
+                exc,
+            )
 
     def _extend(self, conn: _Connection) -> None:
         with self._lock:
@@ -4323,7 +4427,8 @@ def _r_submit(req: _Request) -> tuple[int, Any]:
         raise _HTTPError(400, "type is required")
     if body.get("run_after") is not None and body.get("run_at") is not None:
         raise _HTTPError(400, "give run_after or run_at, not both")
-    when = _optional(body, "run_after", body.get("run_at"))
+    field = "run_at" if body.get("run_at") is not None else "run_after"  # named as sent
+    when = body.get(field)
     run_id = req.client.submit(
         body["type"],
         body.get("payload"),
@@ -4331,7 +4436,7 @@ def _r_submit(req: _Request) -> tuple[int, Any]:
         # The seed treats an empty key as "no key"; so does this API.
         idempotency_key=None if body.get("idempotency_key") == "" else body.get("idempotency_key"),
         max_attempts=_optional(body, "max_attempts", DEFAULT_MAX_ATTEMPTS),
-        run_at=None if when is None else _parse_rfc3339(when, "run_after"),
+        run_at=None if when is None else _parse_rfc3339(when, field),
         run_in=body.get("run_in"),
     )
     if run_id.deduplicated:
@@ -4394,7 +4499,7 @@ def _r_schedule_create(req: _Request) -> tuple[int, Any]:
         max_attempts=_optional(body, "max_attempts", DEFAULT_MAX_ATTEMPTS),
         name=body.get("name"),
     )
-    return 201, {"id": schedule_id}
+    return (200 if schedule_id.updated else 201), {"id": schedule_id}
 
 
 def _r_schedules(req: _Request) -> tuple[int, Any]:
@@ -4459,6 +4564,7 @@ class _Operation:
     schema: dict | None  # of the success body; None: text/plain
     errors: tuple[int, ...] = ()  # error statuses; 401 is added unless the route is public
     status: int = 200  # on success
+    also: tuple[int, ...] = ()  # other success statuses, with the same body
     public: bool = False  # answered without the API key
     query: tuple[tuple[str, dict], ...] = ()  # query parameters and their schemas
     body: tuple[str, dict] | None = None  # the request body's component schema and an example
@@ -4488,7 +4594,7 @@ _API_ROUTES: list[_Route] = [
     ("DELETE", _RUN, _Operation(_r_cancel, "cancelRun", "Cancel a run", _status_is("cancelled"), (404, 409, 503))),
     ("GET", f"{_RUN}/events", _Operation(_r_events, "runEvents", "A run's events, oldest first", _array_of("Event"), (404, 503))),
     ("POST", f"{_RUN}/retry", _Operation(_r_retry, "retryRun", "A failed or cancelled run back to pending", _status_is("pending"), (404, 409, 503))),
-    ("POST", _SCHEDULES, _Operation(_r_schedule_create, "createSchedule", "Create (or, by name, update) a schedule", _CREATED, (400, 413, 503), status=201,
+    ("POST", _SCHEDULES, _Operation(_r_schedule_create, "createSchedule", "Create (201) or, by name, update (200) a schedule", _CREATED, (400, 413, 503), status=201, also=(200,),
         body=("ScheduleRequest", {"type": "reports.daily.v1", "cron": "0 6 * * *"}),
         links=("getSchedule", "pauseSchedule", "resumeSchedule", "deleteSchedule"))),
     ("GET", _SCHEDULES, _Operation(_r_schedules, "listSchedules", "Schedules, oldest first", _array_of("Schedule"), (503,))),
@@ -4901,7 +5007,7 @@ def _openapi_operation(path: str, op: _Operation) -> dict:
             target: {"operationId": target, "parameters": {"id": "$response.body#/id"}}
             for target in op.links
         }
-    responses = {str(op.status): success}
+    responses = {str(status): success for status in (op.status, *op.also)}
     for error in sorted(set(op.errors) if op.public else {401, *op.errors}):
         responses[str(error)] = {
             "description": _ERROR_TEXT[error],
@@ -5254,7 +5360,7 @@ def _cmd_ticker(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     api_key = os.environ.get("MINFLOW_API_KEY") or None
     with Client(args.dsn) as client:
-        client._ensure_schema()
+        # The port first: a taken port must not leave a database created or migrated.
         server = _listen(
             lambda: _Server(
                 args.host,
@@ -5266,6 +5372,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                 threads=args.threads,
             )
         )
+        try:
+            client._ensure_schema()
+        except BaseException:
+            server.server_close()
+            raise
         stop = threading.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: stop.set())
@@ -5868,7 +5979,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 if __name__ == "__main__":
     # `python -m minflow` runs this file as __main__; user code that does `import minflow` would
     # get a second module whose App class and handlers this copy cannot see. Hand over to the
-    # importable module so there is only one.
-    import minflow as _minflow
-
-    sys.exit(_minflow.main())
+    # importable module so there is only one: this file under the name it was run by, so that
+    # a copy vendored as proj._vendor.minflow runs itself, never another installed minflow.
+    _name = __spec__.name if __spec__ is not None else "minflow"
+    sys.exit(importlib.import_module(_name).main())

@@ -8,11 +8,13 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
+from urllib.parse import quote
 
 import pytest
 
 import minflow
-from conftest import ROOT, db, event_types, wait_for
+from conftest import PG_DSN, ROOT, PgSchema, db, event_types, require_pg, wait_for, with_query
 
 UTC = dt.timezone.utc
 NO_WAIT = {"backoff": lambda attempt: 0.0, "schedules": False}
@@ -618,3 +620,31 @@ def test_outcome_and_rescue_events_keep_their_stored_shapes(app):
         stored = {k: decode(v) for k, v in stored.items()}
         expected = {k: decode(v) for k, v in expected.items()}
     assert stored == expected
+
+
+@pytest.mark.parametrize("schema", ["jobs", "jobs é"], ids=["ascii-schema", "non-ascii-schema"])
+def test_non_ascii_types_and_schemas_keep_the_listen_connection(schema, caplog):
+    """pg8000 reads NOTIFY channels and payloads as ASCII: a type (or schema) with é must
+    neither cut the idle workers' LISTEN connection nor leave them polling."""
+    require_pg()
+    name = f"{schema} {uuid.uuid4().hex[:6]}"
+    target = PgSchema()
+    target.name, target.dsn = name, with_query(PG_DSN, schema=quote(name, safe=""))
+    app = minflow.App(target.dsn)
+    try:
+        app.migrate()
+        seen = []
+        app.handler("email.envoyé.v1")(lambda run: seen.append(run.payload))
+        # A long poll interval: only a NOTIFY that arrives intact wakes the worker in time.
+        worker = minflow.Worker(app, poll_interval=60, schedules=False).start()
+        try:
+            for n in range(3):
+                app.submit("email.envoyé.v1", n)
+                wait_for(lambda n=n: len(seen) == n + 1, 10, 0.01, "the NOTIFY to wake the worker")
+        finally:
+            worker.stop(timeout=10)
+        cut = [r.getMessage() for r in caplog.records if "LISTEN connection" in r.getMessage()]
+        assert cut == []
+    finally:
+        app.close()
+        target.drop()
