@@ -180,6 +180,22 @@ def test_a_run_that_failed_for_good_keeps_its_run_at(app):
     assert (run.status, run.run_at) == ("failed", planned)
 
 
+def test_a_short_lease_is_honoured_as_given(app, caplog):
+    """lease=0.05 is 50 ms in the database and in the log (it was shown as 0.1 s)."""
+    spans = []
+
+    @app.handler("t")
+    def handler(run):
+        row = app.get(run.id)
+        spans.append((row.lease_until - row.updated_at).total_seconds())
+
+    app.submit("t")
+    caplog.set_level("INFO", logger="minflow.worker")
+    minflow.Worker(app, lease=0.05, **NO_WAIT).run(burst=True)
+    assert spans and abs(spans[0] - 0.05) < 0.0015, spans
+    assert any("lease=0.05s" in r.getMessage() for r in caplog.records)
+
+
 def test_seed_backoff_formula():
     for attempt in (1, 2, 3, 10):
         samples = [minflow.seed_backoff(attempt) for _ in range(200)]
