@@ -651,12 +651,20 @@ def test_non_ascii_types_and_schemas_keep_the_listen_connection(schema, caplog):
         app.migrate()
         seen = []
         app.handler("email.envoyé.v1")(lambda run: seen.append(run.payload))
-        # A long poll interval: only a NOTIFY that arrives intact wakes the worker in time.
         worker = minflow.Worker(app, poll_interval=60, schedules=False).start()
         try:
-            for n in range(3):
-                app.submit("email.envoyé.v1", n)
-                wait_for(lambda n=n: len(seen) == n + 1, 10, 0.01, "the NOTIFY to wake the worker")
+            listen = f"LISTEN {minflow._quote_ident(app._dialect.channel)}"
+            count = "SELECT COUNT(*) FROM pg_stat_activity WHERE query = :q"
+            wait_for(lambda: db(app, count, q=listen)[0][0] == 1, 10, 0.01, "the LISTEN")
+            # From another process: only the NOTIFY can wake this worker in time.
+            script = (
+                "import sys, time, minflow\n"
+                "with minflow.Client(sys.argv[1]) as c:\n"
+                "    for n in range(3):\n"
+                "        c.submit('email.envoyé.v1', n); time.sleep(0.2)\n"
+            )
+            subprocess.run([sys.executable, "-c", script, target.dsn], check=True, timeout=60)
+            wait_for(lambda: len(seen) == 3, 10, 0.01, "the NOTIFYs to wake the worker")
         finally:
             worker.stop(timeout=10)
         cut = [r.getMessage() for r in caplog.records if "LISTEN connection" in r.getMessage()]
