@@ -7,7 +7,7 @@ The schema is the one of the Go library ``simple-workflow``, so both can share a
 
     import minflow
 
-    app = minflow.App("sqlite:///jobs.db")
+    app = minflow.App("sqlite://jobs.db")   # jobs.db in the working directory
 
     @app.handler("billing.invoice.v1")
     def invoice(run):
@@ -75,7 +75,7 @@ import uuid
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 log = logging.getLogger("minflow")
 log.addHandler(logging.NullHandler())
@@ -88,7 +88,7 @@ UTC = _dt.timezone.utc
 # Defaults (the seed's, unless a comment says why not)
 # ---------------------------------------------------------------------------------------------
 
-DEFAULT_DSN = "sqlite:///minflow.db"
+DEFAULT_DSN = "sqlite://minflow.db"  # minflow.db in the working directory
 DEFAULT_SCHEMA = "workflow"
 DEFAULT_PRIORITY = 100  # lower runs first
 DEFAULT_MAX_ATTEMPTS = 3
@@ -98,6 +98,9 @@ DEFAULT_LEASE = 30.0  # seconds
 DEFAULT_POLL_INTERVAL = 1.0
 DEFAULT_CONCURRENCY = 4
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0
+# A second SIGTERM/SIGINT this soon after the first is not "exit now": terminals may send two
+# SIGINTs for one Ctrl-C, and impatient fingers press twice.
+SIGNAL_DEBOUNCE = 1.0
 DEFAULT_TICK_INTERVAL = 1.0  # a due schedule becomes a run within about a second
 DEFAULT_HTTP_HOST = "127.0.0.1"  # loopback unless the operator decides otherwise
 DEFAULT_HTTP_PORT = 8080
@@ -111,6 +114,9 @@ MAX_DELAY = (
     100 * 365.25 * 86400
 )  # seconds; beyond this a delay is a bug, and overflows SQLite's clock
 RESCUE_BATCH = 500
+# How often a worker looks for expired leases (and, on SQLite, zoned retry times to rewrite):
+# a dead worker's runs are taken over within about this long after their lease expires.
+RESCUE_INTERVAL = 0.5
 TICK_BATCH = 100
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 SQLITE_WATCH_INTERVAL = 0.005  # PRAGMA data_version costs microseconds; 5 ms keeps latency low
@@ -366,6 +372,18 @@ class _RunId(str):
         return self
 
 
+class _ScheduleId(str):
+    """A schedule id as ``schedule`` returns it: a plain ``str`` with an ``updated`` flag, True
+    when a live schedule of the given name existed and was updated in place."""
+
+    updated: bool
+
+    def __new__(cls, schedule_id: str, updated: bool = False) -> _ScheduleId:
+        self = super().__new__(cls, schedule_id)
+        self.updated = updated
+        return self
+
+
 def _json_value(value: Any) -> Any:
     if isinstance(value, _dt.datetime):
         return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
@@ -437,7 +455,71 @@ class Schedule(_Record):
 # Connection strings
 # ---------------------------------------------------------------------------------------------
 
+# SQLite query parameters. minflow's own: ``synchronous`` (NORMAL is the opt-in to trade the
+# last commits before a power loss for speed) and ``busy_timeout`` (milliseconds).
 _SQLITE_OPTIONS = {"synchronous": ("full", "normal", "extra"), "busy_timeout": None}
+# The Go library hands the query string to its SQLite driver (modernc.org/sqlite, which also
+# reads mattn/go-sqlite3's names), so a DSN shared with a Go service may carry that driver's
+# parameters. Each is accepted: honoured where it means something to sqlite3, otherwise
+# ignored (README). Parameters naming a pragma, by the pragma they set:
+_GO_PRAGMA_KEYS = {
+    "_busy_timeout": "busy_timeout",
+    "_timeout": "busy_timeout",
+    "_journal_mode": "journal_mode",
+    "_journal": "journal_mode",
+    "_synchronous": "synchronous",
+    "_sync": "synchronous",
+    "_foreign_keys": "foreign_keys",
+    "_fk": "foreign_keys",
+}
+# ... and those without meaning for minflow's connections: it always begins write
+# transactions IMMEDIATE (_txlock), writes its own UTC time text (_time_format), opens private
+# read-write connections (cache, mode: outside a file: URI the Go drivers drop these too).
+_GO_IGNORED = frozenset(
+    [
+        "_txlock",
+        "_time_format",
+        "_time_integer_format",
+        "cache",
+        "mode",
+        "vfs",
+        "immutable",
+        "nolock",
+        "psow",
+        "_loc",
+        "_mutex",
+        "_auth",
+        "_auth_user",
+        "_auth_pass",
+        "_auth_crypt",
+        "_auth_salt",
+        "_auto_vacuum",
+        "_vacuum",
+        "_case_sensitive_like",
+        "_cslike",
+        "_defer_foreign_keys",
+        "_defer_fk",
+        "_ignore_check_constraints",
+        "_locking_mode",
+        "_locking",
+        "_query_only",
+        "_recursive_triggers",
+        "_rt",
+        "_secure_delete",
+        "_writable_schema",
+        "_cache_size",
+    ]
+)
+# What minflow's connections need, whatever a Go parameter asks: WAL (its locking and
+# wake-ups rely on it, and the mode persists in the file), foreign keys (events cascade with
+# their run) and at least FULL durability unless minflow's own synchronous=normal says so.
+_SQLITE_FIXED = {
+    "journal_mode": ("wal",),
+    "foreign_keys": ("1", "on", "true", "yes"),
+    "synchronous": ("2", "full", "3", "extra"),
+}
+_PRAGMA = re.compile(r"\s*(\w+)\s*(?:\(\s*([^()]*?)\s*\)|=\s*(.*?))?\s*")
+_warned_dsns: set[str] = set()
 _PG_OPTIONS = {
     "schema",
     "search_path",
@@ -448,6 +530,7 @@ _PG_OPTIONS = {
     "connect_timeout",
     "timeout",
     "application_name",
+    "binary_parameters",
 }
 _SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 
@@ -460,6 +543,7 @@ class _DSN:
     text: str  # for messages, password masked
     path: str = ""
     memory: bool = False
+    three_slash: bool = False  # sqlite:///x: read as the absolute /x, as the Go library does
     synchronous: str = "full"
     busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS
     host: str = "localhost"
@@ -473,6 +557,7 @@ class _DSN:
     ssl_files: tuple[str | None, str | None, str | None] = (None, None, None)
     timeout: float = PG_TIMEOUT
     application_name: str | None = "minflow"
+    binary_parameters: bool = False  # lib/pq's binary_parameters=yes
 
     @property
     def schema(self) -> str:
@@ -484,9 +569,20 @@ class _DSN:
             return "sqlite:" + (f":memory:{id(self)}" if self.memory else self.path)
         return f"pg:{self.unix_sock or self.host}:{self.port}/{self.database}/{self.schema}"
 
+    @property
+    def hint(self) -> str:
+        """For errors about a file that cannot be opened: how a three-slash DSN was read."""
+        if not self.three_slash:
+            return ""
+        relative = self.path.lstrip("/")
+        return (
+            f" (sqlite:///{relative} names the absolute path {self.path}, as in the Go library;"
+            f" for {relative} in the working directory write sqlite://{relative})"
+        )
+
 
 def _parse_dsn(text: str | None) -> _DSN:
-    """Parse ``sqlite:///file``, ``postgres://...`` or libpq ``key=value`` text (``None``:
+    """Parse ``sqlite://PATH``, ``postgres://...`` or libpq ``key=value`` text (``None``:
     ``$MINFLOW_DSN``, else ``DEFAULT_DSN``); ``InvalidInput`` names what is wrong."""
     if text is None:
         text = os.environ.get("MINFLOW_DSN") or DEFAULT_DSN
@@ -504,17 +600,20 @@ def _parse_dsn(text: str | None) -> _DSN:
     if "=" in text:
         return _parse_pg_keywords(text)
     raise InvalidInput(
-        f"unrecognised DSN {text!r}: expected sqlite:///file.db, postgres://... or key=value pairs"
+        f"unrecognised DSN {text!r}: expected sqlite://file.db, postgres://... or key=value pairs"
     )
 
 
 def _parse_sqlite_dsn(text: str) -> _DSN:
     rest = text.split("://", 1)[1]
     rest, _, query = rest.partition("?")
-    options = _query_options(query, _SQLITE_OPTIONS.keys(), "sqlite")
-    # sqlite:///rel.db -> "/rel.db" after the scheme: one leading slash separates the (empty)
-    # host from a relative path; sqlite:////abs.db keeps the absolute path.
-    path = unquote(rest[1:] if rest.startswith("/") else rest)
+    rest = rest.partition("#")[0]  # a fragment is no part of the path (Go's net/url)
+    options = _sqlite_query(text, query)
+    # PATH as written, as the Go library reads it: sqlite:///abs/x.db is /abs/x.db (four
+    # slashes too), sqlite://x.db is x.db in the working directory.
+    path = unquote(rest)
+    if path.startswith("//"):
+        path = "/" + path.lstrip("/")
     memory = path in ("", ":memory:")
     synchronous = options.get("synchronous", "full").lower()
     if synchronous not in _SQLITE_OPTIONS["synchronous"]:
@@ -531,9 +630,60 @@ def _parse_sqlite_dsn(text: str) -> _DSN:
         text,
         path=":memory:" if memory else path,
         memory=memory,
+        three_slash=rest.startswith("/") and not rest.startswith("//"),
         synchronous=synchronous,
         busy_timeout_ms=int(busy),
     )
+
+
+def _sqlite_query(text: str, query: str) -> dict[str, str]:
+    """minflow's SQLite options from a query string that may also carry the Go drivers'
+    parameters (busy timeout and durability given those ways are folded in); what is ignored
+    and changes behaviour is logged once per DSN."""
+    try:
+        pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
+    except ValueError:
+        raise InvalidInput(f"malformed sqlite DSN query string {query!r}") from None
+    options: dict[str, str] = {}
+    pragmas: dict[str, str] = {}  # from the Go drivers' parameters
+    ignored: list[str] = []
+    for key, value in pairs:
+        if key in _SQLITE_OPTIONS:
+            if key in options:
+                raise InvalidInput(f"sqlite DSN parameter {key!r} given twice")
+            options[key] = value
+        elif key == "_pragma":  # modernc's: busy_timeout(5000) or busy_timeout=5000
+            match = _PRAGMA.fullmatch(value)
+            if not match or match.group(2) is None and match.group(3) is None:
+                raise InvalidInput(f"sqlite _pragma must be NAME(VALUE), got {value!r}")
+            name = match.group(1).lower()
+            pragmas[name] = (match.group(2) or match.group(3) or "").strip("'\"")
+        elif key in _GO_PRAGMA_KEYS:
+            pragmas[_GO_PRAGMA_KEYS[key]] = value
+        elif key not in _GO_IGNORED:
+            ignored.append(f"unknown parameter {key}={value}")
+    for name, value in pragmas.items():
+        if name in options:  # minflow's own option wins
+            continue
+        if name == "busy_timeout":
+            if not value.isdigit():
+                raise InvalidInput(f"sqlite busy_timeout must be milliseconds, got {value!r}")
+            options["busy_timeout"] = value
+        elif name not in _SQLITE_FIXED:
+            ignored.append(f"pragma {name}({value})")
+        elif value.lower() not in _SQLITE_FIXED[name]:
+            kept = "WAL" if name == "journal_mode" else "ON" if name == "foreign_keys" else "FULL"
+            ignored.append(f"{name}={value} (minflow keeps {kept})")
+        elif name == "synchronous":
+            options["synchronous"] = "extra" if value.lower() in ("3", "extra") else "full"
+    if ignored and text not in _warned_dsns:
+        _warned_dsns.add(text)
+        log.warning(
+            "SQLite DSN: ignored %s; minflow's own options are synchronous=full|normal|extra and "
+            "busy_timeout=MS",
+            ", ".join(ignored),
+        )
+    return options
 
 
 def _query_options(query: str, allowed: Iterable[str], what: str) -> dict[str, str]:
@@ -656,6 +806,9 @@ def _pg_dsn(
         raise InvalidInput(
             f"timeout must be a positive number of seconds, got {timeout!r}"
         ) from None
+    binary = options.get("binary_parameters", "no")
+    if binary not in ("yes", "no"):
+        raise InvalidInput(f"binary_parameters must be yes or no, got {binary!r}")
     unix_sock = None
     if host.startswith("/"):
         unix_sock = f"{host.rstrip('/')}/.s.PGSQL.{port}"
@@ -673,6 +826,7 @@ def _pg_dsn(
         ssl_files=(options.get("sslrootcert"), options.get("sslcert"), options.get("sslkey")),
         timeout=timeout_value,
         application_name=options.get("application_name", "minflow"),
+        binary_parameters=binary == "yes",
     )
 
 
@@ -692,11 +846,14 @@ def _quote_ident(name: str) -> str:
 # Values are always bound as :name parameters, never formatted in. Each dialect renders every
 # statement once, when it is created, filling these slots from its fragments:
 #   {now}                        the database clock, as the dialect stores time
+#   {clock}                      the same for an event: the moment it is written, not the
+#                                transaction's start, so events written later sort later
 #   {later:x}                    the database clock + :x seconds ({later:t.c}: + column t.c)
 #   {json:x} {rawjson:x}         a JSON parameter (rawjson: one Go reads as json.RawMessage)
 #   {uuid:x} {time:x} {bool:x}   an id, a timestamp, a boolean parameter
 #   {tiebreak}                   orders rows whose created_at ties
 #   {schema} {channel}           the DSN's schema and its NOTIFY channel, quoted (PostgreSQL)
+#   {ascii:x}                    a NOTIFY payload made ASCII (PostgreSQL)
 #   {event_type} {outcome_data} {rescue_data}   the audit-trail rule below, as SQL (PostgreSQL)
 #   {workflow_run}...            a table, qualified with the DSN's schema on PostgreSQL (_TABLES)
 #   {filters} {filter}           pieces composed at run time: list()'s filters, the SQLite claim's
@@ -792,6 +949,18 @@ _SQLITE_MIGRATIONS: list[tuple[int, str, list[str]]] = [
             WHERE enabled = 1 AND deleted_at IS NULL""",
         ],
     ),
+    (
+        3,
+        "index of zoned retry times",
+        [
+            # The Go worker writes retry times as Go's time.Time text, in its own zone
+            # ("... 21:23:45.07 +0900 JST m=+60.69"), which compares as text at the wrong
+            # instant. minflow's forms are 19 or 23 characters; this holds only the longer ones,
+            # usually none, so finding them to rewrite as UTC costs a look at an empty index.
+            """CREATE INDEX IF NOT EXISTS minflow_run_zoned ON {workflow_run} (id)
+            WHERE status = 'pending' AND length(run_at) > 23""",
+        ],
+    ),
 ]
 
 _PG_MIGRATIONS: list[tuple[int, str, list[str]]] = [
@@ -879,6 +1048,8 @@ _PG_MIGRATIONS: list[tuple[int, str, list[str]]] = [
             WHERE name IS NOT NULL AND deleted_at IS NULL""",
         ],
     ),
+    # Nothing to add: timestamptz compares instants. Kept so both dialects share version numbers.
+    (3, "index of zoned retry times", []),
 ]
 
 SCHEMA_VERSION = max(version for version, _, _ in _PG_MIGRATIONS)
@@ -1021,7 +1192,7 @@ _SQL: dict[str, str] = {
     # Insert one audit event.
     "insert_event": (
         "INSERT INTO {workflow_event} (workflow_id, event_type, data, created_at) "
-        "VALUES ({uuid:id}, :event_type, {json:data}, {now})"
+        "VALUES ({uuid:id}, :event_type, {json:data}, {clock})"
     ),
     # Cancel a run that is not finished; sticky: the worker's fenced writes no longer match.
     "cancel": (
@@ -1154,8 +1325,9 @@ UPDATE {workflow_run} SET
   result = CASE WHEN d.kind = 'succeeded' THEN d.result ELSE workflow_run.result END,
   last_error = CASE WHEN d.kind = 'failed' THEN d.error ELSE last_error END,
   attempt = CASE WHEN d.kind = 'snoozed' THEN workflow_run.attempt - 1 ELSE workflow_run.attempt END,
-  run_at = CASE WHEN d.kind = 'succeeded' THEN run_at
-           ELSE {later:d.delay} END,
+  -- A run that failed for good keeps its run_at: no retry is due.
+  run_at = CASE WHEN d.kind = 'succeeded' OR (d.kind = 'failed' AND workflow_run.attempt >= max_attempts)
+           THEN run_at ELSE {later:d.delay} END,
   updated_at = {now}
 FROM (SELECT json_extract(value, '$[0]') AS id, json_extract(value, '$[1]') AS attempt,
              json_extract(value, '$[2]') AS kind, json_extract(value, '$[3]') AS result,
@@ -1169,28 +1341,41 @@ RETURNING id, status, attempt""",
     "insert_events": """
 INSERT INTO {workflow_event} (workflow_id, event_type, data, created_at)
 SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), json_extract(value, '$[2]'),
-       {now}
+       {clock}
 FROM json_each(:events)""",
     # Claim due runs of the worker's types ({filter}) in claim order; attempt counts claims.
     # Without statistics SQLite prefers the type index and sorts every due run on each claim;
     # walking the claim-order index stops after LIMIT rows (0.2 ms instead of 6 ms with 20,000
-    # runs queued).
+    # runs queued). A zoned time (longer than minflow's forms, see minflow_run_zoned) compares
+    # at the wrong instant: it waits for repair_times to rewrite it (the index holds run_at).
     "claim": """
 UPDATE {workflow_run} SET status = 'leased', attempt = attempt + 1, leased_by = :worker,
   lease_until = {later:lease}, updated_at = {now}
 WHERE id IN (SELECT id FROM {workflow_run} INDEXED BY minflow_run_claim
-             WHERE status = 'pending' AND deleted_at IS NULL AND run_at <= {now} AND ({filter})
+             WHERE status = 'pending' AND deleted_at IS NULL AND run_at <= {now}
+               AND length(run_at) <= 23 AND ({filter})
              ORDER BY priority, run_at, created_at, rowid LIMIT :limit)
 RETURNING id, type, payload, attempt, max_attempts, priority,
   COALESCE(julianday(run_at), 0), COALESCE(julianday(created_at), 0)""",
     # Is anything claimable? (read-only pre-check)
     "has_work": """
 SELECT 1 FROM {workflow_run} WHERE status = 'pending' AND deleted_at IS NULL AND run_at <= {now}
-AND ({filter}) LIMIT 1""",
+AND length(run_at) <= 23 AND ({filter}) LIMIT 1""",
+    # Pending runs whose run_at is not minflow's UTC text (the partial index minflow_run_zoned).
+    "zoned_runs": """
+SELECT id, run_at FROM {workflow_run} WHERE status = 'pending' AND length(run_at) > 23
+LIMIT :limit""",
+    # Rewrite one as UTC text, unless it changed meanwhile.
+    "set_run_at": """
+UPDATE {workflow_run} SET run_at = :run_at
+WHERE id = :id AND status = 'pending' AND run_at = :old RETURNING id""",
+    # Has any lease expired? (read-only: spares the sweep's write transaction most of the time)
+    "lease_expired": """
+SELECT 1 FROM {workflow_run} WHERE status = 'leased' AND lease_until < {now} LIMIT 1""",
     # Expired leases go back to pending, or to failed once attempts are used up (crash loops end).
     "rescue": """
 UPDATE {workflow_run} SET status = CASE WHEN attempt >= max_attempts THEN 'failed' ELSE 'pending' END,
-  run_at = {now}, updated_at = {now},
+  run_at = CASE WHEN attempt >= max_attempts THEN run_at ELSE {now} END, updated_at = {now},
   last_error = 'lease expired: worker ' || COALESCE(leased_by, '?') || ' stopped before finishing'
 WHERE id IN (SELECT id FROM {workflow_run} WHERE status = 'leased' AND lease_until < {now}
              ORDER BY lease_until LIMIT :limit)
@@ -1227,6 +1412,8 @@ def _sqlite_type_filter(types: int, prefixes: int) -> str:
 
 _SQLITE_SLOTS = {
     "now": "strftime('%Y-%m-%d %H:%M:%f', 'now')",
+    # 'now' is fixed per statement; events of one statement keep their order by id.
+    "clock": "strftime('%Y-%m-%d %H:%M:%f', 'now')",
     "later": "strftime('%Y-%m-%d %H:%M:%f', 'now', printf('%+.3f seconds', {}))",
     "json": "{}",
     # Schedule payloads: the Go ticker scans them into json.RawMessage, which database/sql
@@ -1272,7 +1459,7 @@ WITH j AS (
 )
 SELECT CAST(id AS text) FROM ins WHERE idempotency_key IS NOT NULL
 UNION ALL
-SELECT NULL FROM (SELECT pg_notify(:channel, type) FROM ins GROUP BY type) AS notified""",
+SELECT NULL FROM (SELECT pg_notify(:channel, {ascii:ins.type}) FROM ins GROUP BY type) AS notified""",
     # The same for one run.
     "submit_one": """
 WITH ins AS (
@@ -1285,7 +1472,7 @@ WITH ins AS (
 ), ev AS (
   INSERT INTO {workflow_event} (workflow_id, event_type, created_at) SELECT id, 'created', NOW() FROM ins
 )
-SELECT pg_notify(:channel, type) FROM ins""",
+SELECT pg_notify(:channel, {ascii:ins.type}) FROM ins""",
     # The runs holding these idempotency keys (the rows a batch submit skipped).
     "runs_by_keys": (
         "SELECT idempotency_key, id FROM {workflow_run} "
@@ -1306,14 +1493,15 @@ WITH d AS (
     result = CASE WHEN d.kind = 'succeeded' THEN d.result ELSE r.result END,
     last_error = CASE WHEN d.kind = 'failed' THEN d.error ELSE r.last_error END,
     attempt = CASE WHEN d.kind = 'snoozed' THEN r.attempt - 1 ELSE r.attempt END,
-    run_at = CASE WHEN d.kind = 'succeeded' THEN r.run_at ELSE NOW() + make_interval(secs => d.delay) END,
+    run_at = CASE WHEN d.kind = 'succeeded' OR (d.kind = 'failed' AND r.attempt >= r.max_attempts)
+                  THEN r.run_at ELSE NOW() + make_interval(secs => d.delay) END,
     updated_at = NOW()
   FROM d
   WHERE r.id = d.id AND r.status = 'leased' AND r.leased_by = :worker AND r.attempt = d.attempt
   RETURNING r.id, r.status, r.attempt, d.kind, d.error, d.delay
 ), done_events AS (
   INSERT INTO {workflow_event} (workflow_id, event_type, data, created_at)
-  SELECT id, {event_type}, {outcome_data}, NOW()
+  SELECT id, {event_type}, {outcome_data}, clock_timestamp()
   FROM done
 ), picked AS (
   SELECT id FROM {workflow_run}
@@ -1326,13 +1514,17 @@ WITH d AS (
   UPDATE {workflow_run} r SET status = 'leased', attempt = r.attempt + 1, leased_by = :worker,
     lease_until = NOW() + make_interval(secs => :lease), updated_at = NOW()
   FROM picked WHERE r.id = picked.id
-  RETURNING r.id, r.type, r.payload, r.attempt, r.max_attempts, r.priority, r.run_at, r.created_at
+  RETURNING r.id, r.type, r.payload, r.attempt, r.max_attempts, r.priority, r.run_at, r.created_at,
+    clock_timestamp() AS at
 ), claim_events AS (
+  -- Distinct times, in causal order: a reader ordering by time alone (the Go library's) sees
+  -- leased before started; ids, drawn in this order, agree.
   INSERT INTO {workflow_event} (workflow_id, event_type, data, created_at)
-  SELECT id, 'leased', jsonb_build_object('worker_id', CAST(:worker AS text), 'attempt', attempt), NOW()
+  SELECT id, 'leased', jsonb_build_object('worker_id', CAST(:worker AS text), 'attempt', attempt), at
   FROM claimed
   UNION ALL
-  SELECT id, 'started', jsonb_build_object('worker_id', CAST(:worker AS text)), NOW()
+  SELECT id, 'started', jsonb_build_object('worker_id', CAST(:worker AS text)),
+    at + interval '1 microsecond'
   FROM claimed WHERE type = ANY(CAST(:handled AS text[]))
 )
 -- Two JSON arrays in one row: the driver decodes them in C instead of value by value in Python.
@@ -1348,13 +1540,13 @@ WITH expired AS (
   ORDER BY lease_until LIMIT :limit FOR UPDATE SKIP LOCKED
 ), r AS (
   UPDATE {workflow_run} w SET status = CASE WHEN w.attempt >= w.max_attempts THEN 'failed' ELSE 'pending' END,
-    run_at = NOW(), updated_at = NOW(),
+    run_at = CASE WHEN w.attempt >= w.max_attempts THEN w.run_at ELSE NOW() END, updated_at = NOW(),
     last_error = 'lease expired: worker ' || COALESCE(w.leased_by, '?') || ' stopped before finishing'
   FROM expired WHERE w.id = expired.id
   RETURNING w.id, w.type, w.status, w.attempt, w.leased_by
 ), ev AS (
   INSERT INTO {workflow_event} (workflow_id, event_type, data, created_at)
-  SELECT id, {event_type}, {rescue_data}, NOW()
+  SELECT id, {event_type}, {rescue_data}, clock_timestamp()
   FROM r
 )
 SELECT id, type, status, attempt, leased_by FROM r""",
@@ -1366,7 +1558,7 @@ FROM unnest(CAST(:ids AS uuid[]), CAST(:attempts AS int[])) AS h(id, attempt)
 WHERE r.id = h.id AND r.attempt = h.attempt AND r.status = 'leased' AND r.leased_by = :worker
 RETURNING r.id""",
     # Wake the workers listening on this schema's channel, naming the run type submitted.
-    "notify": "SELECT pg_notify(:channel, :type)",
+    "notify": "SELECT pg_notify(:channel, {ascii:type})",
     # Subscribe this connection to the schema's channel.
     "listen": "LISTEN {channel}",
     # An empty query: a round trip that makes pg8000 read the notifications waiting for it.
@@ -1386,7 +1578,11 @@ RETURNING r.id""",
 }
 
 _PG_SLOTS = {
+    # A NOTIFY payload as ASCII (bytes above 127 as \ooo escapes): pg8000 decodes channel
+    # and payload as ASCII, and one non-ASCII type would cut every LISTEN connection.
+    "ascii": "encode(convert_to(CAST({} AS text), 'UTF8'), 'escape')",
     "now": "NOW()",
+    "clock": "clock_timestamp()",
     "later": "NOW() + make_interval(secs => {})",
     "json": "CAST({} AS jsonb)",
     "rawjson": "CAST({} AS jsonb)",
@@ -1724,6 +1920,7 @@ class _Dialect:
     fragments: dict[str, str] = {}  # slot -> SQL text
     pool_size = POOL_SIZE
     pool_ping = False  # check a pooled connection that sat idle before handing it out
+    create = True  # False: a missing database is an error, never created (SQLite)
 
     def __init__(self, dsn: _DSN):
         self.dsn = dsn
@@ -1798,6 +1995,11 @@ class _Dialect:
         """Expired leases back to pending or failed; (id, type, status, attempt, leased_by) each."""
         raise NotImplementedError
 
+    def repair_times(self, conn: _Connection) -> int:
+        """Rewrite pending runs' times that other tools wrote in a form the claim cannot compare;
+        returns how many."""
+        return 0
+
     def extend_leases(
         self, conn: _Connection, worker_id: str, held: list[tuple[str, int]], lease: float
     ) -> set[str]:
@@ -1851,11 +2053,15 @@ class _SQLiteDialect(_Dialect):
         return json.loads(value)
 
     def _open(self) -> sqlite3.Connection:
+        target, uri = self.dsn.path, False
+        if not self.create and not self.dsn.memory:
+            target, uri = f"file:{quote(self.dsn.path)}?mode=rw", True  # rw: never create
         raw = sqlite3.connect(
-            self.dsn.path,
+            target,
             timeout=self.dsn.busy_timeout_ms / 1000,
             isolation_level=None,
             check_same_thread=False,
+            uri=uri,
         )
         try:
             raw.execute(self.sql["busy_timeout"])
@@ -1893,7 +2099,12 @@ class _SQLiteDialect(_Dialect):
             try:
                 return _SQLiteConnection(self._open(), self.sql)
             except sqlite3.Error as exc:
-                raise Unavailable(f"cannot open SQLite database {self.dsn.path}: {exc}") from exc
+                path, hint = self.dsn.path, self.dsn.hint
+                if not self.create and not os.path.exists(path):
+                    raise MinflowError(
+                        f"SQLite database {path} does not exist{hint}; `minflow migrate` creates it"
+                    ) from exc
+                raise Unavailable(f"cannot open SQLite database {path}: {exc}{hint}") from exc
         with self._shared_lock:
             if self._shared is None:
                 self._shared = _SQLiteConnection(self._open(), self.sql, self._shared_lock)
@@ -1997,6 +2208,8 @@ class _SQLiteDialect(_Dialect):
         return claimed, finished
 
     def rescue(self, conn):
+        if not conn.query(self.sql["lease_expired"]):
+            return []
         with conn.transaction():
             rows = conn.query(self.sql["rescue"], {"limit": RESCUE_BATCH})
             if rows:
@@ -2006,6 +2219,19 @@ class _SQLiteDialect(_Dialect):
                 ]
                 conn.query(self.sql["insert_events"], {"events": json.dumps(events)})
         return rows
+
+    def repair_times(self, conn):
+        rows = conn.query(self.sql["zoned_runs"], {"limit": RESCUE_BATCH})
+        # An unparseable one is logged by _parse_time, and stays (never claimed).
+        moments = [(run_id, text, _parse_time(text)) for run_id, text in rows]
+        repaired = 0
+        if any(moment is not None for _, _, moment in moments):
+            with conn.transaction():
+                for run_id, text, moment in moments:
+                    if moment is not None:
+                        params = {"id": run_id, "run_at": moment, "old": text}
+                        repaired += len(conn.query(self.sql["set_run_at"], params))
+        return repaired
 
     def extend_leases(self, conn, worker_id, held, lease):
         kept = set()
@@ -2068,10 +2294,10 @@ class _PostgresDialect(_Dialect):
         self._errors = pg8000.exceptions
         schema = dsn.schema
         # NOTIFY channel per schema, so queues in different schemas do not wake each other.
-        # A channel name is an identifier too: at most 63 bytes.
+        # A channel name is an identifier too: at most 63 bytes; and ASCII, as its payload.
         self.channel = (
             ("minflow_" + schema)
-            if len(schema.encode()) <= 55
+            if len(schema.encode()) <= 55 and schema.isascii()
             else "minflow_" + uuid.uuid5(uuid.NAMESPACE_OID, schema).hex
         )
         self.fragments = {
@@ -2322,13 +2548,17 @@ _cron_cache: dict[tuple[Any, Any], tuple[str, _dt.tzinfo]] = {}
 _CRON_MAX_STEPS = 10_000
 
 
+class _MissingCroniter(MinflowError):
+    """croniter is not installed: no cron expression can be evaluated in this process."""
+
+
 def _croniter() -> Any:
     global _croniter_module
     if _croniter_module is None:
         try:
             import croniter
         except ImportError:
-            raise MinflowError("cron schedules need croniter: pip install croniter") from None
+            raise _MissingCroniter("cron schedules need croniter: pip install croniter") from None
         _croniter_module = croniter
     return _croniter_module
 
@@ -2403,9 +2633,17 @@ def _check_cron(cron: Any, timezone: Any) -> str:
         text = _CRON_ALIASES[text.lower()]
     fields = text.split(" ")
     if len(fields) != 5:
+        count = len(fields)
+        why = (
+            f"{5 - count} missing"
+            if count < 5
+            else "a seconds field is not supported"
+            if count == 6
+            else f"{count - 5} too many"
+        )
         raise InvalidInput(
             f"cron: {cron!r} must have 5 fields (minute hour day-of-month month day-of-week), "
-            f"got {len(fields)}; a seconds field is not supported"
+            f"got {len(fields)}: {why}"
         )
     for value, field in zip(fields, _CRON_FIELDS, strict=True):
         _check_cron_field(value, field)
@@ -2882,7 +3120,7 @@ class Client:
         priority: int = DEFAULT_PRIORITY,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         name: str | None = None,
-    ) -> str:
+    ) -> _ScheduleId:
         """Create a cron schedule and return its id; each slot becomes one run of ``type``.
 
         ``cron`` is a standard 5-field expression (minute hour day-of-month month day-of-week)
@@ -2893,7 +3131,8 @@ class Client:
         With a ``name``, the call is an upsert: a live schedule of that name is updated in place
         (type, payload, cron, timezone, priority, max_attempts; its next slot is kept when cron
         and timezone are unchanged; a paused one stays paused) and its id returned, so a
-        program may declare its schedules at every start-up without piling up duplicates.
+        program may declare its schedules at every start-up without piling up duplicates. The
+        id is a ``str`` whose ``updated`` attribute tells which happened.
         Raises ``InvalidInput`` (message starting with the field name) before writing anything.
         """
         _check_type(type)
@@ -2916,7 +3155,8 @@ class Client:
         with self._pool.connection() as conn, conn.transaction():
             params["next_run_at"] = _cron_next(expr, timezone, self._db_now(conn))
             rows = conn.query(self._dialect.sql["upsert_schedule"], params)
-        return str(rows[0][0])
+        schedule_id = str(rows[0][0])
+        return _ScheduleId(schedule_id, updated=schedule_id != params["id"])
 
     def schedules(self) -> list[Schedule]:
         """All schedules, paused included, deleted excluded, oldest first."""
@@ -2992,6 +3232,11 @@ class Client:
         self.close()
         self._open(parsed)
 
+    def _open_existing(self) -> None:
+        """Never create the database: a missing SQLite file is an error naming it (the CLI's
+        commands that inspect or change existing runs)."""
+        self._dialect.create = False
+
     def _ensure_schema(self) -> None:
         """Migrate unless the schema is current; checked once per client (Worker, CLI)."""
         if not self._migrated and self.schema_version() < SCHEMA_VERSION:
@@ -3052,6 +3297,14 @@ class Client:
         if rows:
             _wakeups.notify(self._dsn.key)
         return rows
+
+    def _repair_times(self, conn: _Connection) -> int:
+        """Rewrite pending runs' zoned times (the Go worker's, on SQLite) as UTC; wakes this
+        process's workers when some were."""
+        repaired = self._dialect.repair_times(conn)
+        if repaired:
+            _wakeups.notify(self._dsn.key)
+        return repaired
 
     def _extend_leases(
         self, conn: _Connection, worker_id: str, held: list[tuple[str, int]], lease: float
@@ -3429,6 +3682,7 @@ class Worker:
             for p in _as_list(prefixes or (), "prefixes")
         )
         self.schedules = bool(schedules)
+        self._ticking = True  # until croniter turns out to be missing
         if backoff is not None and not callable(backoff):
             raise InvalidInput("backoff must be a callable(attempt) -> seconds")
         self._backoff = backoff or seed_backoff
@@ -3436,6 +3690,8 @@ class Worker:
         self.processed = 0  # executions finished, as run() returns
         self._stop = threading.Event()
         self._force = threading.Event()
+        self._signals: list[tuple[int, float]] = []  # (signal, monotonic time) not yet acted on
+        self._first_signal: float | None = None
         self._wake = threading.Event()
         self._ready = threading.Event()
         self._finished = threading.Event()
@@ -3464,12 +3720,12 @@ class Worker:
         """
         if self._finished.is_set() or self._thread not in (None, threading.current_thread()):
             raise InvalidState("a Worker runs once; create a new one")
-        restore = self._install_signals() if handle_signals else {}
+        restore = self._install_signals() if handle_signals else None
         try:
             return self._run(burst)
         finally:
-            for signum, previous in restore.items():
-                signal.signal(signum, previous)
+            if restore is not None:
+                restore()
 
     def start(self) -> Worker:
         """Run in a background thread; returns once it is claiming (or waiting for its database)."""
@@ -3503,26 +3759,74 @@ class Worker:
         """Handlers executing now."""
         return len(self._active)
 
-    def _install_signals(self) -> dict:
+    def _install_signals(self) -> Callable[[], None] | None:
+        """Route SIGTERM and SIGINT to this worker; returns what restores the previous set-up."""
         if threading.current_thread() is not threading.main_thread():
-            return {}
+            return None
 
         def on_signal(signum: int, frame: Any) -> None:
-            if self._stop.is_set():
-                self._force.set()
-            else:
+            # Only a note, acted on (and logged) by the coordinator: a handler that logged or
+            # took a lock could re-enter the very lock the main thread was interrupted in.
+            self._signals.append((signum, time.monotonic()))
+
+        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        # The coordinator may be asleep in an Event wait, which the Python-level handler does
+        # not end: the interpreter's C-level handler writes to this pipe, and a thread that
+        # reads it sets the event from outside any signal handler.
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(write_fd, False)
+        old_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+
+        def relay() -> None:
+            with contextlib.suppress(OSError):
+                while os.read(read_fd, 64):  # empty once the write end is closed
+                    self._wake.set()
+
+        thread = threading.Thread(target=relay, name=f"{self.worker_id}-signals", daemon=True)
+        thread.start()
+
+        def restore() -> None:
+            signal.set_wakeup_fd(old_fd)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+            os.close(write_fd)
+            thread.join(1)
+            os.close(read_fd)
+
+        return restore
+
+    def _handle_signals(self) -> None:
+        """Act on the signals noted since the last call: the first stops claiming; one more
+        within SIGNAL_DEBOUNCE seconds of it is ignored; one after that stops at once."""
+        while self._signals:
+            signum, at = self._signals.pop(0)
+            name = signal.Signals(signum).name
+            if self._first_signal is None and not self._stop.is_set():
+                self._first_signal = at
                 self._stop.set()
                 _worker_log.info(
                     "%s: %s received, finishing %d running handlers (again to exit now)",
                     self.worker_id,
-                    signal.Signals(signum).name,
+                    name,
                     len(self._active),
                 )
-            self._wake.set()
-
-        return {
-            signum: signal.signal(signum, on_signal) for signum in (signal.SIGTERM, signal.SIGINT)
-        }
+            elif self._first_signal is not None and at - self._first_signal < SIGNAL_DEBOUNCE:
+                _worker_log.info(
+                    "%s: %s received again within %gs of the first: ignored (a double press?); "
+                    "send it once more to exit now",
+                    self.worker_id,
+                    name,
+                    SIGNAL_DEBOUNCE,
+                )
+            else:
+                self._force.set()
+                _worker_log.warning(
+                    "%s: %s received again: exiting now; %d running handlers are left to "
+                    "lease expiry",
+                    self.worker_id,
+                    name,
+                    len(self._active),
+                )
 
     # -- the coordinator -------------------------------------------------------------------
     def _filter(self) -> _Filter:
@@ -3570,7 +3874,7 @@ class Worker:
                 conn.close()
             raise
         _worker_log.info(
-            "%s started: %s, types=%s prefixes=%s concurrency=%d lease=%.1fs%s",
+            "%s started: %s, types=%s prefixes=%s concurrency=%d lease=%gs%s",
             self.worker_id,
             self.app.dsn,
             list(filt.types),
@@ -3609,8 +3913,9 @@ class Worker:
                 self.app._ensure_schema()
                 conn = self.app._connect()
                 rescued = self._rescue(conn)
+                self.app._repair_times(conn)
                 if self.schedules:
-                    self.app._tick_on(conn)
+                    self._tick(conn)
                 return conn, rescued
             except Unavailable as exc:
                 if conn is not None:
@@ -3623,6 +3928,7 @@ class Worker:
                 )
                 self._ready.set()
                 self._wake.wait(delay)  # stop() sets it
+                self._handle_signals()
                 if self._force.is_set() or self._stop.is_set():
                     return None
                 delay = min(delay * 2, 5.0)
@@ -3631,7 +3937,10 @@ class Worker:
         app = self.app
         retry_delay = 0.1
         deadline = None
-        while not self._force.is_set():
+        while True:
+            self._handle_signals()
+            if self._force.is_set():
+                break
             self._wake.clear()
             stopping = self._stop.is_set()
             if stopping and deadline is None:
@@ -3834,10 +4143,9 @@ class Worker:
     def _housekeeper(self, stop: threading.Event) -> None:
         conn: _Connection | None = None
         beat_every = self.lease / 3
-        rescue_every = max(0.5, min(self.lease / 2, 15.0))
         now = time.monotonic()
-        due = {"beat": now + beat_every, "rescue": now + rescue_every}
-        if self.schedules:  # a deadline nobody advances would make the wait below spin
+        due = {"beat": now + beat_every, "rescue": now + RESCUE_INTERVAL}
+        if self.schedules and self._ticking:  # a deadline nobody advances would spin the wait
             due["tick"] = now + self.tick_interval
         delay = 0.1
         while not stop.is_set():
@@ -3849,11 +4157,14 @@ class Worker:
                     due["beat"] = now + beat_every
                     self._extend(conn)
                 if now >= due["rescue"]:
-                    due["rescue"] = now + rescue_every
+                    due["rescue"] = now + RESCUE_INTERVAL
                     self._rescue(conn)
+                    self.app._repair_times(conn)
                 if "tick" in due and now >= due["tick"]:
                     due["tick"] = now + self.tick_interval
-                    self.app._tick_on(conn)
+                    self._tick(conn)
+                    if not self._ticking:
+                        del due["tick"]
                 delay = 0.1
                 stop.wait(max(0.0, min(due.values()) - time.monotonic()))
             except MinflowError as exc:
@@ -3875,6 +4186,20 @@ class Worker:
                 break
         if conn is not None:
             conn.close()
+
+    def _tick(self, conn: _Connection) -> None:
+        """One ticker pass. Without croniter no schedule can fire here: the ticker is switched
+        off for good, with one error (the worker goes on running handlers)."""
+        try:
+            self.app._tick_on(conn)
+        except _MissingCroniter as exc:
+            self._ticking = False
+            _worker_log.error(
+                "%s: a schedule is due but %s; this worker's ticker is off (install croniter, "
+                "or start workers with schedules=False / --no-schedules)",
+                self.worker_id,
+                exc,
+            )
 
     def _extend(self, conn: _Connection) -> None:
         with self._lock:
@@ -4107,7 +4432,8 @@ def _r_submit(req: _Request) -> tuple[int, Any]:
         raise _HTTPError(400, "type is required")
     if body.get("run_after") is not None and body.get("run_at") is not None:
         raise _HTTPError(400, "give run_after or run_at, not both")
-    when = _optional(body, "run_after", body.get("run_at"))
+    field = "run_at" if body.get("run_at") is not None else "run_after"  # named as sent
+    when = body.get(field)
     run_id = req.client.submit(
         body["type"],
         body.get("payload"),
@@ -4115,7 +4441,7 @@ def _r_submit(req: _Request) -> tuple[int, Any]:
         # The seed treats an empty key as "no key"; so does this API.
         idempotency_key=None if body.get("idempotency_key") == "" else body.get("idempotency_key"),
         max_attempts=_optional(body, "max_attempts", DEFAULT_MAX_ATTEMPTS),
-        run_at=None if when is None else _parse_rfc3339(when, "run_after"),
+        run_at=None if when is None else _parse_rfc3339(when, field),
         run_in=body.get("run_in"),
     )
     if run_id.deduplicated:
@@ -4178,7 +4504,7 @@ def _r_schedule_create(req: _Request) -> tuple[int, Any]:
         max_attempts=_optional(body, "max_attempts", DEFAULT_MAX_ATTEMPTS),
         name=body.get("name"),
     )
-    return 201, {"id": schedule_id}
+    return (200 if schedule_id.updated else 201), {"id": schedule_id}
 
 
 def _r_schedules(req: _Request) -> tuple[int, Any]:
@@ -4247,6 +4573,7 @@ class _Operation:
     schema: dict | None  # of the success body; None: text/plain
     errors: tuple[int, ...] = ()  # error statuses; 401 is added when the server requires a key
     status: int = 200  # on success
+    also: tuple[int, ...] = ()  # other success statuses, with the same body
     public: bool = False  # answered without the API key
     query: tuple[tuple[str, dict], ...] = ()  # query parameters and their schemas
     body: tuple[str, dict] | None = None  # the request body's component schema and an example
@@ -4276,7 +4603,7 @@ _API_ROUTES: list[_Route] = [
     ("DELETE", _RUN, _Operation(_r_cancel, "cancelRun", "Cancel a run", _status_is("cancelled"), (404, 409, 503))),
     ("GET", f"{_RUN}/events", _Operation(_r_events, "runEvents", "A run's events, oldest first", _array_of("Event"), (404, 503))),
     ("POST", f"{_RUN}/retry", _Operation(_r_retry, "retryRun", "A failed or cancelled run back to pending", _status_is("pending"), (404, 409, 503))),
-    ("POST", _SCHEDULES, _Operation(_r_schedule_create, "createSchedule", "Create (or, by name, update) a schedule", _CREATED, (400, 413, 503), status=201,
+    ("POST", _SCHEDULES, _Operation(_r_schedule_create, "createSchedule", "Create (201) or, by name, update (200) a schedule", _CREATED, (400, 413, 503), status=201, also=(200,),
         body=("ScheduleRequest", {"type": "reports.daily.v1", "cron": "0 6 * * *"}),
         links=("getSchedule", "pauseSchedule", "resumeSchedule", "deleteSchedule"))),
     ("GET", _SCHEDULES, _Operation(_r_schedules, "listSchedules", "Schedules, oldest first", _array_of("Schedule"), (503,))),
@@ -4959,7 +5286,7 @@ def _openapi_operation(path: str, op: _Operation, secured: bool) -> dict:
             target: {"operationId": target, "parameters": {"id": "$response.body#/id"}}
             for target in op.links
         }
-    responses = {str(op.status): success}
+    responses = {str(status): success for status in (op.status, *op.also)}
     for error in sorted({401, *op.errors} if secured and not op.public else set(op.errors)):
         responses[str(error)] = {
             "description": _ERROR_TEXT[error],
@@ -5332,7 +5659,7 @@ def _cmd_ticker(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     api_key = os.environ.get("MINFLOW_API_KEY") or None
     with Client(args.dsn) as client:
-        client._ensure_schema()
+        # The port first: a taken port must not leave a database created or migrated.
         server = _listen(
             lambda: _Server(
                 args.host,
@@ -5344,6 +5671,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                 threads=args.threads,
             )
         )
+        try:
+            client._ensure_schema()
+        except BaseException:
+            server.server_close()
+            raise
         stop = threading.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: stop.set())
@@ -5373,6 +5705,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 # -- producer and inspector commands ----------------------------------------------------------
+
+
+def _existing_client(dsn: str | None) -> Client:
+    """A Client for a command that reads or changes existing runs: it never creates a database."""
+    client = Client(dsn)
+    client._open_existing()
+    return client
 
 
 def _print_json(value: Any) -> None:
@@ -5437,7 +5776,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    with Client(args.dsn) as client:
+    with _existing_client(args.dsn) as client:
         runs = client.list(
             type=args.type,
             status=args.status,
@@ -5469,7 +5808,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
-    with Client(args.dsn) as client:
+    with _existing_client(args.dsn) as client:
         run = client.get(args.run_id)
         if run is None:
             raise NotFound(f"run {args.run_id!r} not found")
@@ -5514,7 +5853,7 @@ def _change_command(
 
     def change(args: argparse.Namespace) -> int:
         target = getattr(args, id_arg)
-        with Client(args.dsn) as client:
+        with _existing_client(args.dsn) as client:
             getattr(client, method)(target)
         if args.json:
             _print_json({"id": target, "status": status})
@@ -5532,7 +5871,7 @@ _cmd_retry = _change_command(
 
 
 def _cmd_stats(args: argparse.Namespace) -> int:
-    with Client(args.dsn) as client:
+    with _existing_client(args.dsn) as client:
         counts = client.stats()
         ages = (
             {} if args.json else {t: w for t, _, _, w in _queue_snapshot(client) if w is not None}
@@ -5577,7 +5916,7 @@ def _cmd_schedule_add(args: argparse.Namespace) -> int:
 
 
 def _cmd_schedule_list(args: argparse.Namespace) -> int:
-    with Client(args.dsn) as client:
+    with _existing_client(args.dsn) as client:
         schedules = client.schedules()
     if args.json:
         _print_json([s.to_json() for s in schedules])
@@ -5604,7 +5943,7 @@ def _cmd_schedule_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_schedule_show(args: argparse.Namespace) -> int:
-    with Client(args.dsn) as client:
+    with _existing_client(args.dsn) as client:
         schedule = client.get_schedule(args.schedule_id)
     if args.json:
         _print_json(schedule.to_json())
@@ -5619,7 +5958,7 @@ def _cmd_schedule_show(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     import tempfile
 
-    dsn = args.dsn or "sqlite:///" + os.path.join(
+    dsn = args.dsn or "sqlite://" + os.path.join(
         tempfile.mkdtemp(prefix="minflow-demo-"), "demo.db"
     )
     app = App(dsn)
@@ -5706,7 +6045,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 _EPILOG = """\
 examples:
-  minflow migrate --dsn sqlite:///jobs.db
+  minflow migrate --dsn sqlite://jobs.db
   minflow submit billing.invoice.v1 '{"order": 42}' --key order-42
   minflow worker myjobs:app --concurrency 8 --metrics-port 9100
   minflow list --status failed --json
@@ -5714,7 +6053,7 @@ examples:
   minflow schedule add reports.daily.v1 --cron '0 6 * * *' --timezone Europe/Berlin
   minflow serve --port 8080
 
-Every command takes --dsn (default: $MINFLOW_DSN, else sqlite:///minflow.db) and
+Every command takes --dsn (default: $MINFLOW_DSN, else sqlite://minflow.db) and
 --help. Exit status: 0 success, 1 the operation failed (not found, wrong state,
 database error), 2 invalid arguments or input.
 """
@@ -5752,7 +6091,8 @@ def _build_parser() -> argparse.ArgumentParser:
         sub.add_argument(
             "--dsn",
             default=None,
-            help="database (default: $MINFLOW_DSN, else sqlite:///minflow.db)",
+            help="database (default: $MINFLOW_DSN, else sqlite://minflow.db, a file in the "
+            "working directory; sqlite:///abs/path.db is absolute)",
         )
         if json_flag:
             sub.add_argument(
@@ -5938,7 +6278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 if __name__ == "__main__":
     # `python -m minflow` runs this file as __main__; user code that does `import minflow` would
     # get a second module whose App class and handlers this copy cannot see. Hand over to the
-    # importable module so there is only one.
-    import minflow as _minflow
-
-    sys.exit(_minflow.main())
+    # importable module so there is only one: this file under the name it was run by, so that
+    # a copy vendored as proj._vendor.minflow runs itself, never another installed minflow.
+    _name = __spec__.name if __spec__ is not None else "minflow"
+    sys.exit(importlib.import_module(_name).main())

@@ -21,7 +21,7 @@ SETTINGS = (
 
 def dsn(target) -> str:
     """The minflow DSN of a harness target."""
-    return f"sqlite:///{target.dsn}" if target.backend == "sqlite" else target.dsn
+    return f"sqlite://{target.dsn}" if target.backend == "sqlite" else target.dsn
 
 
 def prepare(target) -> None:

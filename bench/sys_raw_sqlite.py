@@ -62,7 +62,7 @@ def _path(target: Any) -> str:
 
 
 def _minflow_dsn(target: Any) -> str:
-    return "sqlite:///" + _path(target)
+    return "sqlite://" + _path(target)
 
 
 def _connect(path: str) -> sqlite3.Connection:

@@ -4,7 +4,7 @@ Run a worker for them from the repository root:
 
     python -m minflow worker examples.jobs --concurrency 8
 
-The database comes from $MINFLOW_DSN (default: sqlite:///minflow.db); submit work with
+The database comes from $MINFLOW_DSN (default: sqlite://minflow.db); submit work with
 examples/produce.py or `python -m minflow submit billing.invoice.v1 '{"order": 1, "amount": 90}'`.
 """
 

@@ -318,6 +318,25 @@ def go_time_string(moment: dt.datetime, monotonic: float = 61.23456789) -> str:
     return f"{moment:%Y-%m-%d %H:%M:%S}{frac} +0000 UTC m=+{monotonic:.9f}"
 
 
+def go_zoned_time_string(moment: dt.datetime, zone: dt.tzinfo, name: str) -> str:
+    """``time.Time.String()`` of a time in a worker's local ``zone`` (abbreviation ``name``):
+    what modernc writes for MarkFailed's retry time on a machine outside UTC."""
+    local = moment.astimezone(zone)
+    nanos = f"{local.microsecond * 1000:09d}".rstrip("0")
+    frac = f".{nanos}" if nanos else ""
+    return f"{local:%Y-%m-%d %H:%M:%S}{frac} {local:%z} {name} m=+60.691234567"
+
+
+def go_sqlite_time_format(moment: dt.datetime, zone: dt.tzinfo) -> str:
+    """``2006-01-02 15:04:05.999999999-07:00``: mattn/go-sqlite3's format for a bound time
+    (and modernc's with ``_time_format=sqlite``)."""
+    local = moment.astimezone(zone)
+    nanos = f"{local.microsecond * 1000:09d}".rstrip("0")
+    frac = f".{nanos}" if nanos else ""
+    offset = local.strftime("%z")
+    return f"{local:%Y-%m-%d %H:%M:%S}{frac}{offset[:3]}:{offset[3:]}"
+
+
 def go_rfc3339nano(moment: dt.datetime) -> str:
     """``t.Format(time.RFC3339Nano)``: trailing zeros of the fraction dropped, Z for UTC."""
     nanos = f"{moment.microsecond * 1000:09d}".rstrip("0")

@@ -8,13 +8,15 @@ import json
 import os
 import re
 import shlex
+import signal
 import socket
 import subprocess
 import sys
+import time
 import uuid
 
 import pytest
-from conftest import ROOT, free_port, wait_for
+from conftest import ROOT, db, free_port, wait_for
 
 import minflow
 
@@ -289,3 +291,144 @@ def test_readme_command_lines_parse():
             parser.parse_args(argv)
         except SystemExit:
             pytest.fail(f"README command line rejected: {line.strip()}")
+
+
+# -- a vendored copy, a missing croniter, commands that must not create or migrate ----------
+
+
+def test_a_vendored_copy_runs_its_own_cli(tmp_path):
+    """python -m proj._vendor.minflow runs that copy, even with minflow installed beside it,
+    and its worker command finds the App the user's module built with that copy."""
+    vendor = tmp_path / "proj" / "_vendor"
+    vendor.mkdir(parents=True)
+    for package in (tmp_path / "proj", vendor):
+        (package / "__init__.py").write_text("")
+    source = (ROOT / "minflow.py").read_text()
+    (vendor / "minflow.py").write_text(source.replace('"0.1.0"', '"0.1.0+vendored"', 1))
+    (tmp_path / "proj" / "jobs.py").write_text(
+        "from proj._vendor import minflow\n\napp = minflow.App()\n"
+        "app.handler('t')(lambda run: 'vendored')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}  # the installed minflow stays importable
+
+    def vendored(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "proj._vendor.minflow", *args],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    assert ok(vendored("--version")).strip() == "minflow 0.1.0+vendored"
+    run_id = ok(vendored("submit", "t")).strip()
+    assert ok(vendored("worker", "proj.jobs", "--burst", "--no-schedules")) == "1 runs executed\n"
+    assert ok_json(vendored("show", run_id, "--json"))["result"] == "vendored"
+
+
+HIDE_CRONITER = """
+import runpy, sys
+
+class Hide:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] == "croniter":
+            raise ImportError("No module named 'croniter'")
+
+sys.meta_path.insert(0, Hide())
+sys.argv[0] = "minflow"
+runpy.run_module("minflow", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_a_worker_without_croniter_switches_its_ticker_off_once(tmp_path):
+    dsn = f"sqlite://{tmp_path / 'cron.db'}"
+    with minflow.Client(dsn) as client:
+        client.migrate()
+        client.schedule("proc.record", cron="* * * * *")
+        db(client, "UPDATE workflow_schedule SET next_run_at = '2000-01-01 00:00:00'")
+        run_id = client.submit("proc.record")
+    (tmp_path / "hide_croniter.py").write_text(HIDE_CRONITER)
+    log = tmp_path / "worker.stderr"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MINFLOW_TEST_RECORD_DIR": str(tmp_path)}
+    with open(log, "wb") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, str(tmp_path / "hide_croniter.py"), "worker", "tests.proc_app:app"]
+            + ["--dsn", dsn],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
+    try:
+        with minflow.Client(dsn) as client:
+            wait_for(lambda: client.get(run_id).status == "succeeded", 30, 0.05, "the run")
+        time.sleep(1.5)  # the ticker ticks every second: it would have complained again by now
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(30)
+    text = log.read_text()
+    errors = [line for line in text.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and "pip install croniter" in errors[0], text
+    assert "housekeeping" not in text and "Traceback" not in text, text
+
+
+INSPECTING = [
+    ["list"],
+    ["stats"],
+    ["show", "01a2320c-3fe1-7a17-aa8f-abbadefd1042"],
+    ["cancel", "01a2320c-3fe1-7a17-aa8f-abbadefd1042"],
+    ["retry", "01a2320c-3fe1-7a17-aa8f-abbadefd1042"],
+    ["schedule", "list"],
+    ["schedule", "show", "01a2320c-3fe1-7a17-aa8f-abbadefd1042"],
+    ["schedule", "pause", "01a2320c-3fe1-7a17-aa8f-abbadefd1042"],
+]
+
+
+@pytest.mark.parametrize("args", INSPECTING, ids=lambda args: "-".join(args[:2]))
+def test_inspecting_commands_never_create_a_database(tmp_path, args):
+    one_line_error(cli(tmp_path, *args, "--dsn", "sqlite://typo.db"), 1, "typo.db does not exist")
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_missing_three_slash_database_is_explained(tmp_path):
+    missing = tmp_path / "nowhere.db"
+    result = cli(tmp_path, "list", "--dsn", f"sqlite://{missing}")
+    one_line_error(result, 1, "does not exist")
+    assert f"sqlite://{str(missing).lstrip('/')}" in result.stderr  # the relative form
+    assert not missing.exists()
+
+
+def test_serve_binds_its_port_before_touching_the_database(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = str(taken.getsockname()[1])
+        result = cli(tmp_path, "serve", "--port", busy, "--dsn", "sqlite://fresh.db")
+    one_line_error(result, 1, "cannot listen")
+    assert os.listdir(tmp_path) == []  # nothing created, nothing migrated
+
+
+def test_the_readme_example_and_the_cli_share_one_database(tmp_path):
+    """The fifteen-line example saved as jobs.py: importing it does nothing, and the CLI's
+    submit and worker use the same database as the example."""
+    readme = (ROOT / "README.md").read_text()
+    example = readme.split("## In fifteen lines", 1)[1].split("```python\n", 1)[1].split("```")[0]
+    (tmp_path / "jobs.py").write_text(example)
+    imported = subprocess.run(
+        [sys.executable, "-c", "import jobs"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert imported.returncode == 0, imported.stderr
+    assert not (tmp_path / "minflow.db").exists()  # importing submitted and ran nothing
+    ok(cli(tmp_path, "migrate"))
+    run_id = ok(cli(tmp_path, "submit", "billing.invoice.v1", '{"order": 43}')).strip()
+    assert ok(cli(tmp_path, "worker", "jobs", "--burst")) == "1 runs executed\n"
+    assert ok_json(cli(tmp_path, "show", run_id, "--json"))["result"] == {"invoiced": 43}

@@ -3,6 +3,7 @@ schema names. Parsing needs no database; only the end-to-end schema tests touch 
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 import uuid
@@ -31,12 +32,12 @@ def in_tmp(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "text, relative",
     [
-        ("sqlite:///jobs.db", "jobs.db"),
-        ("sqlite3:///jobs.db", "jobs.db"),
-        ("SQLite:///jobs.db", "jobs.db"),  # schemes are case-insensitive (seed-spec C-19)
-        ("sqlite:///data/jobs.db", "data/jobs.db"),
-        ("sqlite://jobs.db", "jobs.db"),  # the Go library's host-as-path form
-        ("sqlite:///my%20jobs.db", "my jobs.db"),
+        ("sqlite://jobs.db", "jobs.db"),
+        ("sqlite3://jobs.db", "jobs.db"),
+        ("SQLite://jobs.db", "jobs.db"),  # schemes are case-insensitive (seed-spec C-19)
+        ("sqlite://data/jobs.db", "data/jobs.db"),  # the Go library's host + path
+        ("sqlite://my%20jobs.db", "my jobs.db"),
+        ("sqlite://jobs.db#fragment", "jobs.db"),
     ],
 )
 def test_sqlite_relative_paths(in_tmp, text, relative):
@@ -45,9 +46,48 @@ def test_sqlite_relative_paths(in_tmp, text, relative):
     assert (dsn.synchronous, dsn.busy_timeout_ms) == ("full", minflow.SQLITE_BUSY_TIMEOUT_MS)
 
 
+@pytest.mark.parametrize(
+    "text, path",
+    [
+        ("sqlite:///tmp/workflow.db", "/tmp/workflow.db"),  # the Go library's own example
+        ("sqlite:////tmp/workflow.db", "/tmp/workflow.db"),
+        ("sqlite3:///var/lib/app/jobs.db?_busy_timeout=5000", "/var/lib/app/jobs.db"),
+        ("sqlite:///my%20dir/jobs.db", "/my dir/jobs.db"),
+    ],
+)
+def test_three_slashes_are_an_absolute_path_as_in_the_go_library(in_tmp, text, path):
+    assert parse(text).path == path
+
+
 def test_sqlite_absolute_path(tmp_path):
+    assert parse(f"sqlite://{tmp_path}/abs.db").path == str(tmp_path / "abs.db")
     assert parse(f"sqlite:///{tmp_path}/abs.db").path == str(tmp_path / "abs.db")
-    assert parse(f"sqlite:////{str(tmp_path).lstrip('/')}/abs.db").path == str(tmp_path / "abs.db")
+
+
+def test_one_dsn_names_one_file_for_both_libraries(tmp_path, in_tmp):
+    """The string a Go service uses opens the same file in minflow, whatever the directory."""
+    go_dsn = f"sqlite://{tmp_path}/shared.db"
+    with minflow.Client(go_dsn) as client:
+        client.migrate()
+        run_id = client.submit("t")
+    (tmp_path / "elsewhere").mkdir()
+    os.chdir(tmp_path / "elsewhere")
+    with minflow.Client(go_dsn) as client:
+        assert client.get(run_id) is not None
+    assert not (tmp_path / "elsewhere" / "shared.db").exists()
+
+
+def test_a_three_slash_path_that_cannot_be_opened_says_how_it_was_read(in_tmp):
+    client = minflow.Client("sqlite:///no-such-dir/jobs.db")
+    with pytest.raises(minflow.Unavailable) as error:
+        client.migrate()
+    message = str(error.value)
+    assert "/no-such-dir/jobs.db" in message and "absolute" in message
+    assert "sqlite://no-such-dir/jobs.db" in message  # the relative form
+    # A relative DSN that cannot be opened has no such remark.
+    with pytest.raises(minflow.Unavailable) as error:
+        minflow.Client("sqlite://no-such-dir/jobs.db").migrate()
+    assert "absolute" not in str(error.value)
 
 
 @pytest.mark.parametrize("text", ["sqlite://:memory:", "sqlite3://:memory:", "sqlite://"])
@@ -57,22 +97,92 @@ def test_sqlite_memory(text):
 
 
 def test_sqlite_options(in_tmp):
-    dsn = parse("sqlite:///jobs.db?synchronous=normal&busy_timeout=250")
+    dsn = parse("sqlite://jobs.db?synchronous=normal&busy_timeout=250")
     assert (dsn.synchronous, dsn.busy_timeout_ms) == ("normal", 250)
-    assert parse("sqlite:///jobs.db?synchronous=EXTRA").synchronous == "extra"
+    assert parse("sqlite://jobs.db?synchronous=EXTRA").synchronous == "extra"
+
+
+# The query parameters of the Go library's SQLite drivers (modernc.org/sqlite, and the
+# mattn/go-sqlite3 names it also reads): every one is accepted.
+GO_SQLITE_DSNS = [
+    "sqlite:///tmp/test.db?_busy_timeout=5000",  # from the Go library's own tests
+    "sqlite://jobs.db?_pragma=busy_timeout(5000)&_pragma=journal_mode(WAL)&_pragma=foreign_keys(1)",
+    "sqlite://jobs.db?_pragma=busy_timeout%3D5000",
+    "sqlite://jobs.db?_txlock=immediate&_time_format=sqlite",
+    "sqlite://jobs.db?cache=shared&mode=rwc",
+    "sqlite://jobs.db?mode=ro&vfs=unix",
+    "sqlite://jobs.db?_journal_mode=WAL&_synchronous=FULL&_foreign_keys=1&_timeout=100",
+    "sqlite://jobs.db?_journal=WAL&_sync=2&_fk=true&_loc=auto&_mutex=no&_locking_mode=NORMAL",
+    "sqlite://jobs.db?_pragma=synchronous(NORMAL)&_journal_mode=DELETE&_fk=0",
+    "sqlite://jobs.db?_pragma=cache_size(-20000)&journal=wal",
+]
+
+
+@pytest.mark.parametrize("text", GO_SQLITE_DSNS)
+def test_go_sqlite_driver_parameters_are_accepted(in_tmp, text):
+    with minflow.Client(text) as client:
+        client.migrate()
+        assert client.get(client.submit("t")).status == "pending"
+
+
+def _pragmas(client) -> tuple:
+    with client._pool.connection() as conn:
+        raw = conn.raw
+        return tuple(
+            raw.execute(f"PRAGMA {name}").fetchone()[0]
+            for name in ("busy_timeout", "journal_mode", "synchronous", "foreign_keys")
+        )
+
+
+@pytest.mark.parametrize(
+    "query, busy",
+    [
+        ("_pragma=busy_timeout(1234)", 1234),
+        ("_pragma=busy_timeout=1234", 1234),
+        ("_busy_timeout=1234", 1234),
+        ("_timeout=1234", 1234),
+        ("busy_timeout=99&_busy_timeout=1234", 99),  # minflow's own option wins
+    ],
+)
+def test_go_busy_timeout_is_honoured(in_tmp, query, busy):
+    with minflow.Client(f"sqlite://jobs.db?{query}") as client:
+        client.migrate()
+        assert client._dsn.busy_timeout_ms == busy
+        assert _pragmas(client)[0] == busy
+
+
+def test_go_parameters_never_weaken_wal_or_durability(in_tmp, caplog):
+    text = "sqlite://jobs.db?_pragma=synchronous(NORMAL)&_journal_mode=DELETE&_fk=0&foo=bar"
+    with minflow.Client(text) as client:
+        client.migrate()
+        # WAL, FULL (2) and foreign keys stay; minflow's own synchronous=normal is the opt-in.
+        assert _pragmas(client)[1:] == ("wal", 2, 1)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1, warnings
+    for word in ("synchronous=NORMAL", "journal_mode=DELETE", "foreign_keys=0", "foo=bar"):
+        assert word in warnings[0]
+    with minflow.Client("sqlite://jobs.db?_pragma=synchronous(EXTRA)") as client:
+        assert _pragmas(client)[2] == 3  # more durable than minflow's default: honoured
+    with minflow.Client("sqlite://jobs.db?synchronous=normal&_sync=FULL") as client:
+        assert _pragmas(client)[2] == 1
+
+
+def test_ignored_go_parameters_that_change_nothing_log_nothing(in_tmp, caplog):
+    minflow.Client("sqlite://quiet.db?_txlock=immediate&cache=shared&mode=rwc&_busy_timeout=5")
+    assert [r for r in caplog.records if r.levelname == "WARNING"] == []
 
 
 def test_default_dsn_is_a_file_in_the_working_directory(in_tmp):
     client = minflow.Client()
-    assert client.dsn == "sqlite:///minflow.db" and client.dialect == "sqlite"
+    assert client.dsn == "sqlite://minflow.db" and client.dialect == "sqlite"
     assert client._dsn.path == str(in_tmp / "minflow.db")
     assert not (in_tmp / "minflow.db").exists()  # parsing touches nothing
 
 
 def test_default_dsn_comes_from_the_environment(in_tmp, monkeypatch):
-    monkeypatch.setenv("MINFLOW_DSN", "sqlite:///from-env.db")
-    assert minflow.Client().dsn == "sqlite:///from-env.db"
-    assert minflow.Client("sqlite:///explicit.db").dsn == "sqlite:///explicit.db"
+    monkeypatch.setenv("MINFLOW_DSN", "sqlite://from-env.db")
+    assert minflow.Client().dsn == "sqlite://from-env.db"
+    assert minflow.Client("sqlite://explicit.db").dsn == "sqlite://explicit.db"
 
 
 # -- PostgreSQL -----------------------------------------------------------------------------
@@ -144,6 +254,14 @@ def test_postgres_options_are_honoured():
     assert parse("postgres://h/db?timeout=2.5").timeout == 2.5
 
 
+def test_binary_parameters_is_accepted():
+    """lib/pq's binary_parameters (a Go service's DSN may carry it), as a boolean."""
+    assert parse("postgres://h/db?binary_parameters=yes").binary_parameters is True
+    assert parse("postgres://h/db?binary_parameters=no").binary_parameters is False
+    assert parse("postgres://h/db").binary_parameters is False
+    assert parse("host=h dbname=d binary_parameters=yes").binary_parameters is True
+
+
 def test_libpq_keyword_form():
     dsn = parse(
         "host=db port=5433 dbname=app user=me password='s p\\'q' schema=jobs sslmode=require"
@@ -169,14 +287,18 @@ def test_libpq_keyword_form():
         "",
         "   ",
         42,
-        b"sqlite:///x.db",
+        b"sqlite://x.db",
         "mysql://u@h/db",
         "http://h/db",
         "just words",
-        "sqlite:///x.db?journal=wal",  # unknown SQLite parameter
-        "sqlite:///x.db?synchronous=sometimes",
-        "sqlite:///x.db?busy_timeout=soon",
-        "sqlite:///x.db?busy_timeout=-5",
+        "sqlite://x.db?synchronous=sometimes",
+        "sqlite://x.db?busy_timeout=soon",
+        "sqlite://x.db?busy_timeout=-5",
+        "sqlite://x.db?_busy_timeout=soon",
+        "sqlite://x.db?_pragma=busy_timeout(soon)",
+        "sqlite://x.db?_pragma=",
+        "sqlite://x.db?synchronous=full&synchronous=normal",
+        "postgres://h/db?binary_parameters=maybe",
         "postgres://h/db?sslmode=require&foo=bar",  # unknown parameters are never dropped
         "postgres://h/db?sslmode=sometimes",
         "postgres://h:notaport/db",

@@ -203,6 +203,30 @@ def test_cancel_and_retry_answer_409_in_the_wrong_state(api, client):
 # -- schedules -----------------------------------------------------------------------------
 
 
+def test_a_bad_time_is_named_as_the_field_sent(api):
+    for field in ("run_at", "run_after"):
+        status, _, error = api.call(
+            "POST", f"{API}/workflows", {"type": "t", field: "2030-02-30T10:00:00Z"}
+        )
+        assert status == 400 and error["error"].startswith(f"{field}:"), error
+        other = "run_after" if field == "run_at" else "run_at"
+        assert other not in error["error"]
+
+
+def test_schedule_upsert_answers_201_for_a_create_and_200_for_an_update(api, client):
+    body = {"type": "r.v1", "cron": "0 6 * * *", "name": "daily"}
+    status, _, created = api.call("POST", f"{API}/schedules", body)
+    assert status == 201
+    status, _, updated = api.call("POST", f"{API}/schedules", {**body, "cron": "0 7 * * *"})
+    assert (status, updated["id"]) == (200, created["id"])
+    assert client.get_schedule(created["id"]).cron == "0 7 * * *"
+    status, _, again = api.call("POST", f"{API}/schedules", {**body, "name": "other"})
+    assert status == 201 and again["id"] != created["id"]
+    document = api.call("GET", f"{API}/openapi.json")[2]
+    responses = document["paths"][f"{API}/schedules"]["post"]["responses"]
+    assert {"200", "201"} <= set(responses)
+
+
 def test_schedule_routes(api, client):
     status, _, body = api.call(
         "POST",

@@ -36,7 +36,7 @@ def sqlstate(exc: BaseException) -> str | None:
 def test_scrub_keeps_only_the_suites_own_settings():
     environ = {
         "MINFLOW_API_KEY": "secret",
-        "MINFLOW_DSN": "sqlite:///somewhere.db",
+        "MINFLOW_DSN": "sqlite://somewhere.db",
         "MINFLOW_ANYTHING_NEW": "1",
         "MINFLOW_TEST_PG_DSN": "postgres://postgres@127.0.0.1:5432/test",
         "MINFLOW_REQUIRE_PG": "1",
@@ -73,7 +73,7 @@ def test_exported_minflow_settings_do_not_change_the_suite():
     env = {
         **os.environ,
         "MINFLOW_API_KEY": "x",
-        "MINFLOW_DSN": "sqlite:///nonexistent/dir/x.db",
+        "MINFLOW_DSN": "sqlite://nonexistent/dir/x.db",
     }
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],

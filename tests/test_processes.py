@@ -325,6 +325,27 @@ def test_first_signal_lets_running_handlers_finish_and_exits_zero(dsn, records, 
     client.close()
 
 
+def test_a_double_ctrl_c_is_one_signal(dsn, records, workers):
+    """Two SIGINTs a moment apart (a terminal's double press) stop the worker gracefully; the
+    handler only notes a signal, so nothing logs from inside it ("--- Logging error ---")."""
+    client = minflow.Client(dsn)
+    client.migrate()
+    run_id = client.submit("proc.gate")
+    worker = workers(dsn, records, "--worker-id", "pressed-twice")
+    wait_for(lambda: len(_starts(records)) == 1, 30, 0.02, "the handler to start")
+    worker.proc.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    worker.proc.send_signal(signal.SIGINT)
+    wait_for(lambda: "ignored" in worker.stderr(), 15, 0.02, "the second SIGINT to be ignored")
+    assert worker.proc.poll() is None  # still waiting for the running handler
+    (records / "gate").touch()
+    assert worker.wait(30) == 0, worker.stderr()[-3000:]
+    assert client.get(run_id).status == "succeeded"
+    log = worker.stderr()
+    assert log.count("SIGINT received") == 2 and "Logging error" not in log, log[-3000:]
+    client.close()
+
+
 def test_second_sigterm_forces_exit_and_leases_are_rescued(dsn, records, workers):
     client = minflow.Client(dsn)
     client.migrate()
@@ -335,8 +356,10 @@ def test_second_sigterm_forces_exit_and_leases_are_rescued(dsn, records, workers
 
     first.proc.send_signal(signal.SIGTERM)
     wait_for(lambda: "SIGTERM received" in first.stderr(), 15, 0.02, "the worker to log SIGTERM")
+    time.sleep(minflow.SIGNAL_DEBOUNCE + 0.1)  # a second signal sooner is taken for a double press
     first.proc.send_signal(signal.SIGTERM)
     assert first.wait(30) != 0, "a forced exit must not look like a clean one"
+    assert "exiting now" in first.stderr()
     assert [client.get(i).status for i in ids] == ["leased", "leased"]  # nothing recorded
 
     # Another worker rescues the expired leases and runs them to completion.
@@ -366,6 +389,34 @@ def test_second_sigterm_forces_exit_and_leases_are_rescued(dsn, records, workers
     assert sorted(f[0] for f in by_pid[first.pid]) == ["start", "start"]  # never finished
     assert sorted(f[0] for f in by_pid[second.pid]) == ["done", "done", "start", "start"]
     client.close()
+
+
+def test_a_dead_workers_run_is_taken_over_within_a_second_of_lease_expiry(dsn, records, workers):
+    """A worker holding a run with a 2 s lease is killed; a survivor with the default 30 s
+    lease (so its own lease does not pace its sweep) runs it about a second after expiry."""
+    app = minflow.App(dsn)
+    app.migrate()
+    run_id = app.submit("proc.gate")
+    dying = workers(dsn, records, "--lease", "2", "--worker-id", "dying")
+    wait_for(lambda: len(_starts(records)) == 1, 30, 0.02, "the handler to start")
+    taken = threading.Event()
+    app.handler("proc.gate")(lambda run: taken.set() or "taken over")
+    survivor = minflow.Worker(app, schedules=False, worker_id="survivor").start()
+    try:
+        dying.kill()
+        [[now]] = db(app, "SELECT {now}")
+        remaining = (app.get(run_id).lease_until - minflow._parse_time(now)).total_seconds()
+        expiry = time.monotonic() + remaining
+        assert 0 < remaining <= 2.1
+        assert taken.wait(remaining + 20), "never taken over"
+        late = time.monotonic() - expiry
+        assert late < 1.5, f"taken over {late:.2f}s after the lease expired"
+        wait_for(lambda: app.get(run_id).status == "succeeded", 10, 0.02)
+    finally:
+        survivor.stop(timeout=10)
+    run = app.get(run_id)
+    assert (run.attempt, run.leased_by, run.result) == (2, "survivor", "taken over")
+    app.close()
 
 
 # -- crash loops ----------------------------------------------------------------------------

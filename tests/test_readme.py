@@ -16,7 +16,7 @@ def test_readme_has_runnable_blocks():
 def test_readme_blocks_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MINFLOW_DSN", raising=False)
-    namespace: dict = {}
+    namespace: dict = {"__name__": "__main__"}  # as `python jobs.py` runs the first block
     for block in BLOCKS:
         exec(compile(block, "README.md", "exec"), namespace)
     # Blocks that define test functions (the "testing your handlers" example) are run too.

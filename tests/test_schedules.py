@@ -297,6 +297,19 @@ def test_aliases_are_stored_in_five_field_form(client):
         assert schedule.next_run_at == minflow._cron_next(stored, "UTC", schedule.created_at)
 
 
+@pytest.mark.parametrize(
+    "cron, needle",
+    [("* * *", "2 missing"), ("* * * *", "1 missing"), ("0 * * * * *", "seconds field"),
+     ("* * * * * * *", "2 too many")],
+)  # fmt: skip
+def test_a_wrong_field_count_says_what_is_wrong(client, cron, needle):
+    with pytest.raises(minflow.InvalidInput) as error:
+        client.schedule("t", cron=cron)
+    message = str(error.value)
+    assert message.startswith("cron:") and needle in message, message
+    assert ("seconds" in message) == (cron.count(" ") == 5)
+
+
 INVALID = [
     ({"cron": ""}, "cron:"),
     ({"cron": None}, "cron:"),

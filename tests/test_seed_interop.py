@@ -14,7 +14,7 @@ import sqlite3
 import pytest
 
 import minflow
-from conftest import db, pg_connect
+from conftest import db, pg_connect, require_pg, wait_for
 from seed_compat import (
     CLAIM_DUE,
     GET_EVENTS,
@@ -22,8 +22,10 @@ from seed_compat import (
     LIST_SCHEDULES,
     SeedDB,
     go_parse_timestamp,
+    go_sqlite_time_format,
     go_time_string,
     go_utc_text,
+    go_zoned_time_string,
     list_runs,
 )
 
@@ -474,4 +476,72 @@ def test_go_schedules_fire_in_minflow_with_the_seed_slot_key(dsn, dialect, seed_
     )
     assert again == []
     assert len(app.list(type="go.report")) == 2
+    app.close()
+
+
+# -- times and event order as the Go library writes and reads them --------------------------
+
+
+def test_go_zoned_retry_times_are_claimed_at_their_instant(tmp_path):
+    """A Go worker outside UTC writes SQLite retry times as Go's time text in its own zone:
+    each is claimed at its instant, east of UTC (not 9 h late) and west of it (not early)."""
+    dsn = f"sqlite://{tmp_path / 'zoned.db'}"
+    seed = open_seed(dsn, "sqlite")
+    seed.migrate()
+    tokyo, new_york = dt.timezone(dt.timedelta(hours=9)), dt.timezone(dt.timedelta(hours=-5))
+    now = dt.datetime.now(UTC)
+    soon, later = now + dt.timedelta(seconds=1.5), now + dt.timedelta(hours=1)
+    runs = {
+        "tokyo": seed.create_run("go.retry", b'"tokyo"', go_zoned_time_string(soon, tokyo, "JST")),
+        "mattn": seed.create_run("go.retry", b'"mattn"', go_sqlite_time_format(soon, tokyo)),
+        "new_york": seed.create_run(
+            "go.retry", b'"new_york"', go_zoned_time_string(later, new_york, "EST")
+        ),
+    }
+    seed.close()
+    app = minflow.App(dsn)
+    app.migrate()
+    started: dict[str, dt.datetime] = {}
+    app.handler("go.retry")(lambda run: started.setdefault(run.payload, dt.datetime.now(UTC)))
+    worker = minflow.Worker(app, schedules=False).start()
+    try:
+        wait_for(lambda: len(started) >= 2, 15, 0.02, "the +09:00 retries to be claimed")
+    finally:
+        worker.stop(timeout=10)
+    for name in ("tokyo", "mattn"):
+        assert soon - dt.timedelta(seconds=0.1) <= started[name] <= soon + dt.timedelta(seconds=3)
+    assert "new_york" not in started  # due in an hour: not claimed early
+    run = app.get(runs["new_york"])
+    assert run.status == "pending" and abs(run.run_at - later) < dt.timedelta(milliseconds=1)
+    # Rewritten as minflow's UTC text, which the Go reader parses to the same instant.
+    [[stored]] = db(app, "SELECT run_at FROM workflow_run WHERE id = :id", id=runs["new_york"])
+    assert len(stored) == 23 and go_parse_timestamp(stored) == run.run_at
+    app.close()
+
+
+def test_events_have_distinct_times_in_causal_order_on_postgres(tmp_path, request):
+    """The Go reader orders a run's events by created_at alone: every event of a run has its
+    own time, in the order the run went through them (and ids agree)."""
+    require_pg()
+    from conftest import make_dsn
+
+    app = minflow.App(make_dsn("postgres", tmp_path, request))
+    app.migrate()
+    app.handler("t")(lambda run: None)
+    ids = app.submit_many([minflow.Job("t", {"n": n}) for n in range(200)])
+    assert app.run_worker(burst=True, concurrency=50, schedules=False) == 200
+    rows = db(
+        app,
+        "SELECT CAST(workflow_id AS text), event_type, created_at, id FROM {workflow_event} "
+        "ORDER BY workflow_id, created_at, id",
+    )
+    by_run: dict[str, list] = {}
+    for run_id, event_type, created_at, event_id in rows:
+        by_run.setdefault(run_id, []).append((event_type, created_at, event_id))
+    assert set(by_run) == set(ids)
+    for run_id, events in by_run.items():
+        assert [e[0] for e in events] == ["created", "leased", "started", "succeeded"], run_id
+        times, event_ids = [e[1] for e in events], [e[2] for e in events]
+        assert times == sorted(set(times)), f"{run_id}: events share a time: {events}"
+        assert event_ids == sorted(event_ids)
     app.close()

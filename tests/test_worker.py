@@ -8,11 +8,13 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
+from urllib.parse import quote
 
 import pytest
 
 import minflow
-from conftest import ROOT, db, event_types, wait_for
+from conftest import PG_DSN, ROOT, PgSchema, db, event_types, require_pg, wait_for, with_query
 
 UTC = dt.timezone.utc
 NO_WAIT = {"backoff": lambda attempt: 0.0, "schedules": False}
@@ -154,6 +156,44 @@ def test_max_attempts_one_fails_at_once(app):
     run_id = app.submit("t", max_attempts=1)
     minflow.Worker(app, **NO_WAIT).run(burst=True)
     assert app.get(run_id).status == "failed"
+
+
+def test_a_run_that_failed_for_good_keeps_its_run_at(app):
+    """No retry is due, so run_at is not moved to now + backoff: it stays as submitted."""
+    app.handler("t")(lambda run: 1 / 0)
+    planned = dt.datetime.now(UTC).replace(microsecond=0) - dt.timedelta(minutes=5)
+    run_id = app.submit("t", max_attempts=1, run_at=planned)
+    minflow.Worker(app, backoff=lambda attempt: 3600.0, schedules=False).run(burst=True)
+    run = app.get(run_id)
+    assert (run.status, run.run_at) == ("failed", planned)
+    # The same when the lease of its last attempt expired (a crash loop ends).
+    crashed = app.submit("t", max_attempts=1, run_at=planned)
+    db(
+        app,
+        "UPDATE workflow_run SET status = 'leased', attempt = 1, leased_by = 'crashed', "
+        "lease_until = {time:t} WHERE id = {uuid:id}",
+        id=crashed,
+        t=dt.datetime.now(UTC) - dt.timedelta(seconds=1),
+    )
+    minflow.Worker(app, **NO_WAIT).run(burst=True)
+    run = app.get(crashed)
+    assert (run.status, run.run_at) == ("failed", planned)
+
+
+def test_a_short_lease_is_honoured_as_given(app, caplog):
+    """lease=0.05 is 50 ms in the database and in the log (it was shown as 0.1 s)."""
+    spans = []
+
+    @app.handler("t")
+    def handler(run):
+        row = app.get(run.id)
+        spans.append((row.lease_until - row.updated_at).total_seconds())
+
+    app.submit("t")
+    caplog.set_level("INFO", logger="minflow.worker")
+    minflow.Worker(app, lease=0.05, **NO_WAIT).run(burst=True)
+    assert spans and abs(spans[0] - 0.05) < 0.0015, spans
+    assert any("lease=0.05s" in r.getMessage() for r in caplog.records)
 
 
 def test_seed_backoff_formula():
@@ -596,3 +636,39 @@ def test_outcome_and_rescue_events_keep_their_stored_shapes(app):
         stored = {k: decode(v) for k, v in stored.items()}
         expected = {k: decode(v) for k, v in expected.items()}
     assert stored == expected
+
+
+@pytest.mark.parametrize("schema", ["jobs", "jobs é"], ids=["ascii-schema", "non-ascii-schema"])
+def test_non_ascii_types_and_schemas_keep_the_listen_connection(schema, caplog):
+    """pg8000 reads NOTIFY channels and payloads as ASCII: a type (or schema) with é must
+    neither cut the idle workers' LISTEN connection nor leave them polling."""
+    require_pg()
+    name = f"{schema} {uuid.uuid4().hex[:6]}"
+    target = PgSchema()
+    target.name, target.dsn = name, with_query(PG_DSN, schema=quote(name, safe=""))
+    app = minflow.App(target.dsn)
+    try:
+        app.migrate()
+        seen = []
+        app.handler("email.envoyé.v1")(lambda run: seen.append(run.payload))
+        worker = minflow.Worker(app, poll_interval=60, schedules=False).start()
+        try:
+            listen = f"LISTEN {minflow._quote_ident(app._dialect.channel)}"
+            count = "SELECT COUNT(*) FROM pg_stat_activity WHERE query = :q"
+            wait_for(lambda: db(app, count, q=listen)[0][0] == 1, 10, 0.01, "the LISTEN")
+            # From another process: only the NOTIFY can wake this worker in time.
+            script = (
+                "import sys, time, minflow\n"
+                "with minflow.Client(sys.argv[1]) as c:\n"
+                "    for n in range(3):\n"
+                "        c.submit('email.envoyé.v1', n); time.sleep(0.2)\n"
+            )
+            subprocess.run([sys.executable, "-c", script, target.dsn], check=True, timeout=60)
+            wait_for(lambda: len(seen) == 3, 10, 0.01, "the NOTIFYs to wake the worker")
+        finally:
+            worker.stop(timeout=10)
+        cut = [r.getMessage() for r in caplog.records if "LISTEN connection" in r.getMessage()]
+        assert cut == []
+    finally:
+        app.close()
+        target.drop()
