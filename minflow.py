@@ -44,6 +44,7 @@ __all__ = [
 ]
 
 import argparse
+import asyncio
 import collections
 import contextlib
 import dataclasses
@@ -3331,6 +3332,62 @@ class Client:
         if not state:
             raise NotFound(f"run {run_id!r} not found")
         raise refusal(f"run {run_id} is {state[0][0]}; cannot {statement} it")
+
+    # -- asyncio ---------------------------------------------------------------------------
+    # The drivers are synchronous: each facade runs its method on a thread of the event loop's
+    # default executor (asyncio.to_thread), holding a pooled connection only meanwhile, so the
+    # loop is never blocked on the database. There is no connection= facade: a caller's
+    # connection belongs to the thread and transaction using it (sqlite3 refuses other threads).
+
+    async def asubmit(
+        self,
+        type: str,
+        payload: Any = None,
+        *,
+        priority: int = DEFAULT_PRIORITY,
+        idempotency_key: str | None = None,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        run_at: _dt.datetime | None = None,
+        run_in: float | _dt.timedelta | None = None,
+    ) -> _RunId:
+        """``submit`` for asyncio code, run on a thread."""
+        job = Job(type, payload, priority, idempotency_key, max_attempts, run_at, run_in)
+        return (await asyncio.to_thread(self._submit, [job]))[0]
+
+    async def asubmit_many(self, jobs: Iterable[Job]) -> list[_RunId]:
+        """``submit_many`` for asyncio code, run on a thread (``jobs`` is read first, here)."""
+        return await asyncio.to_thread(self.submit_many, list(jobs))
+
+    async def aget(self, run_id: str) -> Run | None:
+        """``get`` for asyncio code, run on a thread."""
+        return await asyncio.to_thread(self.get, run_id)
+
+    async def alist(
+        self,
+        *,
+        type: str | None = None,
+        status: str | None = None,
+        idempotency_key: str | None = None,
+        limit: int = DEFAULT_LIST_LIMIT,
+        offset: int = 0,
+    ) -> list[Run]:
+        """``list`` for asyncio code, run on a thread."""
+        return await asyncio.to_thread(
+            self.list,
+            type=type,
+            status=status,
+            idempotency_key=idempotency_key,
+            limit=limit,
+            offset=offset,
+        )
+
+    async def acancel(self, run_id: str) -> None:
+        """``cancel`` for asyncio code, run on a thread."""
+        await asyncio.to_thread(self.cancel, run_id)
+
+    async def aretry(self, run_id: str) -> None:
+        """``retry`` for asyncio code, run on a thread."""
+        await asyncio.to_thread(self.retry, run_id)
 
     # -- schedules -------------------------------------------------------------------------
     def _schedule(self, row: Sequence) -> Schedule:
