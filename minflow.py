@@ -45,6 +45,7 @@ __all__ = [
 
 import argparse
 import asyncio
+import builtins
 import collections
 import contextlib
 import dataclasses
@@ -72,7 +73,7 @@ import traceback
 import uuid
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 log = logging.getLogger("minflow")
@@ -3076,6 +3077,9 @@ class Client:
     Thread-safe: each call borrows a pooled connection for its duration.
     """
 
+    # Annotations in this class say builtins.list: here, a type checker reads list as the
+    # method Client.list.
+
     def __init__(self, dsn: str | None = None):
         self._open(_parse_dsn(dsn))
 
@@ -3174,7 +3178,9 @@ class Client:
         job = Job(type, payload, priority, idempotency_key, max_attempts, run_at, run_in)
         return self._submit([job], connection)[0]
 
-    def submit_many(self, jobs: Iterable[Job], *, connection: object | None = None) -> list[_RunId]:
+    def submit_many(
+        self, jobs: Iterable[Job], *, connection: object | None = None
+    ) -> builtins.list[_RunId]:
         """Record several runs in one transaction (all or none); ids in input order.
 
         Jobs whose idempotency key already exists yield the existing run's id, with
@@ -3186,7 +3192,9 @@ class Client:
             raise InvalidInput("submit_many takes minflow.Job objects")
         return self._submit(jobs, connection) if jobs else []
 
-    def _submit(self, jobs: list[Job], connection: object | None = None) -> list[_RunId]:
+    def _submit(
+        self, jobs: builtins.list[Job], connection: object | None = None
+    ) -> builtins.list[_RunId]:
         rows = [self._job_row(job) for job in jobs]
         if connection is None:
             with self._pool.connection() as conn:
@@ -3259,7 +3267,7 @@ class Client:
         idempotency_key: str | None = None,
         limit: int = DEFAULT_LIST_LIMIT,
         offset: int = 0,
-    ) -> list[Run]:
+    ) -> builtins.list[Run]:
         """Runs matching every given filter, newest first."""
         if status is not None and status not in RUN_STATUSES:
             raise InvalidInput(f"status must be one of {', '.join(RUN_STATUSES)}, got {status!r}")
@@ -3272,14 +3280,14 @@ class Client:
             raise InvalidInput(f"limit must be at most {MAX_LIST_LIMIT}, got {limit}")
         _check_int("offset", offset, minimum=0)
         given = {"type": type, "status": status, "idempotency_key": idempotency_key}
-        params = {k: v for k, v in given.items() if v is not None}
+        params: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
         filters = "".join(_LIST_FILTERS[k] for k in params)
         sql = self._dialect.compose("list_runs", filters=filters)
         params.update(limit=limit, offset=offset)
         with self._pool.connection() as conn:
             return [self._run(row) for row in conn.query(sql, params)]
 
-    def events(self, run_id: str) -> list[Event]:
+    def events(self, run_id: str) -> builtins.list[Event]:
         """The run's audit trail, oldest first (empty for an unknown id)."""
         if not self._dialect.valid_id(run_id):
             return []
@@ -3354,7 +3362,7 @@ class Client:
         job = Job(type, payload, priority, idempotency_key, max_attempts, run_at, run_in)
         return (await asyncio.to_thread(self._submit, [job]))[0]
 
-    async def asubmit_many(self, jobs: Iterable[Job]) -> list[_RunId]:
+    async def asubmit_many(self, jobs: Iterable[Job]) -> builtins.list[_RunId]:
         """``submit_many`` for asyncio code, run on a thread (``jobs`` is read first, here)."""
         return await asyncio.to_thread(self.submit_many, list(jobs))
 
@@ -3370,7 +3378,7 @@ class Client:
         idempotency_key: str | None = None,
         limit: int = DEFAULT_LIST_LIMIT,
         offset: int = 0,
-    ) -> list[Run]:
+    ) -> builtins.list[Run]:
         """``list`` for asyncio code, run on a thread."""
         return await asyncio.to_thread(
             self.list,
@@ -3455,7 +3463,7 @@ class Client:
             rows = conn.query(self._dialect.sql["upsert_schedule"], params)
         return str(rows[0][0])
 
-    def schedules(self) -> list[Schedule]:
+    def schedules(self) -> builtins.list[Schedule]:
         """All schedules, paused included, deleted excluded, oldest first."""
         return [self._schedule(row) for row in self._sql("schedules")]
 
@@ -3535,7 +3543,7 @@ class Client:
             self.migrate()
         self._migrated = True
 
-    def _sql(self, name: str, params: dict | None = None) -> list:
+    def _sql(self, name: str, params: dict | None = None) -> builtins.list[Any]:
         """Rows of the named statement, run on a pooled connection (HTTP, RunContext)."""
         with self._pool.connection() as conn:
             return conn.query(self._dialect.sql[name], params)
@@ -3575,15 +3583,15 @@ class Client:
         self,
         conn: _Connection,
         worker_id: str,
-        done: list[_Completion],
+        done: builtins.list[_Completion],
         limit: int,
         lease: float,
         filt: _Filter,
-    ) -> tuple[list[_Claim], dict[str, tuple[str, int]]]:
+    ) -> tuple[builtins.list[_Claim], dict[str, tuple[str, int]]]:
         """Record outcomes and claim up to ``limit`` runs, in one transaction."""
         return self._dialect.cycle(conn, worker_id, done, limit, lease, filt)
 
-    def _rescue(self, conn: _Connection) -> list:
+    def _rescue(self, conn: _Connection) -> builtins.list[Any]:
         """Expired leases back to pending or failed; wakes this process's workers for them."""
         rows = self._dialect.rescue(conn)
         if rows:
@@ -3591,7 +3599,7 @@ class Client:
         return rows
 
     def _extend_leases(
-        self, conn: _Connection, worker_id: str, held: list[tuple[str, int]], lease: float
+        self, conn: _Connection, worker_id: str, held: builtins.list[tuple[str, int]], lease: float
     ) -> set[str]:
         """Extend the leases a worker holds; returns the ids whose lease it still holds."""
         return self._dialect.extend_leases(conn, worker_id, held, lease)
@@ -3616,6 +3624,11 @@ class Client:
 # turn takes an App.
 
 
+# What @app.handler accepts, and returns unchanged: a type checker keeps the function's own
+# signature (and rejects a function that cannot take a RunContext).
+_HandlerFn = TypeVar("_HandlerFn", bound="Callable[[RunContext], Any]")
+
+
 class App(Client):
     """A Client plus the handlers a worker runs, keyed by exact run type."""
 
@@ -3623,11 +3636,18 @@ class App(Client):
         super().__init__(dsn)
         self.handlers: dict[str, Callable[[RunContext], Any]] = {}
 
-    def handler(self, type: str) -> Callable[[Callable], Callable]:
+    def handler(
+        self,
+        type: str,
+        *,
+        backoff: Callable[[int], float] | None = None,
+        timeout: float | None = None,
+        concurrency: int | None = None,
+    ) -> Callable[[_HandlerFn], _HandlerFn]:
         """Decorator registering ``fn(run: RunContext)`` for runs of ``type``."""
         _check_type(type)
 
-        def register(fn: Callable[[RunContext], Any]) -> Callable[[RunContext], Any]:
+        def register(fn: _HandlerFn) -> _HandlerFn:
             if not callable(fn):
                 raise InvalidInput(f"handler for {type!r} must be callable")
             if type in self.handlers and self.handlers[type] is not fn:
