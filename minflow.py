@@ -2037,7 +2037,7 @@ class _CallerConnection(_Connection):
         self.sql = sql
         self._depth = 0
 
-    def query(self, sql: str, params: dict | None = None) -> list:
+    def query(self, sql: str, params: dict[str, Any] | None = None) -> list[Any]:
         driver = self.driver
         try:
             if not params:
@@ -3215,7 +3215,7 @@ class Client:
         return self._database_name
 
     @staticmethod
-    def _job_row(job: Job) -> dict:
+    def _job_row(job: Job) -> dict[str, Any]:
         run_at, delay = _check_run_at(job.run_at, job.run_in)
         key = job.idempotency_key
         if key is not None:
@@ -3232,7 +3232,7 @@ class Client:
         }
 
     # -- reading ---------------------------------------------------------------------------
-    def _run(self, row: Sequence) -> Run:
+    def _run(self, row: Sequence[Any]) -> Run:
         d = self._dialect
         return Run(
             id=str(row[0]),
@@ -3398,7 +3398,7 @@ class Client:
         await asyncio.to_thread(self.retry, run_id)
 
     # -- schedules -------------------------------------------------------------------------
-    def _schedule(self, row: Sequence) -> Schedule:
+    def _schedule(self, row: Sequence[Any]) -> Schedule:
         return Schedule(
             id=str(row[0]),
             type=row[1],
@@ -3543,7 +3543,7 @@ class Client:
             self.migrate()
         self._migrated = True
 
-    def _sql(self, name: str, params: dict | None = None) -> builtins.list[Any]:
+    def _sql(self, name: str, params: dict[str, Any] | None = None) -> builtins.list[Any]:
         """Rows of the named statement, run on a pooled connection (HTTP, RunContext)."""
         with self._pool.connection() as conn:
             return conn.query(self._dialect.sql[name], params)
