@@ -44,6 +44,8 @@ __all__ = [
 ]
 
 import argparse
+import asyncio
+import builtins
 import collections
 import contextlib
 import dataclasses
@@ -74,7 +76,7 @@ import traceback
 import uuid
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 log = logging.getLogger("minflow")
@@ -1093,6 +1095,47 @@ def _render(template: str, fragments: dict[str, str]) -> str:
     return _SLOT.sub(fill, template)
 
 
+# -- parameter styles of callers' drivers -----------------------------------------------------
+# A caller's own connection (Client.submit(connection=...)) may bind parameters in any DB-API
+# paramstyle; its statements are the rendered ones, rewritten once per (statement, style).
+# Quoted text, quoted identifiers and comments are copied unchanged, except that the format
+# styles need a literal % doubled: outside quotes for every driver, inside them too for psycopg
+# and psycopg2, which read % wherever it stands.
+_PARAM_TOKEN = re.compile(r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|--[^\n]*|::|:(\w+)|%")
+_PARAMSTYLES = ("named", "pyformat", "format", "qmark", "numeric")
+_RESTYLED: dict[tuple[str, str, bool], tuple[str, tuple[str, ...]]] = {}
+
+
+def _restyle(sql: str, style: str, percent_in_quotes: bool = False) -> tuple[str, tuple[str, ...]]:
+    """``sql`` with its ``:name`` parameters in the DB-API paramstyle ``style``, and the names
+    in the order the positional styles (format, qmark, numeric) take their values."""
+    key = (sql, style, percent_in_quotes)
+    cached = _RESTYLED.get(key)
+    if cached is not None:
+        return cached
+    if style not in _PARAMSTYLES:
+        raise MinflowError(f"unsupported DB-API paramstyle {style!r}")
+    doubled = style in ("format", "pyformat")
+    names: list[str] = []
+
+    def replace(match: re.Match[str]) -> str:
+        token, name = match.group(0), match.group(1)
+        if name is None:
+            quoted = token[0] in "'\""
+            if doubled and (token == "%" or (quoted and percent_in_quotes)):
+                return token.replace("%", "%%")
+            return token
+        names.append(name)
+        if style == "named":
+            return token
+        if style == "pyformat":
+            return f"%({name})s"
+        return {"format": "%s", "qmark": "?", "numeric": f":{len(names)}"}[style]
+
+    cached = _RESTYLED[key] = (_PARAM_TOKEN.sub(replace, sql), tuple(names))
+    return cached
+
+
 # -- the audit trail's rule for an execution's end --------------------------------------------
 # Decided once, here. The SQLite path writes these events from Python (_outcome_event: its data
 # is json.dumps text, as the Go reader has always seen it); PostgreSQL's statements get the same
@@ -1173,6 +1216,11 @@ _SQL: dict[str, str] = {
     "applied_migrations": "SELECT version FROM {minflow_migration}",
     # Record an applied migration.
     "record_migration": "INSERT INTO {minflow_migration} (version, name) VALUES (:version, :name)",
+    # minflow's statements inside a caller's transaction (Client.submit(connection=...)) run in
+    # this savepoint: a failure undoes them alone and leaves the caller's transaction usable.
+    "savepoint": "SAVEPOINT minflow_submit",
+    "release_savepoint": "RELEASE SAVEPOINT minflow_submit",
+    "rollback_to_savepoint": "ROLLBACK TO SAVEPOINT minflow_submit",
     # One run by id.
     "get_run": f"SELECT {_RUN_COLUMNS} FROM {{workflow_run}} WHERE id = {{uuid:id}} AND deleted_at IS NULL",
     # Existing run of an idempotency key (the key is unique forever, as in the seed).
@@ -1303,6 +1351,10 @@ _SQLITE_SQL: dict[str, str] = {
     "synchronous": "PRAGMA synchronous = {synchronous}",
     # Changes when another connection commits: the cross-process wake-up, read every few ms.
     "data_version": "PRAGMA data_version",
+    # The files of a connection's databases (a caller's main one must be the client's). Unlike a
+    # SELECT it reads no page, so it gives a caller's deferred transaction no read snapshot,
+    # which minflow's first write could find stale (SQLITE_BUSY_SNAPSHOT, without waiting).
+    "database": "PRAGMA database_list",
     # IMMEDIATE takes the write lock up front: a deferred transaction that reads then writes
     # fails with SQLITE_BUSY without waiting for busy_timeout.
     "begin": "BEGIN IMMEDIATE",
@@ -1561,6 +1613,13 @@ RETURNING r.id""",
     "notify": "SELECT pg_notify(:channel, {ascii:type})",
     # Subscribe this connection to the schema's channel.
     "listen": "LISTEN {channel}",
+    # The database a connection is on (a caller's must be the client's).
+    "database": "SELECT current_database()",
+    # Does the DSN's schema hold minflow's tables? (A caller's connection, before writing.)
+    "has_schema": (
+        "SELECT to_regclass(quote_ident(CAST(:schema AS text)) || '.workflow_run') IS NOT NULL "
+        "AND to_regclass(quote_ident(CAST(:schema AS text)) || '.workflow_event') IS NOT NULL"
+    ),
     # An empty query: a round trip that makes pg8000 read the notifications waiting for it.
     "poll": "",
     # Is any schedule due? The literal `enabled` test lets the planner match the partial index
@@ -1913,6 +1972,326 @@ class _Claim(NamedTuple):
     created_at: float
 
 
+# -- the caller's own connection --------------------------------------------------------------
+# Client.submit(connection=...) runs minflow's statements on a connection the caller opened,
+# inside the caller's transaction. A driver is recognised by its connection type's module and
+# name, so none is imported for this; a _Driver knows how to run a statement on its connection
+# and what state the connection's transaction is in.
+
+# What minflow does with a caller's connection, by the state of its transaction:
+#   closed, failed  refuses it (InvalidInput)
+#   open            runs its statements in a savepoint of the caller's transaction
+#   pending         none is open yet, but the caller's statements run in transactions the
+#                   driver opens (the DB-API default): minflow's first statement opens it, and
+#                   the caller commits it
+#   autocommit      none is open and none will be: the call is a transaction of its own
+_CLOSED, _FAILED, _OPEN, _PENDING, _AUTOCOMMIT = "closed", "failed", "open", "pending", "autocommit"
+_ABORTED = (
+    "the caller's transaction is aborted (a statement in it failed): roll it back, then submit "
+    "again; nothing was written"
+)
+
+
+class _Driver:
+    """How minflow uses one driver's connections when a caller hands one in."""
+
+    label = ""  # the connection type, as messages name it
+    dialect = ""  # the dialect whose database it reaches
+    package = ""  # the driver's top-level module, which its exceptions come from
+    paramstyle = "named"
+    percent_in_quotes = False  # a format-style driver reads % inside quoted text too
+    begins_itself = True  # in the pending state, the driver begins the transaction itself
+
+    def style(self, raw: Any) -> str:
+        """The paramstyle of this connection's next statement."""
+        return self.paramstyle
+
+    def state(self, raw: Any) -> str:
+        raise NotImplementedError
+
+    def execute(self, raw: Any, sql: str, args: dict[str, Any] | tuple[Any, ...] | None) -> Any:
+        """The statement's rows as tuples (an empty list for a statement without rows)."""
+        raise NotImplementedError
+
+    def value(self, value: Any) -> Any:
+        """A parameter value as this dialect's statements expect it."""
+        return value
+
+    def error(self, exc: Exception) -> MinflowError | None:
+        """``exc`` as minflow reports it, or None if it is not the driver's."""
+        raise NotImplementedError
+
+
+class _Sqlite3Driver(_Driver):
+    label = "sqlite3.Connection"
+    dialect = "sqlite"
+    package = "sqlite3"
+    # sqlite3 (outside autocommit mode) begins its implicit transaction only before an INSERT,
+    # UPDATE, DELETE or REPLACE, and deferred; minflow begins it first, IMMEDIATE, so that the
+    # caller's later read-then-write cannot fail with SQLITE_BUSY without waiting.
+    begins_itself = False
+
+    def state(self, raw: Any) -> str:
+        try:
+            if raw.in_transaction:
+                return _OPEN
+        except sqlite3.ProgrammingError:
+            return _CLOSED
+        # Python 3.12's autocommit attribute: True, False (always in a transaction), or
+        # LEGACY_TRANSACTION_CONTROL, where isolation_level None means autocommit.
+        autocommit = getattr(raw, "autocommit", None)
+        if autocommit is True or (autocommit is not False and raw.isolation_level is None):
+            return _AUTOCOMMIT
+        return _PENDING
+
+    def execute(self, raw: Any, sql: str, args: dict[str, Any] | tuple[Any, ...] | None) -> Any:
+        cursor = raw.cursor()
+        cursor.row_factory = None  # tuples, whatever the caller's connection makes
+        try:
+            return cursor.execute(sql, args or ()).fetchall()
+        finally:
+            cursor.close()
+
+    def value(self, value: Any) -> Any:
+        return _sqlite_time(value) if isinstance(value, _dt.datetime) else value
+
+    def error(self, exc: Exception) -> MinflowError | None:
+        if not isinstance(exc, sqlite3.Error):
+            return None
+        if getattr(exc, "sqlite_errorname", "") == "SQLITE_BUSY_SNAPSHOT":
+            return Unavailable(
+                "the caller's transaction read the database before minflow's first write, and "
+                "another connection has written since (SQLITE_BUSY_SNAPSHOT): roll it back and "
+                "retry; a transaction begun with BEGIN IMMEDIATE cannot meet this"
+            )
+        return _translate_sqlite(exc)
+
+
+class _PgDriver(_Driver):
+    dialect = "postgres"
+
+    def value(self, value: Any) -> Any:
+        return _pg_array(value) if isinstance(value, list) else value
+
+    def error(self, exc: Exception) -> MinflowError | None:
+        if not isinstance(exc, (OSError, EOFError)) and (
+            type(exc).__module__.partition(".")[0] != self.package
+        ):
+            return None
+        # pg8000 puts the server's fields in a dict; psycopg and psycopg2 in attributes.
+        fields = exc.args[0] if exc.args and isinstance(exc.args[0], dict) else {}
+        code = fields.get("C") or getattr(exc, "sqlstate", None) or getattr(exc, "pgcode", None)
+        diag = getattr(exc, "diag", None)
+        message = fields.get("M") or getattr(diag, "message_primary", None) or str(exc).strip()
+        if code == "25P02":
+            return InvalidInput(_ABORTED)
+        if code:
+            return _translate_pg(Exception({"C": code, "M": message}))
+        kinds = {cls.__name__ for cls in type(exc).__mro__}
+        if (
+            isinstance(exc, (OSError, EOFError))
+            or "OperationalError" in kinds
+            or ("InterfaceError" in kinds and _PG_NETWORK.search(message))
+        ):
+            return Unavailable(f"PostgreSQL connection lost ({self.label}): {message}")
+        return MinflowError(f"{self.label}: {message}")
+
+
+class _Pg8000Driver(_PgDriver):
+    label = "pg8000.native.Connection"
+    package = "pg8000"
+
+    def state(self, raw: Any) -> str:
+        # pg8000 has no public accessors for these: its socket is None once closed, and its
+        # transaction status is the last ReadyForQuery's (I, T or E; None before any).
+        if getattr(raw, "_usock", None) is None:
+            return _CLOSED
+        status = getattr(raw, "_transaction_status", None)
+        if status == b"E":
+            return _FAILED
+        if status == b"T":
+            return _OPEN
+        return self._idle(raw)
+
+    def _idle(self, raw: Any) -> str:
+        return _AUTOCOMMIT  # pg8000.native begins no transaction by itself
+
+    def execute(self, raw: Any, sql: str, args: dict[str, Any] | tuple[Any, ...] | None) -> Any:
+        return (raw.run(sql, **args) if isinstance(args, dict) else raw.run(sql)) or []
+
+
+class _Pg8000DbapiDriver(_Pg8000Driver):
+    label = "pg8000.dbapi.Connection"
+
+    def _idle(self, raw: Any) -> str:
+        return _AUTOCOMMIT if raw.autocommit else _PENDING
+
+    def style(self, raw: Any) -> str:
+        # pg8000.dbapi reads one module-wide paramstyle at each execute: follow it.
+        return str(sys.modules["pg8000.dbapi"].paramstyle)
+
+    def _cursor(self, raw: Any) -> Any:
+        return raw.cursor()
+
+    def execute(self, raw: Any, sql: str, args: dict[str, Any] | tuple[Any, ...] | None) -> Any:
+        cursor = self._cursor(raw)
+        try:
+            if args is None:
+                cursor.execute(sql)
+            else:
+                cursor.execute(sql, args)
+            return cursor.fetchall() if cursor.description else []
+        finally:
+            cursor.close()
+
+
+class _Pg8000LegacyDriver(_Pg8000DbapiDriver):
+    label = "pg8000.legacy.Connection"
+
+    def style(self, raw: Any) -> str:
+        return "named"
+
+    def _cursor(self, raw: Any) -> Any:
+        cursor = raw.cursor()
+        cursor.paramstyle = "named"  # this cursor's own, unlike pg8000.dbapi's
+        return cursor
+
+
+def _libpq_state(status: int, autocommit: bool) -> str:
+    """A state from libpq's PQtransactionStatus: idle, active, in transaction, in error, unknown."""
+    if status == 3:
+        return _FAILED
+    if status in (1, 2):
+        return _OPEN
+    if status == 4:
+        return _CLOSED  # the connection is bad
+    return _AUTOCOMMIT if autocommit else _PENDING
+
+
+class _PsycopgDriver(_PgDriver):
+    label = "psycopg.Connection"
+    package = "psycopg"
+    paramstyle = "pyformat"
+    percent_in_quotes = True
+
+    def state(self, raw: Any) -> str:
+        if raw.closed:
+            return _CLOSED
+        return _libpq_state(int(raw.info.transaction_status), raw.autocommit)
+
+    def execute(self, raw: Any, sql: str, args: dict[str, Any] | tuple[Any, ...] | None) -> Any:
+        # psycopg is loaded: the caller's connection is one of its objects.
+        tuple_row = sys.modules["psycopg.rows"].tuple_row
+        with raw.cursor(row_factory=tuple_row) as cursor:
+            cursor.execute(sql, args)
+            return cursor.fetchall() if cursor.description is not None else []
+
+
+class _Psycopg2Driver(_PgDriver):
+    label = "psycopg2 connection"
+    package = "psycopg2"
+    paramstyle = "pyformat"
+    percent_in_quotes = True
+
+    def state(self, raw: Any) -> str:
+        if raw.closed:
+            return _CLOSED
+        return _libpq_state(raw.get_transaction_status(), raw.autocommit)
+
+    def execute(self, raw: Any, sql: str, args: dict[str, Any] | tuple[Any, ...] | None) -> Any:
+        plain = sys.modules["psycopg2.extensions"].cursor  # whatever cursor_factory it has
+        with raw.cursor(cursor_factory=plain) as cursor:
+            cursor.execute(sql, args)
+            return cursor.fetchall() if cursor.description is not None else []
+
+
+# By (module, name) of a connection class, looked up along the type's MRO (subclasses count).
+_DRIVERS: dict[tuple[str, str], _Driver] = {
+    ("sqlite3", "Connection"): _Sqlite3Driver(),
+    ("pg8000.native", "Connection"): _Pg8000Driver(),
+    ("pg8000.dbapi", "Connection"): _Pg8000DbapiDriver(),
+    ("pg8000.legacy", "Connection"): _Pg8000LegacyDriver(),
+    ("psycopg", "Connection"): _PsycopgDriver(),
+    ("psycopg.connection", "Connection"): _PsycopgDriver(),
+    ("psycopg2.extensions", "connection"): _Psycopg2Driver(),
+}
+
+
+def _caller_driver(raw: object) -> _Driver | None:
+    for cls in type(raw).__mro__:
+        driver = _DRIVERS.get((cls.__module__, cls.__qualname__))
+        if driver is not None:
+            return driver
+    return None
+
+
+class _CallerConnection(_Connection):
+    """A caller's own open connection, used for one call and never closed, committed or rolled
+    back by minflow: ``transaction()`` is a savepoint in the caller's transaction (or, in
+    autocommit mode, a transaction of the call's own), and nests (inner ones join it)."""
+
+    def __init__(self, raw: Any, driver: _Driver, sql: dict[str, str]):
+        self.raw = raw
+        self.driver = driver
+        self.sql = sql
+        self._depth = 0
+
+    def query(self, sql: str, params: dict[str, Any] | None = None) -> list[Any]:
+        driver = self.driver
+        try:
+            if not params:
+                return list(driver.execute(self.raw, sql, None))
+            style = driver.style(self.raw)
+            text, names = _restyle(sql, style, driver.percent_in_quotes)
+            values = {key: driver.value(value) for key, value in params.items()}
+            if style in ("named", "pyformat"):
+                return list(driver.execute(self.raw, text, values))
+            return list(driver.execute(self.raw, text, tuple(values[name] for name in names)))
+        except Exception as exc:
+            error = driver.error(exc)
+            if error is None:
+                raise
+            raise error from exc
+
+    def usable(self) -> str:
+        """The connection's state; ``InvalidInput`` when it is closed or its transaction failed."""
+        state = self.driver.state(self.raw)
+        if state == _CLOSED:
+            raise InvalidInput(f"connection= is closed ({self.driver.label})")
+        if state == _FAILED:
+            raise InvalidInput(_ABORTED)
+        return state
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[_Connection]:
+        if self._depth:
+            yield self
+            return
+        state = self.usable()
+        self._depth += 1
+        try:
+            if state == _AUTOCOMMIT:
+                with super().transaction():
+                    yield self
+                return
+            if state == _PENDING and not self.driver.begins_itself:
+                self.query(self.sql["begin"])
+            self.query(self.sql["savepoint"])
+            try:
+                yield self
+            except BaseException:
+                with contextlib.suppress(MinflowError):
+                    self.query(self.sql["rollback_to_savepoint"])
+                    self.query(self.sql["release_savepoint"])
+                raise
+            self.query(self.sql["release_savepoint"])
+        finally:
+            self._depth -= 1
+
+    def close(self) -> None:
+        """Nothing: the connection is the caller's."""
+
+
 class _Dialect:
     name = ""
     own_sql: dict[str, str] = {}  # the dialect's statements beside _SQL
@@ -1931,6 +2310,8 @@ class _Dialect:
             for version, name, statements in self.migration_sql
         ]
         self._composed: dict[tuple, str] = {}
+        # Callers' connections found to be on this database (see adopt).
+        self._adopted: weakref.WeakSet[Any] = weakref.WeakSet()
 
     def compose(self, name: str, **pieces: str) -> str:
         """Statement ``name`` with run-time pieces in its slots ({filters}, {filter}); each
@@ -1972,6 +2353,62 @@ class _Dialect:
 
     def _prepare_schema(self, conn: _Connection) -> None:
         """Before the migrations, in their transaction."""
+
+    # -- a caller's own connection ---------------------------------------------------------
+    def database(self, conn: _Connection) -> str:
+        """Which database ``conn`` is on, as messages name it; equal for two connections to
+        the same database ("" when there is none to share: SQLite in memory)."""
+        raise NotImplementedError
+
+    def home(self, connection: Callable[[], contextlib.AbstractContextManager[_Connection]]) -> str:
+        """The client's own database as ``database`` names it; ``connection()`` lends one of
+        the client's connections."""
+        with connection() as conn:
+            return self.database(conn)
+
+    def adopt(self, raw: object, ours: Callable[[], str]) -> _CallerConnection:
+        """The caller's open connection ``raw``, ready to run this dialect's statements in the
+        caller's transaction. ``InvalidInput`` unless it is a supported driver's connection,
+        open, outside a failed transaction, and on the client's database (``ours()``, named as
+        ``database`` names it); the last check is made once per connection object where the
+        connection takes weak references."""
+        driver = _caller_driver(raw)
+        if driver is None or driver.dialect != self.name:
+            supported = ", ".join(
+                dict.fromkeys(d.label for d in _DRIVERS.values() if d.dialect == self.name)
+            )
+            kind = type(raw)
+            raise InvalidInput(
+                f"connection= takes an open connection to this client's {self.name} database "
+                f"({supported}); got {kind.__module__}.{kind.__qualname__}"
+            )
+        conn = _CallerConnection(raw, driver, self.sql)
+        conn.usable()
+        try:
+            known = raw in self._adopted
+        except TypeError:  # no weak references (sqlite3.Connection): checked every call
+            known = False
+        if not known:
+            mine = ours()
+            if not mine:
+                raise InvalidInput(
+                    "connection= needs a database file; this client's database lives in a "
+                    "connection of its own (sqlite://:memory:)"
+                )
+            theirs = self.database(conn)
+            if theirs != mine:
+                where = repr(theirs) if theirs else "an in-memory database"
+                raise InvalidInput(
+                    f"connection= is on {where}, but this client's database is {mine!r}"
+                )
+            self._check_schema(conn)
+            with contextlib.suppress(TypeError):
+                self._adopted.add(raw)
+        return conn
+
+    def _check_schema(self, conn: _CallerConnection) -> None:
+        """``InvalidInput`` if the caller's database lacks minflow's tables, where a check can
+        tell without side effects; otherwise the first statement's error says so."""
 
     # -- hooks for the hot paths -----------------------------------------------------------
     def submit(self, conn: _Connection, rows: list[dict]) -> list[tuple[str, bool]]:
@@ -2043,6 +2480,20 @@ class _SQLiteDialect(_Dialect):
         self._shared_lock = threading.RLock()
         # Per worker filter: the claim and pre-check statements and their parameters.
         self._filters: dict[tuple, tuple[str, str, dict]] = {}
+
+    def database(self, conn: _Connection) -> str:
+        # The file SQLite opened (absolute), symlinks resolved; SQLite names none in memory.
+        files = {row[1]: row[2] for row in conn.query(self.sql["database"])}
+        return os.path.realpath(files["main"]) if files.get("main") else ""
+
+    def home(self, connection: Callable[[], contextlib.AbstractContextManager[_Connection]]) -> str:
+        # Without opening the file: a new connection would switch a file that is not in WAL
+        # mode yet, which waits for the caller's transaction to end.
+        return "" if self.dsn.memory else os.path.realpath(self.dsn.path)
+
+    # _check_schema stays the base's: reading sqlite_master would give a caller's deferred
+    # transaction the read snapshot the "database" statement avoids; a missing table shows as
+    # the first INSERT's error instead, inside the savepoint.
 
     def decode_json(self, value: Any) -> Any:
         # The Go library binds JSON as []byte, which SQLite stores as BLOB.
@@ -2364,6 +2815,16 @@ class _PostgresDialect(_Dialect):
         except (self._errors.InterfaceError, OSError) as exc:
             raise Unavailable(f"cannot connect to PostgreSQL at {dsn.text}: {exc}") from exc
         return _PgConnection(raw, self._errors, self.sql)
+
+    def database(self, conn: _Connection) -> str:
+        return str(conn.query(self.sql["database"])[0][0])
+
+    def _check_schema(self, conn: _CallerConnection) -> None:
+        if not conn.query(self.sql["has_schema"], {"schema": self.dsn.schema})[0][0]:
+            raise InvalidInput(
+                f"connection= is on database {self.database(conn)!r}, whose schema "
+                f"{self.dsn.schema!r} has no minflow tables: run Client.migrate() first"
+            )
 
     def _prepare_schema(self, conn):
         conn.query(self.sql["migration_lock"], {"schema": self.dsn.schema})
@@ -2857,6 +3318,9 @@ class Client:
     Thread-safe: each call borrows a pooled connection for its duration.
     """
 
+    # Annotations in this class say builtins.list: here, a type checker reads list as the
+    # method Client.list.
+
     def __init__(self, dsn: str | None = None):
         self._open(_parse_dsn(dsn))
 
@@ -2867,6 +3331,7 @@ class Client:
             self._dialect.connect, size=self._dialect.pool_size, ping=self._dialect.pool_ping
         )
         self._migrated = False
+        self._database_name: str | None = None  # see _database
 
     @property
     def dsn(self) -> str:
@@ -2932,6 +3397,7 @@ class Client:
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         run_at: _dt.datetime | None = None,
         run_in: float | _dt.timedelta | None = None,
+        connection: object | None = None,
     ) -> _RunId:
         """Record a run and return its id.
 
@@ -2941,30 +3407,56 @@ class Client:
         an existing one. ``run_at`` (aware datetime) or ``run_in`` (seconds or timedelta) delay
         the first execution. Raises ``InvalidInput`` before touching the database when an
         argument is malformed.
+
+        ``connection``: the caller's own open connection to this client's database (a
+        ``sqlite3.Connection``; a pg8000 native, DB-API or legacy, psycopg 3 or psycopg2
+        connection). The run is then written inside the caller's transaction, which minflow
+        neither commits nor rolls back: it exists, and wakes workers, only once the caller
+        commits. In autocommit mode, where no transaction is open, the call is a transaction of
+        its own. ``InvalidInput`` for another kind of object, a closed connection, one on
+        another database, or one whose transaction has failed.
         """
         job = Job(type, payload, priority, idempotency_key, max_attempts, run_at, run_in)
-        return self._submit([job])[0]
+        return self._submit([job], connection)[0]
 
-    def submit_many(self, jobs: Iterable[Job]) -> list[_RunId]:
+    def submit_many(
+        self, jobs: Iterable[Job], *, connection: object | None = None
+    ) -> builtins.list[_RunId]:
         """Record several runs in one transaction (all or none); ids in input order.
 
         Jobs whose idempotency key already exists yield the existing run's id, with
-        ``deduplicated`` set as for ``submit``.
+        ``deduplicated`` set as for ``submit``. ``connection``: as for ``submit``; all of the
+        runs or none are then part of the caller's transaction.
         """
         jobs = list(jobs)
         if not all(isinstance(job, Job) for job in jobs):
             raise InvalidInput("submit_many takes minflow.Job objects")
-        return self._submit(jobs) if jobs else []
+        return self._submit(jobs, connection) if jobs else []
 
-    def _submit(self, jobs: list[Job]) -> list[_RunId]:
+    def _submit(
+        self, jobs: builtins.list[Job], connection: object | None = None
+    ) -> builtins.list[_RunId]:
         rows = [self._job_row(job) for job in jobs]
-        with self._pool.connection() as conn:
-            out = self._dialect.submit(conn, rows)
-        _wakeups.notify(self._dsn.key)
+        if connection is None:
+            with self._pool.connection() as conn:
+                out = self._dialect.submit(conn, rows)
+            _wakeups.notify(self._dsn.key)
+        else:
+            # No in-process wake-up: the runs exist once the caller commits, which is when
+            # workers hear of them (NOTIFY is transactional; SQLite's data_version changes).
+            caller = self._dialect.adopt(connection, self._database)
+            with caller.transaction():
+                out = self._dialect.submit(caller, rows)
         return [_RunId(run_id, not created) for run_id, created in out]
 
+    def _database(self) -> str:
+        """This client's database, as its dialect names it (see ``_Dialect.database``)."""
+        if self._database_name is None:
+            self._database_name = self._dialect.home(self._pool.connection)
+        return self._database_name
+
     @staticmethod
-    def _job_row(job: Job) -> dict:
+    def _job_row(job: Job) -> dict[str, Any]:
         run_at, delay = _check_run_at(job.run_at, job.run_in)
         key = job.idempotency_key
         if key is not None:
@@ -2981,7 +3473,7 @@ class Client:
         }
 
     # -- reading ---------------------------------------------------------------------------
-    def _run(self, row: Sequence) -> Run:
+    def _run(self, row: Sequence[Any]) -> Run:
         d = self._dialect
         return Run(
             id=str(row[0]),
@@ -3016,7 +3508,7 @@ class Client:
         idempotency_key: str | None = None,
         limit: int = DEFAULT_LIST_LIMIT,
         offset: int = 0,
-    ) -> list[Run]:
+    ) -> builtins.list[Run]:
         """Runs matching every given filter, newest first."""
         if status is not None and status not in RUN_STATUSES:
             raise InvalidInput(f"status must be one of {', '.join(RUN_STATUSES)}, got {status!r}")
@@ -3029,14 +3521,14 @@ class Client:
             raise InvalidInput(f"limit must be at most {MAX_LIST_LIMIT}, got {limit}")
         _check_int("offset", offset, minimum=0)
         given = {"type": type, "status": status, "idempotency_key": idempotency_key}
-        params = {k: v for k, v in given.items() if v is not None}
+        params: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
         filters = "".join(_LIST_FILTERS[k] for k in params)
         sql = self._dialect.compose("list_runs", filters=filters)
         params.update(limit=limit, offset=offset)
         with self._pool.connection() as conn:
             return [self._run(row) for row in conn.query(sql, params)]
 
-    def events(self, run_id: str) -> list[Event]:
+    def events(self, run_id: str) -> builtins.list[Event]:
         """The run's audit trail, oldest first (empty for an unknown id)."""
         if not self._dialect.valid_id(run_id):
             return []
@@ -3090,8 +3582,64 @@ class Client:
             raise NotFound(f"run {run_id!r} not found")
         raise refusal(f"run {run_id} is {state[0][0]}; cannot {statement} it")
 
+    # -- asyncio ---------------------------------------------------------------------------
+    # The drivers are synchronous: each facade runs its method on a thread of the event loop's
+    # default executor (asyncio.to_thread), holding a pooled connection only meanwhile, so the
+    # loop is never blocked on the database. There is no connection= facade: a caller's
+    # connection belongs to the thread and transaction using it (sqlite3 refuses other threads).
+
+    async def asubmit(
+        self,
+        type: str,
+        payload: Any = None,
+        *,
+        priority: int = DEFAULT_PRIORITY,
+        idempotency_key: str | None = None,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        run_at: _dt.datetime | None = None,
+        run_in: float | _dt.timedelta | None = None,
+    ) -> _RunId:
+        """``submit`` for asyncio code, run on a thread."""
+        job = Job(type, payload, priority, idempotency_key, max_attempts, run_at, run_in)
+        return (await asyncio.to_thread(self._submit, [job]))[0]
+
+    async def asubmit_many(self, jobs: Iterable[Job]) -> builtins.list[_RunId]:
+        """``submit_many`` for asyncio code, run on a thread (``jobs`` is read first, here)."""
+        return await asyncio.to_thread(self.submit_many, list(jobs))
+
+    async def aget(self, run_id: str) -> Run | None:
+        """``get`` for asyncio code, run on a thread."""
+        return await asyncio.to_thread(self.get, run_id)
+
+    async def alist(
+        self,
+        *,
+        type: str | None = None,
+        status: str | None = None,
+        idempotency_key: str | None = None,
+        limit: int = DEFAULT_LIST_LIMIT,
+        offset: int = 0,
+    ) -> builtins.list[Run]:
+        """``list`` for asyncio code, run on a thread."""
+        return await asyncio.to_thread(
+            self.list,
+            type=type,
+            status=status,
+            idempotency_key=idempotency_key,
+            limit=limit,
+            offset=offset,
+        )
+
+    async def acancel(self, run_id: str) -> None:
+        """``cancel`` for asyncio code, run on a thread."""
+        await asyncio.to_thread(self.cancel, run_id)
+
+    async def aretry(self, run_id: str) -> None:
+        """``retry`` for asyncio code, run on a thread."""
+        await asyncio.to_thread(self.retry, run_id)
+
     # -- schedules -------------------------------------------------------------------------
-    def _schedule(self, row: Sequence) -> Schedule:
+    def _schedule(self, row: Sequence[Any]) -> Schedule:
         return Schedule(
             id=str(row[0]),
             type=row[1],
@@ -3158,7 +3706,7 @@ class Client:
         schedule_id = str(rows[0][0])
         return _ScheduleId(schedule_id, updated=schedule_id != params["id"])
 
-    def schedules(self) -> list[Schedule]:
+    def schedules(self) -> builtins.list[Schedule]:
         """All schedules, paused included, deleted excluded, oldest first."""
         return [self._schedule(row) for row in self._sql("schedules")]
 
@@ -3243,7 +3791,7 @@ class Client:
             self.migrate()
         self._migrated = True
 
-    def _sql(self, name: str, params: dict | None = None) -> list:
+    def _sql(self, name: str, params: dict[str, Any] | None = None) -> builtins.list[Any]:
         """Rows of the named statement, run on a pooled connection (HTTP, RunContext)."""
         with self._pool.connection() as conn:
             return conn.query(self._dialect.sql[name], params)
@@ -3283,15 +3831,15 @@ class Client:
         self,
         conn: _Connection,
         worker_id: str,
-        done: list[_Completion],
+        done: builtins.list[_Completion],
         limit: int,
         lease: float,
         filt: _Filter,
-    ) -> tuple[list[_Claim], dict[str, tuple[str, int]]]:
+    ) -> tuple[builtins.list[_Claim], dict[str, tuple[str, int]]]:
         """Record outcomes and claim up to ``limit`` runs, in one transaction."""
         return self._dialect.cycle(conn, worker_id, done, limit, lease, filt)
 
-    def _rescue(self, conn: _Connection) -> list:
+    def _rescue(self, conn: _Connection) -> builtins.list[Any]:
         """Expired leases back to pending or failed; wakes this process's workers for them."""
         rows = self._dialect.rescue(conn)
         if rows:
@@ -3307,7 +3855,7 @@ class Client:
         return repaired
 
     def _extend_leases(
-        self, conn: _Connection, worker_id: str, held: list[tuple[str, int]], lease: float
+        self, conn: _Connection, worker_id: str, held: builtins.list[tuple[str, int]], lease: float
     ) -> set[str]:
         """Extend the leases a worker holds; returns the ids whose lease it still holds."""
         return self._dialect.extend_leases(conn, worker_id, held, lease)
@@ -3332,6 +3880,11 @@ class Client:
 # turn takes an App.
 
 
+# What @app.handler accepts, and returns unchanged: a type checker keeps the function's own
+# signature (and rejects a function that cannot take a RunContext).
+_HandlerFn = TypeVar("_HandlerFn", bound="Callable[[RunContext], Any]")
+
+
 class App(Client):
     """A Client plus the handlers a worker runs, keyed by exact run type."""
 
@@ -3339,11 +3892,18 @@ class App(Client):
         super().__init__(dsn)
         self.handlers: dict[str, Callable[[RunContext], Any]] = {}
 
-    def handler(self, type: str) -> Callable[[Callable], Callable]:
+    def handler(
+        self,
+        type: str,
+        *,
+        backoff: Callable[[int], float] | None = None,
+        timeout: float | None = None,
+        concurrency: int | None = None,
+    ) -> Callable[[_HandlerFn], _HandlerFn]:
         """Decorator registering ``fn(run: RunContext)`` for runs of ``type``."""
         _check_type(type)
 
-        def register(fn: Callable[[RunContext], Any]) -> Callable[[RunContext], Any]:
+        def register(fn: _HandlerFn) -> _HandlerFn:
             if not callable(fn):
                 raise InvalidInput(f"handler for {type!r} must be callable")
             if type in self.handlers and self.handlers[type] is not fn:
