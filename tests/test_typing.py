@@ -70,7 +70,7 @@ def test_installed_module_is_read_with_follow_untyped_imports(tmp_path):
     project = tmp_path / "project"
     project.mkdir()
     (project / "user.py").write_text(
-        'import minflow\n\nrun_id: int = minflow.Client("sqlite:///x.db").submit("t")\n'
+        'import minflow\n\nrun_id: int = minflow.Client("sqlite://x.db").submit("t")\n'
     )
     python = f"--python-executable={env / 'bin' / 'python'}"
     skipped = mypy(project, "--strict", python, "user.py")

@@ -13,7 +13,7 @@ import sqlite3
 
 import minflow
 
-app = minflow.App(os.environ.get("JOBS_DSN", "sqlite:///jobs.db"))
+app = minflow.App(os.environ.get("JOBS_DSN", "sqlite://jobs.db"))
 
 
 @app.handler("billing.invoice.v1")
