@@ -196,6 +196,31 @@ def test_a_statement_lost_behind_the_pooler_switches_to_unnamed_statements(
         assert len(pooler_warnings(caplog.records)) == 1
 
 
+def test_without_pg8000s_internals_statements_still_run_correctly(
+    private_pg, pgbouncer, monkeypatch, caplog
+):
+    """A pg8000 without the pieces the one-round-trip statements use: said once, and
+    statements take pg8000's own run(), each in a transaction of its own outside one, so that
+    its three requests reach one server connection even through the pooler."""
+    import pg8000.core
+
+    monkeypatch.delattr(pg8000.core, "Context")
+    assert minflow._pg_wire.__wrapped__() is None
+    (warning,) = [r.getMessage() for r in caplog.records if "pg8000's run()" in r.getMessage()]
+    assert "core.Context" in warning
+    monkeypatch.undo()
+
+    bouncer = pgbouncer(default_pool_size=2)
+    for dsn in (private_pg.dsn + "?schema=nowire", bouncer.dsn + "?schema=nowire"):
+        with minflow.Client(dsn) as client:
+            client._dialect._wire = None  # as _pg_wire() answers for such a pg8000
+            exercise(client)
+            run_id = client.submit("t", {"n": 2})
+            client.cancel(run_id)  # inside a transaction: pg8000's run() as it is
+            assert client.get(run_id).status == "cancelled"
+            assert prepared_names(client) == []
+
+
 # -- everything through the pooler ----------------------------------------------------------
 
 
@@ -354,6 +379,21 @@ def test_listen_needs_a_direct_connection(private_pg, pgbouncer, caplog):
         finally:
             listening.stop(10)
         assert len([r for r in caplog.records if "no wake-ups" in r.getMessage()]) == 1
+
+        # A listen_dsn that reaches another database never hears the producers: the start-up
+        # self-test says so, and the worker polls.
+        elsewhere = private_pg.dsn.rsplit("/", 1)[0] + "/template1"
+        stray = minflow.Worker(app, schedules=False, listen_dsn=elsewhere).start()
+        try:
+            wait_for(
+                lambda: len([r for r in caplog.records if "no wake-ups" in r.getMessage()]) == 2,
+                minflow.PG_LISTEN_SELF_TEST + 10,
+                message="the self-test's verdict",
+            )
+        finally:
+            stray.stop(10)
+        notice = [r.getMessage() for r in caplog.records if "no wake-ups" in r.getMessage()][-1]
+        assert "a test notification" in notice and "template1" in notice
     finally:
         producer.close()
         app.close()
