@@ -100,6 +100,7 @@ def test_read_only_database_mid_drain(private_pg, caplog):
         wait_for(lambda: succeeded() >= 40, 30, message="the drain to be under way")
         gate.clear()  # handlers in flight now finish only once the database refuses writes
         private_pg.read_only(True)
+        refused = time.monotonic()
         gate.set()
         wait_for(
             lambda: all(gauge(w, "workflow_worker_database_up") == 0 for w in workers),
@@ -125,6 +126,7 @@ def test_read_only_database_mid_drain(private_pg, caplog):
         stalled = succeeded()
         private_pg.read_only(False)
         writable = time.monotonic()
+        outage = writable - refused
         wait_for(lambda: succeeded() > stalled, 30, 0.01, "the drain to resume")
         resumed = time.monotonic() - writable
         wait_for(lambda: succeeded() == total, 60, 0.05, "every run to succeed")
@@ -153,7 +155,7 @@ def test_read_only_database_mid_drain(private_pg, caplog):
     ]
     assert len(http_warnings) == 1, [r.getMessage() for r in http_warnings]
     print(
-        f"\n  read-only: drain resumed {resumed:.2f}s after writes returned; "
+        f"\n  read-only for {outage:.1f}s: drain resumed {resumed:.2f}s after writes returned; "
         f"{poll_errors(workers[0]):.0f} and {poll_errors(workers[1]):.0f} failed polls, "
         "1 warning + 1 recovery line per worker"
     )
