@@ -285,11 +285,11 @@ def test_everything_works_through_pgbouncer_in_transaction_mode(
 
     @app.handler("pool.slow")
     def slow(run):
-        time.sleep(1.5)  # past the 0.9 s lease: only the automatic heartbeats keep it
+        time.sleep(3.0)  # past the 2 s lease: only the automatic heartbeats keep it
         return {"slept": True}
 
     slow_id = app.submit("pool.slow")
-    worker = minflow.Worker(app, concurrency=4, lease=0.9)
+    worker = minflow.Worker(app, concurrency=4, lease=2.0)
     assert worker.run(burst=True, handle_signals=False) == 9
     assert app.stats() == {"pool.fast": {"succeeded": 8}, "pool.slow": {"succeeded": 1}}
     assert [e.event_type for e in app.events(slow_id)].count("leased") == 1
