@@ -3705,15 +3705,21 @@ class _Outage:
     """Whether a worker (or the HTTP server) can use its database, so that an outage is logged
     twice, when it starts (WARNING) and when it ends (INFO), instead of at every failed attempt.
 
-    ``what`` names the component in those lines; ``changed(up)`` is called at both moments.
+    ``what`` names the component in those lines, ``meanwhile`` what it does during the outage;
+    ``changed(up)`` is called at both moments.
     """
 
     def __init__(
-        self, logger: logging.Logger, what: str, changed: Callable[[bool], None] | None = None
+        self,
+        logger: logging.Logger,
+        what: str,
+        changed: Callable[[bool], None] | None = None,
+        meanwhile: str = "retrying with backoff until it answers",
     ):
         self._log = logger
         self._what = what
         self._changed = changed
+        self._meanwhile = meanwhile
         self._lock = threading.Lock()
         self._since: float | None = None  # monotonic start of the current outage
         self._failures = 0
@@ -3738,9 +3744,7 @@ class _Outage:
                 self._since, self._failures = time.monotonic(), 0
             self._failures += 1
         if first:
-            self._log.warning(
-                "%s unavailable, retrying with backoff until it answers: %s", self._what, error
-            )
+            self._log.warning("%s unavailable, %s: %s", self._what, self._meanwhile, error)
             if self._changed is not None:
                 self._changed(False)
         else:
@@ -5049,7 +5053,8 @@ class _Server(http.server.ThreadingHTTPServer):
         if not _is_number(request_timeout) or request_timeout <= 0:
             raise InvalidInput(f"request timeout must be positive seconds, got {request_timeout!r}")
         self.request_timeout = float(request_timeout)
-        self.outage = _Outage(_http_log, "database")  # logged when it starts and ends
+        # Logged when it starts and when it ends, not at every request answered 503.
+        self.outage = _Outage(_http_log, "database", meanwhile="answering 503")
         self._max_threads = _check_int("threads", threads, minimum=1)
         self._slots = threading.BoundedSemaphore(self._max_threads)
         if ":" in host:
