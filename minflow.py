@@ -52,6 +52,7 @@ import dataclasses
 import datetime as _dt
 import email.utils
 import errno
+import functools
 import hmac
 import http.server
 import importlib
@@ -122,7 +123,13 @@ RESCUE_INTERVAL = 0.5
 TICK_BATCH = 100
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 SQLITE_WATCH_INTERVAL = 0.005  # PRAGMA data_version costs microseconds; 5 ms keeps latency low
-PG_TIMEOUT = 30.0  # socket timeout for PostgreSQL connections
+# The deadline of every read and write on a PostgreSQL connection (the DSN's timeout= sets it).
+PG_TIMEOUT = 30.0
+# TCP keepalive on PostgreSQL connections (idle seconds, seconds between probes, probes): a
+# silent link whose peer is gone is given up on after about 25 s, not the OS's two hours.
+PG_KEEPALIVE = (10, 5, 3)
+PG_LISTEN_PROBE = 10.0  # a LISTEN connection silent this long gets a round trip, with its deadline
+PG_LISTEN_SELF_TEST = 2.0  # seconds a worker waits for its own test notification at start-up
 POOL_SIZE = 16
 
 RUN_STATUSES = ("pending", "leased", "succeeded", "failed", "cancelled")
@@ -338,6 +345,11 @@ def _check_run_at(run_at: Any, run_in: Any) -> tuple[_dt.datetime | None, float]
     return None, float(run_in)
 
 
+def _jitter(delay: float) -> float:
+    """Between half and all of ``delay``: processes that failed together do not retry in step."""
+    return random.uniform(delay / 2, delay)
+
+
 def seed_backoff(attempt: int) -> float:
     """The seed's retry delay after failed attempt ``attempt``: attempt² minutes + [0, 10%) jitter."""
     base = 60.0 * attempt * attempt
@@ -533,7 +545,10 @@ _PG_OPTIONS = {
     "timeout",
     "application_name",
     "binary_parameters",
+    "prepared_statements",
 }
+# Boolean DSN values as lib/pq and libpq spell them.
+_DSN_FLAGS = {"yes": True, "true": True, "1": True, "no": False, "false": False, "0": False}
 _SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 
 
@@ -559,7 +574,9 @@ class _DSN:
     ssl_files: tuple[str | None, str | None, str | None] = (None, None, None)
     timeout: float = PG_TIMEOUT
     application_name: str | None = "minflow"
-    binary_parameters: bool = False  # lib/pq's binary_parameters=yes
+    # lib/pq's switch for PgBouncer (unnamed statements, parameters sent with each execution).
+    binary_parameters: bool = False
+    prepared_statements: str = "auto"  # "auto" | "yes" | "no": see _StatementMode
 
     @property
     def schema(self) -> str:
@@ -808,9 +825,18 @@ def _pg_dsn(
         raise InvalidInput(
             f"timeout must be a positive number of seconds, got {timeout!r}"
         ) from None
-    binary = options.get("binary_parameters", "no")
-    if binary not in ("yes", "no"):
+    binary = options.get("binary_parameters", "no").lower()
+    if binary not in _DSN_FLAGS:
         raise InvalidInput(f"binary_parameters must be yes or no, got {binary!r}")
+    prepared = options.get("prepared_statements", "auto").lower()
+    if prepared != "auto":
+        if prepared not in _DSN_FLAGS:
+            raise InvalidInput(f"prepared_statements must be auto, yes or no, got {prepared!r}")
+        prepared = "yes" if _DSN_FLAGS[prepared] else "no"
+    if _DSN_FLAGS[binary] and prepared == "yes":
+        raise InvalidInput(
+            "binary_parameters=yes means no prepared statements; drop prepared_statements=yes"
+        )
     unix_sock = None
     if host.startswith("/"):
         unix_sock = f"{host.rstrip('/')}/.s.PGSQL.{port}"
@@ -828,7 +854,8 @@ def _pg_dsn(
         ssl_files=(options.get("sslrootcert"), options.get("sslcert"), options.get("sslkey")),
         timeout=timeout_value,
         application_name=options.get("application_name", "minflow"),
-        binary_parameters=binary == "yes",
+        binary_parameters=_DSN_FLAGS[binary],
+        prepared_statements=prepared,
     )
 
 
@@ -1355,6 +1382,8 @@ _SQLITE_SQL: dict[str, str] = {
     # SELECT it reads no page, so it gives a caller's deferred transaction no read snapshot,
     # which minflow's first write could find stale (SQLITE_BUSY_SNAPSHOT, without waiting).
     "database": "PRAGMA database_list",
+    # Can the database take writes (read-only? a standby?): a file that opens can.
+    "health": "SELECT 0, 0",
     # IMMEDIATE takes the write lock up front: a deferred transaction that reads then writes
     # fails with SQLITE_BUSY without waiting for busy_timeout.
     "begin": "BEGIN IMMEDIATE",
@@ -1620,6 +1649,12 @@ RETURNING r.id""",
         "SELECT to_regclass(quote_ident(CAST(:schema AS text)) || '.workflow_run') IS NOT NULL "
         "AND to_regclass(quote_ident(CAST(:schema AS text)) || '.workflow_event') IS NOT NULL"
     ),
+    # The server process this connection reaches; through a pooler it is not the one whose
+    # cancel key the start-up carried (see _PgConnection.pooled).
+    "backend_pid": "SELECT pg_backend_pid()",
+    # Can the database take writes? transaction_read_only is on on a standby and on a primary
+    # demoted by a failover (default_transaction_read_only); no table is read.
+    "health": "SELECT current_setting('transaction_read_only') = 'on', pg_is_in_recovery()",
     # An empty query: a round trip that makes pg8000 read the notifications waiting for it.
     "poll": "",
     # Is any schedule due? The literal `enabled` test lets the planner match the partial index
@@ -1750,26 +1785,179 @@ def _translate_sqlite(exc: sqlite3.Error) -> MinflowError:
     return MinflowError(f"SQLite: {text}")
 
 
-class _PgConnection(_Connection):
-    """A pg8000 connection; the only code that touches pg8000's connection object."""
+class _StatementMode:
+    """Whether a dialect's PostgreSQL connections prepare their statements under a name.
 
-    def __init__(self, raw: Any, errors: Any, sql: dict[str, str]):
+    Named (the default on a direct connection): a statement is parsed and planned once per
+    connection, then only bound and executed. Unnamed: parsed at every execution, in the same
+    single round trip; the only form that works through PgBouncer in transaction mode, where a
+    statement prepared on one server connection is missing from the next. The DSN chooses
+    (``prepared_statements=no``, or lib/pq's ``binary_parameters=yes``), and with the default
+    ``auto`` a pooler that shows itself switches the dialect to unnamed for good, with one
+    warning: at connect time (see ``_PgConnection.pooled``), or when the server no longer knows
+    a statement this connection prepared (26000) or already has its name (42P05).
+    ``prepared_statements=yes`` skips the connect-time check (a pooler that keeps statements,
+    such as PgBouncer 1.21+ with max_prepared_statements); the server's errors still switch.
+    """
+
+    def __init__(self, dsn: _DSN):
+        self.named = not dsn.binary_parameters and dsn.prepared_statements != "no"
+        self.check_pooler = dsn.prepared_statements == "auto"
+        self._where = dsn.text
+        self._lock = threading.Lock()
+
+    def unname(self, why: str) -> None:
+        """Stop naming statements on every connection of this dialect; warns the first time."""
+        with self._lock:
+            first, self.named = self.named, False
+        if first:
+            log.warning(
+                "%s: %s; statements are now parsed at each execution instead of prepared once. "
+                "Add prepared_statements=no (or binary_parameters=yes) to the DSN to start so.",
+                self._where,
+                why,
+            )
+
+
+@dataclasses.dataclass
+class _PgStatement:
+    """A statement as one connection runs it: $n placeholders, and once prepared its name."""
+
+    text: str
+    values: Callable[[dict], tuple]  # :name parameters -> values in placeholder order
+    name: bytes | None = None  # NUL-terminated, as the protocol sends it
+    columns: Any = None  # pg8000's row description, for decoding rows of the named statement
+    input_funcs: Any = None
+
+
+class _PgWire(NamedTuple):
+    """pg8000's own pieces that the one-round-trip statements are built from: its placeholder
+    rewriting, its parameter encoding, and its reply handling (a Context collects one reply)."""
+
+    to_statement: Callable[[str], tuple[str, Callable[[dict], tuple]]]
+    make_params: Callable[[Any, tuple], tuple]
+    context: Callable[..., Any]
+
+
+@functools.cache
+def _pg_wire() -> _PgWire | None:
+    """pg8000's pieces for one-round-trip statements, or None (said once in the log) when this
+    pg8000 lacks one: statements then take pg8000's run(), see ``_PgConnection``."""
+    import pg8000.converters
+    import pg8000.core
+    import pg8000.native
+
+    found = {
+        "core.Context": getattr(pg8000.core, "Context", None),
+        "native.to_statement": getattr(pg8000.native, "to_statement", None),
+        "converters.make_params": getattr(pg8000.converters, "make_params", None),
+        "CoreConnection.handle_messages": getattr(
+            pg8000.core.CoreConnection, "handle_messages", None
+        ),
+    }
+    missing = sorted(name for name, value in found.items() if not callable(value))
+    if missing:
+        log.warning(
+            "pg8000 %s has no %s: statements with parameters use pg8000's run() (three "
+            "round trips, each outside a transaction wrapped in one of its own)",
+            getattr(pg8000.native, "__version__", "?"),
+            ", ".join(missing),
+        )
+        return None
+    return _PgWire(
+        found["native.to_statement"], found["converters.make_params"], found["core.Context"]
+    )
+
+
+def _set_keepalive(sock: Any, timeout: float) -> None:
+    """TCP keepalive, and where the platform has it TCP_USER_TIMEOUT (data unacknowledged for
+    ``timeout`` seconds ends the connection), on a PostgreSQL socket; nothing on Unix sockets."""
+    if getattr(sock, "family", None) not in (socket.AF_INET, socket.AF_INET6):
+        return
+    idle, interval, probes = PG_KEEPALIVE
+    options = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)]
+    for name, value in (
+        # macOS names the idle time TCP_KEEPALIVE.
+        ("TCP_KEEPIDLE" if hasattr(socket, "TCP_KEEPIDLE") else "TCP_KEEPALIVE", idle),
+        ("TCP_KEEPINTVL", interval),
+        ("TCP_KEEPCNT", probes),
+        ("TCP_USER_TIMEOUT", int(timeout * 1000)),
+    ):
+        number = getattr(socket, name, None)
+        if number is not None:
+            options.append((socket.IPPROTO_TCP, number, value))
+    for level, option, value in options:
+        with contextlib.suppress(OSError):  # a platform that has the name but not the option
+            sock.setsockopt(level, option, value)
+
+
+def _pg_message(code: bytes, *parts: bytes) -> bytes:
+    """One frontend message of the PostgreSQL protocol: type byte, length, body."""
+    body = b"".join(parts)
+    return code + (len(body) + 4).to_bytes(4, "big") + body
+
+
+def _pg_bind(name: bytes, values: tuple) -> bytes:
+    """Bind ``values`` (text, or None for NULL) to statement ``name`` in the unnamed portal,
+    every parameter and result column in text format, as pg8000 binds them."""
+    parts = [b"\0", name, b"\0\0", len(values).to_bytes(2, "big")]
+    for value in values:
+        if value is None:
+            parts.append(b"\xff\xff\xff\xff")
+        else:
+            data = value.encode("utf-8")
+            parts += [len(data).to_bytes(4, "big"), data]
+    parts.append(b"\0\0")
+    return _pg_message(b"B", *parts)
+
+
+# Describe the unnamed portal (its columns), execute it without a row limit, and Sync: the end
+# of the request, after which a pooler may hand the server connection to another client.
+_PG_DESCRIBE = _pg_message(b"D", b"P\0")
+_PG_EXECUTE = _pg_message(b"E", b"\0", b"\0\0\0\0")
+_PG_SYNC = _pg_message(b"S")
+_PG_STATEMENT_GONE = ("26000", "42P05")  # prepared statement missing, or its name taken
+
+
+class _PgConnection(_Connection):
+    """A pg8000 connection; the only code that touches pg8000's connection object.
+
+    A statement without parameters goes out as one simple query. One with parameters goes out
+    in one write and comes back in one round trip: Parse, Bind, Describe, Execute and Sync,
+    read with pg8000's own message handling (pg8000's run() takes three round trips, each ended
+    by a Sync, and PgBouncer in transaction mode may hand each to another server connection).
+    Named (see ``_StatementMode``), the Parse happens on first use only, under a name unique to
+    this connection: behind a pooler a server connection carries the statements of every client
+    that used it, and a shared name (pg8000's are ``pg8000_statement_N``) would run another
+    client's statement with these parameters.
+    """
+
+    def __init__(
+        self,
+        raw: Any,
+        errors: Any,
+        sql: dict[str, str],
+        mode: _StatementMode,
+        wire: _PgWire | None,
+    ):
         self.raw = raw
         self._errors = errors
         self.sql = sql
-        # pg8000's run() with parameters costs three round trips (parse, describe, execute);
-        # a prepared statement costs one, so every parameterised statement is prepared once.
-        self._prepared: dict[str, Any] = {}
+        self._mode = mode
+        self._wire = wire
+        self._statements: dict[str, _PgStatement] = {}
+        self._prefix = f"minflow_{uuid.uuid4().hex[:16]}_"
+        self._named = 0  # statements named so far: the next name's number
+        self._in_transaction = False
 
     def query(self, sql: str, params: dict | None = None) -> list:
         try:
             if params is None:
                 return self.raw.run(sql) or []
-            statement = self._prepared.get(sql)
-            if statement is None:
-                statement = self._prepared[sql] = self.raw.prepare(sql)
             params = {k: _pg_array(v) if isinstance(v, list) else v for k, v in params.items()}
-            return statement.run(**params) or []
+            if self._wire is None:
+                return self._run(sql, params)
+            return self._execute(sql, params)
         except self._errors.DatabaseError as exc:
             error = _translate_pg(exc)
             if isinstance(error, Unavailable):
@@ -1782,13 +1970,103 @@ class _PgConnection(_Connection):
             self.broken = True
             raise Unavailable(f"PostgreSQL connection lost: {exc}") from exc
         except (OSError, EOFError, AttributeError) as exc:
-            # A socket error, a short read, or (closed connection) an attribute of its None socket.
+            # A socket error (a timeout too), a short read, or (closed connection) an attribute
+            # of its None socket.
             self.broken = True
             raise Unavailable(f"PostgreSQL connection lost: {exc}") from exc
 
+    def _execute(self, sql: str, params: dict) -> list:
+        statement = self._statements.get(sql)
+        if statement is None:
+            statement = self._statements[sql] = _PgStatement(*self._wire.to_statement(sql))
+        values = self._wire.make_params(self.raw.py_types, statement.values(params))
+        if not self._mode.named:
+            return self._round_trip(statement, values, b"\0", parse=True).rows or []
+        first = statement.name is None
+        name = statement.name or f"{self._prefix}{self._named}".encode("ascii") + b"\0"
+        try:
+            context = self._round_trip(statement, values, name, parse=first)
+        except self._errors.DatabaseError as exc:
+            code = exc.args[0].get("C") if exc.args and isinstance(exc.args[0], dict) else None
+            if code not in _PG_STATEMENT_GONE:
+                raise
+            # Nothing ran: the server refused the statement before executing it.
+            self._mode.unname(
+                f"the server {'lost' if code == '26000' else 'already had'} a statement this "
+                f"connection prepared ({code}): a connection pooler stands between"
+            )
+            self._statements.clear()
+            if self._in_transaction:  # the error aborted the transaction: all of it again
+                raise Unavailable(
+                    "PostgreSQL statement vanished behind a connection pooler; switched to "
+                    "unnamed statements, retry"
+                ) from exc
+            return self._execute(sql, params)
+        finally:
+            if first:
+                self._named += 1  # never reused, even after an error: the server may keep it
+        if first:
+            statement.name, statement.columns = name, context.columns
+            statement.input_funcs = context.input_funcs
+        return context.rows or []
+
+    def _round_trip(self, statement: _PgStatement, values: tuple, name: bytes, parse: bool) -> Any:
+        # One write, no Flush messages in it: the server answers everything in one packet.
+        if parse:
+            context = self._wire.context(statement.text)
+            request = [
+                _pg_message(b"P", name, statement.text.encode("utf-8"), b"\0\0\0"),
+                _pg_bind(name, values),
+                _PG_DESCRIBE,
+            ]
+        else:
+            context = self._wire.context(
+                statement.text, columns=statement.columns, input_funcs=statement.input_funcs
+            )
+            request = [_pg_bind(name, values)]
+        self.raw._sock.write(b"".join((*request, _PG_EXECUTE, _PG_SYNC)))
+        self.raw._sock.flush()
+        self.raw.handle_messages(context)
+        return context
+
+    def _run(self, sql: str, params: dict) -> list:
+        # pg8000's run() (see _pg_wire): outside a transaction its three Syncs could reach three
+        # server connections behind a pooler, so it gets a transaction of its own.
+        if self._in_transaction:
+            return self.raw.run(sql, **params) or []
+        self.raw.run(self.sql["begin"])
+        try:
+            rows = self.raw.run(sql, **params) or []
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self.raw.run(self.sql["rollback"])
+            raise
+        self.raw.run(self.sql["commit"])
+        return rows
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[_Connection]:
+        self._in_transaction = True
+        try:
+            with super().transaction() as conn:
+                yield conn
+        finally:
+            self._in_transaction = False
+
+    def pooled(self) -> bool | None:
+        """True when a pooler stands between: the server process answering is not the one
+        whose cancel key the start-up carried (PgBouncer and its kind hand out keys of their
+        own); None when this pg8000 does not show that key. One round trip."""
+        key = getattr(self.raw, "_backend_key_data", None)
+        if not isinstance(key, (bytes, bytearray)) or len(key) < 4:
+            return None
+        pid = int.from_bytes(key[:4], "big", signed=True)
+        return self.query(self.sql["backend_pid"])[0][0] != pid
+
     def forget_prepared(self) -> None:
-        """Drop the prepared statements (their plans may be stale after DDL)."""
-        self._prepared.clear()
+        """Prepare statements afresh from now on (plans prepared before DDL may be stale); the
+        old names are never used again and end with the session."""
+        self._statements.clear()
 
     def _readable(self, timeout: float) -> bool:
         # pg8000 exposes no socket accessor and no wait for unsolicited messages.
@@ -1809,12 +2087,13 @@ class _PgConnection(_Connection):
             self.broken = True
             raise Unavailable(f"PostgreSQL connection lost: {exc}") from exc
 
-    def take_notifications(self) -> int:
-        """Read what the server sent and return how many notifications arrived (forgotten)."""
+    def take_notifications(self) -> list[str]:
+        """Read what the server sent (one round trip, within the socket's deadline) and return
+        the payloads of the notifications that arrived."""
         self.query(self.sql["poll"])
-        count = len(self.raw.notifications)
+        payloads = [payload for _, _, payload in self.raw.notifications]
         self.raw.notifications.clear()
-        return count
+        return payloads
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -1847,6 +2126,9 @@ def _translate_pg(exc: Exception) -> MinflowError:
     code, message = info.get("C", ""), info.get("M", str(exc))
     if code.startswith(_PG_UNAVAILABLE) or code in ("40001", "40P01", "55P03"):
         return Unavailable(f"PostgreSQL unavailable ({code}): {message}")
+    if code == "25006":
+        # A standby, or a primary demoted by a failover: writes return with the new primary.
+        return Unavailable(f"PostgreSQL is read-only ({code}): {message}")
     if code in ("42P01", "3F000"):
         return MinflowError(
             f"{message}: the minflow schema is missing; run Client.migrate() or `minflow migrate`"
@@ -2292,6 +2574,12 @@ class _CallerConnection(_Connection):
         """Nothing: the connection is the caller's."""
 
 
+# The shape of a dialect's watcher loop (see _Dialect.watcher).
+_Watch = Callable[
+    [threading.Event, Callable[[], None], Callable[[BaseException | None], None]], "str | None"
+]
+
+
 class _Dialect:
     name = ""
     own_sql: dict[str, str] = {}  # the dialect's statements beside _SQL
@@ -2448,8 +2736,15 @@ class _Dialect:
     def notify(self, conn: _Connection, types: set[str]) -> None:
         """Tell other processes' workers that runs of ``types`` were submitted."""
 
-    def watcher(self) -> Callable[[threading.Event, Callable[[], None]], None] | None:
-        """A loop that calls wake() when another process may have submitted work."""
+    def check_listen_dsn(self, dsn: _DSN) -> None:
+        """Raise ``InvalidInput`` unless wake-ups can come through ``dsn`` (see ``watcher``)."""
+        raise InvalidInput(f"listen_dsn is for PostgreSQL; this queue is on {self.name}")
+
+    def watcher(self, listen: _DSN | None = None) -> _Watch | None:
+        """A loop, ``watch(stop, wake, report)``, that calls wake() when another process may
+        have submitted work and report(None) or report(error) as its connection works or fails;
+        it returns a reason when wake-ups cannot work (the worker then polls). ``listen``: the
+        DSN of a direct connection for them, when the DSN's own goes through a pooler."""
         return None
 
 
@@ -2701,11 +2996,11 @@ class _SQLiteDialect(_Dialect):
         _, has_work, params = self._filter(filt)
         return bool(conn.query(has_work, params))
 
-    def watcher(self):
+    def watcher(self, listen=None):
         if self.dsn.memory:
             return None
 
-        def watch(stop: threading.Event, wake: Callable[[], None]) -> None:
+        def watch(stop, wake, report):
             conn = None
             last = None
             while not stop.is_set():
@@ -2713,18 +3008,21 @@ class _SQLiteDialect(_Dialect):
                     if conn is None:
                         conn = self._open()
                     version = conn.execute(self.sql["data_version"]).fetchone()[0]
-                    if last is not None and version != last:
+                    if last is None:
+                        report(None)  # (re)opened and read
+                    elif version != last:
                         wake()
                     last = version
                     stop.wait(SQLITE_WATCH_INTERVAL)
-                except sqlite3.Error as exc:
-                    _worker_log.warning("data_version watcher: %s; retrying", exc)
+                except (sqlite3.Error, MinflowError) as exc:
+                    report(exc)
                     if conn is not None:
                         conn.close()
                     conn, last = None, None
                     stop.wait(1.0)
             if conn is not None:
                 conn.close()
+            return None
 
         return watch
 
@@ -2743,6 +3041,8 @@ class _PostgresDialect(_Dialect):
             raise MinflowError("PostgreSQL support needs pg8000: pip install pg8000") from None
         self._driver = pg8000.native
         self._errors = pg8000.exceptions
+        self._wire = _pg_wire()
+        self.statements = _StatementMode(dsn)
         schema = dsn.schema
         # NOTIFY channel per schema, so queues in different schemas do not wake each other.
         # A channel name is an identifier too: at most 63 bytes; and ASCII, as its payload.
@@ -2766,13 +3066,13 @@ class _PostgresDialect(_Dialect):
     def decode_json(self, value):
         return value  # pg8000 decodes jsonb
 
-    def _ssl_context(self) -> Any:
-        mode = self.dsn.sslmode
+    def _ssl_context(self, dsn: _DSN) -> Any:
+        mode = dsn.sslmode
         if mode in ("disable", "allow"):
             return None
         import ssl
 
-        root, cert, key = self.dsn.ssl_files
+        root, cert, key = dsn.ssl_files
         context = ssl.create_default_context(cafile=root)
         if mode in ("prefer", "require"):
             context.check_hostname = False
@@ -2784,24 +3084,38 @@ class _PostgresDialect(_Dialect):
         return context
 
     def connect(self) -> _Connection:
-        dsn = self.dsn
+        conn = self._open(self.dsn)
+        if self.statements.named and self.statements.check_pooler:
+            try:
+                pooled = conn.pooled()
+            except MinflowError:
+                conn.close()
+                raise
+            if pooled:
+                self.statements.unname(
+                    "connected through a connection pooler (the server process answering is "
+                    "not the one the start-up named)"
+                )
+        return conn
+
+    def _open(self, dsn: _DSN) -> _PgConnection:
         kwargs = dict(
             user=dsn.user,
             password=dsn.password,
             database=dsn.database,
             timeout=dsn.timeout,
             application_name=dsn.application_name,
-            # Still sent, though nothing relies on it: every statement names its schema.
-            startup_params={
-                "search_path": ",".join(_quote_ident(s) for s in dsn.search_path),
-                "TimeZone": "UTC",
-            },
+            # The only start-up parameters, both among the few PgBouncer accepts (it refuses
+            # search_path: every statement names its schema instead). UTF-8 is what statements
+            # are encoded in; times are read and written with their offset, so nothing depends
+            # on the zone, which only keeps the server's text readable.
+            startup_params={"client_encoding": "UTF8", "TimeZone": "UTC"},
         )
         if dsn.unix_sock:
             kwargs["unix_sock"] = dsn.unix_sock
         else:
             kwargs.update(host=dsn.host, port=dsn.port)
-        context = self._ssl_context()
+        context = self._ssl_context(dsn)
         try:
             try:
                 raw = self._driver.Connection(ssl_context=context, **kwargs)
@@ -2814,7 +3128,8 @@ class _PostgresDialect(_Dialect):
             raise _translate_pg(exc) from exc
         except (self._errors.InterfaceError, OSError) as exc:
             raise Unavailable(f"cannot connect to PostgreSQL at {dsn.text}: {exc}") from exc
-        return _PgConnection(raw, self._errors, self.sql)
+        _set_keepalive(getattr(raw, "_usock", None), dsn.timeout)
+        return _PgConnection(raw, self._errors, self.sql, self.statements, self._wire)
 
     def database(self, conn: _Connection) -> str:
         return str(conn.query(self.sql["database"])[0][0])
@@ -2905,30 +3220,75 @@ class _PostgresDialect(_Dialect):
         )
         return {str(row[0]) for row in rows}
 
-    def watcher(self):
-        def watch(stop: threading.Event, wake: Callable[[], None]) -> None:
+    def check_listen_dsn(self, dsn):
+        if dsn.kind != "postgres":
+            raise InvalidInput(f"listen_dsn must be a PostgreSQL DSN, got {dsn.text!r}")
+
+    def watcher(self, listen=None):
+        target = listen or self.dsn
+
+        def watch(stop, wake, report):
             conn: _PgConnection | None = None
-            delay = 0.1
-            while not stop.is_set():
-                try:
-                    if conn is None:
-                        conn = self.connect()  # type: ignore[assignment]
-                        conn.query(self.sql["listen"])
-                        delay = 0.1
-                        wake()  # anything submitted while we were not listening
-                    if conn.wait_readable(0.2) and conn.take_notifications():
-                        wake()
-                except (MinflowError, OSError, ValueError) as exc:
-                    _worker_log.warning("LISTEN connection: %s; reconnecting in %.1fs", exc, delay)
-                    if conn is not None:
-                        conn.close()
-                    conn = None
-                    stop.wait(delay)
-                    delay = min(delay * 2, 5.0)
-            if conn is not None:
-                conn.close()
+            tested = False
+            delay = heard = 0.0
+            try:
+                while not stop.is_set():
+                    try:
+                        if conn is None:
+                            conn = self._open(target)
+                            if conn.pooled():
+                                return (
+                                    f"{target.text} leads to a connection pooler, which cannot "
+                                    "deliver LISTEN/NOTIFY"
+                                )
+                            conn.query(self.sql["listen"])
+                            if not tested and not self._hears(conn):
+                                return (
+                                    f"a test notification sent through {self.dsn.text} did not "
+                                    f"arrive on a LISTEN connection to {target.text} within "
+                                    f"{PG_LISTEN_SELF_TEST:g}s"
+                                )
+                            tested, delay = True, 0.1
+                            report(None)
+                            wake()  # anything submitted while we were not listening
+                            heard = time.monotonic()
+                        if conn.wait_readable(0.2):
+                            heard = time.monotonic()
+                            if conn.take_notifications():
+                                wake()
+                        elif time.monotonic() - heard > PG_LISTEN_PROBE:
+                            # A link that went silent without closing shows only to a round
+                            # trip, which has the socket's deadline.
+                            conn.take_notifications()
+                            heard = time.monotonic()
+                    except (MinflowError, OSError, ValueError) as exc:
+                        report(exc)
+                        if conn is not None:
+                            conn.close()
+                        conn = None
+                        delay = min(max(delay * 2, 0.1), 5.0)
+                        stop.wait(_jitter(delay))
+                return None
+            finally:
+                if conn is not None:
+                    conn.close()
 
         return watch
+
+    def _hears(self, conn: _PgConnection) -> bool:
+        """Whether a notification sent the way producers send theirs (through this dialect's
+        DSN, perhaps a pooler) arrives on the listening ``conn``."""
+        token = f"minflow-self-test-{uuid.uuid4().hex}"
+        sender = self.connect()
+        try:
+            sender.query(self.sql["notify"], {"channel": self.channel, "type": token})
+        finally:
+            sender.close()
+        deadline = time.monotonic() + PG_LISTEN_SELF_TEST
+        while (left := deadline - time.monotonic()) > 0:
+            if conn.wait_readable(left) and token in conn.take_notifications():
+                return True
+        return False
 
 
 def _like_prefix(prefix: str) -> str:
@@ -3796,6 +4156,16 @@ class Client:
         with self._pool.connection() as conn:
             return conn.query(self._dialect.sql[name], params)
 
+    def _health(self) -> str | None:
+        """Why the database refuses writes now (a standby, or read-only after a failover), or
+        None when it takes them; raises ``MinflowError`` when it cannot be asked (/healthz)."""
+        read_only, standby = self._sql("health")[0]
+        if standby:
+            return "the server is a standby (in recovery)"
+        if read_only:
+            return "the server refuses writes (default_transaction_read_only is on)"
+        return None
+
     def _heartbeat(self, run_id: str, worker_id: str, attempt: int, seconds: float) -> bool:
         """Extend a held lease to now + ``seconds`` and record a heartbeat event; False when
         the lease is no longer this worker's (RunContext)."""
@@ -3819,9 +4189,16 @@ class Client:
         """A new connection for one worker thread; the caller closes it."""
         return self._dialect.connect()
 
-    def _watcher(self) -> Callable[[threading.Event, Callable[[], None]], None] | None:
-        """A loop that calls wake() when another process may have submitted work, if any."""
-        return self._dialect.watcher()
+    def _listen_dsn(self, dsn: str) -> _DSN:
+        """``dsn`` parsed, for ``_watcher``; ``InvalidInput`` unless wake-ups can use it."""
+        parsed = _parse_dsn(dsn)
+        self._dialect.check_listen_dsn(parsed)
+        return parsed
+
+    def _watcher(self, listen: _DSN | None = None) -> _Watch | None:
+        """The dialect's wake-up loop, if it has one (see ``_Dialect.watcher``); ``listen``
+        from ``_listen_dsn``."""
+        return self._dialect.watcher(listen)
 
     def _may_have_work(self, conn: _Connection, filt: _Filter) -> bool:
         """False when nothing is claimable, where a read-only check can tell that cheaply."""
@@ -3977,6 +4354,17 @@ _METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
         ("worker_id",),
     ),
     "workflow_worker_running": ("gauge", "Handlers executing now.", ("worker_id",)),
+    "workflow_worker_database_up": (
+        "gauge",
+        "1 while this worker's database writes succeed, 0 during an outage "
+        "(unreachable, read-only, ...).",
+        ("worker_id",),
+    ),
+    "workflow_worker_database_outages_total": (
+        "counter",
+        "Outages this worker saw: times its database writes started failing.",
+        ("worker_id",),
+    ),
     # Read from the database at scrape time, so every process reports the same queue.
     "workflow_run_queue_depth": (
         "gauge",
@@ -4123,6 +4511,70 @@ class _Metrics:
 # ---------------------------------------------------------------------------------------------
 
 
+class _Outage:
+    """Whether a worker (or the HTTP server) can use its database, so that an outage is logged
+    twice, when it starts (WARNING) and when it ends (INFO), instead of at every failed attempt.
+
+    ``what`` names the component in those lines, ``meanwhile`` what it does during the outage;
+    ``changed(up)`` is called at both moments.
+    """
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        what: str,
+        changed: Callable[[bool], None] | None = None,
+        meanwhile: str = "retrying with backoff until it answers",
+    ):
+        self._log = logger
+        self._what = what
+        self._changed = changed
+        self._meanwhile = meanwhile
+        self._lock = threading.Lock()
+        self._since: float | None = None  # monotonic start of the current outage
+        self._failures = 0
+
+    @property
+    def down(self) -> bool:
+        """True between a failure and the next success."""
+        return self._since is not None
+
+    def report(self, error: BaseException | None) -> None:
+        """``failed(error)``, or ``ok()`` for None."""
+        if error is None:
+            self.ok()
+        else:
+            self.failed(error)
+
+    def failed(self, error: BaseException) -> None:
+        """An attempt failed; the first one of an outage is logged."""
+        with self._lock:
+            first = self._since is None
+            if first:
+                self._since, self._failures = time.monotonic(), 0
+            self._failures += 1
+        if first:
+            self._log.warning("%s unavailable, %s: %s", self._what, self._meanwhile, error)
+            if self._changed is not None:
+                self._changed(False)
+        else:
+            self._log.debug("%s still unavailable: %s", self._what, error)
+
+    def ok(self) -> None:
+        """An attempt succeeded; ends the outage, if any, with one line."""
+        with self._lock:
+            since, failures, self._since = self._since, self._failures, None
+        if since is not None:
+            self._log.info(
+                "%s available again after %.1fs (%d failed attempts)",
+                self._what,
+                time.monotonic() - since,
+                failures,
+            )
+            if self._changed is not None:
+                self._changed(True)
+
+
 class RunContext:
     """What a handler receives: the run's identity, decoded payload and lease controls."""
 
@@ -4191,7 +4643,8 @@ class Worker:
     (default: every registered handler); ``prefixes`` also claims types starting with these
     literal prefixes; ``schedules`` runs the cron ticker; ``backoff(attempt) -> seconds`` sets the
     retry delay (default: the seed's attempt² minutes + up to 10% jitter); on shutdown, running
-    handlers get ``shutdown_timeout`` seconds to finish.
+    handlers get ``shutdown_timeout`` seconds to finish. ``listen_dsn`` (PostgreSQL): a direct
+    connection for LISTEN wake-ups, when the app's DSN goes through a pooler such as PgBouncer.
     """
 
     def __init__(
@@ -4208,6 +4661,7 @@ class Worker:
         backoff: Callable[[int], float] | None = None,
         shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
         tick_interval: float = DEFAULT_TICK_INTERVAL,
+        listen_dsn: str | None = None,
     ):
         if not isinstance(app, App):
             raise InvalidInput(f"Worker needs a minflow.App, got {type(app).__name__}")
@@ -4246,7 +4700,12 @@ class Worker:
         if backoff is not None and not callable(backoff):
             raise InvalidInput("backoff must be a callable(attempt) -> seconds")
         self._backoff = backoff or seed_backoff
+        self._listen = None if listen_dsn is None else app._listen_dsn(listen_dsn)
         self.metrics = _Metrics()
+        # One line when the database becomes unusable and one when it is back, whichever of the
+        # worker's threads notices (the claim loop, the housekeeper, start-up).
+        self._outage = _Outage(_worker_log, f"{self.worker_id}: database", self._database_up)
+        self._listen_outage = _Outage(_worker_log, f"{self.worker_id}: LISTEN connection")
         self.processed = 0  # executions finished, as run() returns
         self._stop = threading.Event()
         self._force = threading.Event()
@@ -4416,13 +4875,11 @@ class Worker:
             conn, rescued = prepared
             self._pool = _HandlerPool(self.concurrency, self._execute, self.worker_id)
             threads.append(_spawn(self._housekeeper, f"{self.worker_id}-housekeeper", side_stop))
-            watch = self.app._watcher()
+            watch = self.app._watcher(self._listen)
             if watch is not None and not burst:
                 threads.append(
                     _spawn(
-                        lambda stop: watch(stop, self._wake.set),
-                        f"{self.worker_id}-watch",
-                        side_stop,
+                        lambda stop: self._watch(watch, stop), f"{self.worker_id}-watch", side_stop
                     )
                 )
             self.app._subscribe(self._wake)
@@ -4476,18 +4933,18 @@ class Worker:
                 self.app._repair_times(conn)
                 if self.schedules:
                     self._tick(conn)
+                self._outage.ok()
+                self._database_up(True)
+                self.metrics.inc(
+                    "workflow_worker_database_outages_total", 0, worker_id=self.worker_id
+                )
                 return conn, rescued
             except Unavailable as exc:
                 if conn is not None:
                     conn.close()
-                _worker_log.warning(
-                    "%s: database unavailable at start-up, retrying in %.1fs: %s",
-                    self.worker_id,
-                    delay,
-                    exc,
-                )
+                self._outage.failed(exc)
                 self._ready.set()
-                self._wake.wait(delay)  # stop() sets it
+                self._wake.wait(_jitter(delay))  # stop() sets it
                 self._handle_signals()
                 if self._force.is_set() or self._stop.is_set():
                     return None
@@ -4535,6 +4992,7 @@ class Worker:
                     polled = True
                     self._record(done, finished)
                     self._dispatch(claimed)
+                    self._outage.ok()  # the cycle wrote: the database takes writes
                 if polled:
                     self.metrics.inc("workflow_worker_poll_cycle_total", worker_id=self.worker_id)
                     self.metrics.set(
@@ -4549,13 +5007,13 @@ class Worker:
                     worker_id=self.worker_id,
                     error_type=type(exc).__name__.lower(),
                 )
-                _worker_log.warning(
-                    "%s: database error, retrying in %.1fs: %s", self.worker_id, retry_delay, exc
-                )
+                self._outage.failed(exc)
+                # Read-only (a failover) is Unavailable too: a new connection may reach the
+                # new primary.
                 if conn is not None and (conn.broken or isinstance(exc, Unavailable)):
                     conn.close()
                     conn = None
-                self._force.wait(retry_delay)
+                self._force.wait(_jitter(retry_delay))
                 retry_delay = min(retry_delay * 2, 5.0)
                 continue
             if claimed or done:
@@ -4715,11 +5173,15 @@ class Worker:
                 now = time.monotonic()
                 if now >= due["beat"]:
                     due["beat"] = now + beat_every
-                    self._extend(conn)
+                    if self._extend(conn):
+                        self._outage.ok()
                 if now >= due["rescue"]:
                     due["rescue"] = now + RESCUE_INTERVAL
                     self._rescue(conn)
                     self.app._repair_times(conn)
+                    # A write every few seconds, busy or idle: the end of an outage shows here
+                    # even while every handler slot is taken and the claim loop waits.
+                    self._outage.ok()
                 if "tick" in due and now >= due["tick"]:
                     due["tick"] = now + self.tick_interval
                     self._tick(conn)
@@ -4728,13 +5190,11 @@ class Worker:
                 delay = 0.1
                 stop.wait(max(0.0, min(due.values()) - time.monotonic()))
             except MinflowError as exc:
-                _worker_log.warning(
-                    "%s housekeeping: %s; retrying in %.1fs", self.worker_id, exc, delay
-                )
+                self._outage.failed(exc)
                 if conn is not None:
                     conn.close()
                 conn = None
-                stop.wait(delay)
+                stop.wait(_jitter(delay))
                 delay = min(delay * 2, 5.0)
             except Exception as exc:  # a bug here must not leave a half-alive worker
                 _worker_log.exception(
@@ -4761,11 +5221,12 @@ class Worker:
                 exc,
             )
 
-    def _extend(self, conn: _Connection) -> None:
+    def _extend(self, conn: _Connection) -> bool:
+        """Extend the leases of running handlers; False when none runs (nothing written)."""
         with self._lock:
             held = [(ctx.id, ctx.attempt) for ctx in self._active.values()]
         if not held:
-            return
+            return False
         kept = self.app._extend_leases(conn, self.worker_id, held, self.lease)
         for run_id, attempt in held:
             if run_id not in kept:
@@ -4775,6 +5236,24 @@ class Worker:
                         "run %s: lease lost (cancelled or taken over); is_cancelled() is now true",
                         run_id,
                     )
+        return True
+
+    # -- the database's availability and wake-ups ------------------------------------------
+    def _database_up(self, up: bool) -> None:
+        self.metrics.set("workflow_worker_database_up", float(up), worker_id=self.worker_id)
+        if not up:
+            self.metrics.inc("workflow_worker_database_outages_total", worker_id=self.worker_id)
+
+    def _watch(self, watch: _Watch, stop: threading.Event) -> None:
+        reason = watch(stop, self._wake.set, self._listen_outage.report)
+        if reason:
+            _worker_log.warning(
+                "%s: no wake-ups: %s; polling every %gs instead (listen_dsn= gives LISTEN a "
+                "direct connection)",
+                self.worker_id,
+                reason,
+                self.poll_interval,
+            )
 
     # -- internal interface used by the HTTP layer (metrics) and the CLI ------------------
     def _uptime(self) -> float:
@@ -4849,6 +5328,7 @@ _http_log = logging.getLogger("minflow.http")
 
 _DRAIN_LIMIT = 16 << 20  # an oversized body up to this size is read and dropped, so the 413 arrives
 _API = "/api/v1"
+_HEALTH_PATHS = ("/healthz", f"{_API}/health")
 _METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
@@ -4959,10 +5439,11 @@ def _optional(body: dict, name: str, default: Any) -> Any:
 
 def _r_healthz(req: _Request) -> tuple[int, Any]:
     try:
-        req.client._sql("now")
+        problem = req.client._health()
     except MinflowError as exc:
-        _http_log.warning("health check: database unhealthy: %s", exc)
-        raise _HTTPError(503, "database unhealthy") from None
+        raise _HTTPError(503, "database unhealthy", {"Retry-After": "1"}) from exc
+    if problem:
+        raise _HTTPError(503, f"database read-only: {problem}", {"Retry-After": "1"})
     return 200, {"status": "ok"}
 
 
@@ -5370,10 +5851,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _dispatch(self) -> None:
         headers: dict[str, str] = {}
+        outage = self.server.outage
         try:
             status, body = self._route()
+            # A write that worked, or a health check that passed: the database is back.
+            if self.command != "GET" or urlsplit(self.path).path in _HEALTH_PATHS:
+                outage.ok()
         except _HTTPError as exc:
             status, body, headers = exc.status, exc.body, exc.headers
+            if status == 503:  # the health check's
+                outage.failed(exc.__cause__ or exc)
         except InvalidInput as exc:
             status, body = 400, {"error": str(exc)}
         except NotFound as exc:
@@ -5381,7 +5868,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         except (AlreadyComplete, InvalidState) as exc:
             status, body = 409, {"error": str(exc)}
         except Unavailable as exc:
-            _http_log.warning("%s %s: database unavailable: %s", self.command, self.path, exc)
+            outage.failed(exc)
             status, body, headers = 503, {"error": "database unavailable"}, {"Retry-After": "1"}
         except (TimeoutError, ConnectionError):
             raise  # the client is gone or too slow: nothing to answer
@@ -5557,6 +6044,8 @@ class _Server(http.server.HTTPServer):
         if not _is_number(request_timeout) or request_timeout <= 0:
             raise InvalidInput(f"request timeout must be positive seconds, got {request_timeout!r}")
         self.request_timeout = float(request_timeout)
+        # Logged when it starts and when it ends, not at every request answered 503.
+        self.outage = _Outage(_http_log, "database", meanwhile="answering 503")
         self._max_threads = _check_int("threads", threads, minimum=1)
         self._slots = threading.BoundedSemaphore(self._max_threads)
         self._max_pending = _check_int("pending", pending, minimum=1)
@@ -6133,6 +6622,7 @@ _WORKER_OPTIONS = (
     _Option("--types", "types", None, None, "comma-separated exact types to claim (default: all handlers)"),
     _Option("--prefixes", "prefixes", None, None, "comma-separated literal type prefixes to claim as well"),
     _Option("--worker-id", "worker_id", None, None, "worker id (default: hostname-pid)"),
+    _Option("--listen-dsn", "listen_dsn", None, None, "direct PostgreSQL DSN for LISTEN wake-ups when --dsn goes through a pooler"),
     _Option("--burst", None, None, False, "exit once nothing is due and nothing runs"),
     _Option("--no-schedules", "schedules", None, True, "do not run the cron ticker in this worker"),
     _Option("--shutdown-timeout", "shutdown_timeout", float, DEFAULT_SHUTDOWN_TIMEOUT, f"seconds running handlers get after SIGTERM (default {DEFAULT_SHUTDOWN_TIMEOUT:g})"),
@@ -6202,17 +6692,19 @@ def _cmd_ticker(args: argparse.Namespace) -> int:
     with Client(args.dsn) as client:
         client._ensure_schema()
         _ticker_log.info("ticker started on %s, every %gs", client.dsn, args.interval)
+        outage = _Outage(_ticker_log, "ticker: database")
         delay = args.interval
         while not stop.is_set():
             try:
                 fired = client.tick()
                 if fired:
                     _ticker_log.info("%d schedule slots fired", fired)
+                outage.ok()
                 delay = args.interval
             except Unavailable as exc:
-                _ticker_log.warning("tick failed: %s; retrying in %.1fs", exc, delay)
+                outage.failed(exc)
                 delay = min(delay * 2, 30.0)
-            stop.wait(delay)
+            stop.wait(_jitter(delay) if outage.down else delay)
     return 0
 
 

@@ -308,10 +308,19 @@ def browser():
 
 
 def db(client, statement: str, **params) -> list:
-    """Run raw SQL on the client's database; ``{now}``, ``{time:x}``, ``{uuid:x}``... as in minflow."""
-    sql = minflow._render(statement, client._dialect.fragments)
+    """Run raw SQL on the client's database; ``{now}``, ``{time:x}``, ``{uuid:x}``... as in minflow.
+
+    Bare table names are the client's: minflow sends no search_path, so on PostgreSQL the
+    statement runs in a transaction that sets one for itself alone.
+    """
+    fragments = client._dialect.fragments
+    sql = minflow._render(statement, fragments)
     with client._pool.connection() as conn:
-        return conn.query(sql, params or None)
+        if "schema" not in fragments:
+            return conn.query(sql, params or None)
+        with conn.transaction():
+            conn.query(f"SET LOCAL search_path TO {fragments['schema']}")
+            return conn.query(sql, params or None)
 
 
 def event_types(client, run_id: str) -> list[str]:

@@ -112,11 +112,11 @@ def pg_app(private_pg):
     app.close()
 
 
-def terminate_minflow_backends(cluster) -> int:
+def minflow_backends(cluster, terminate: bool = False) -> int:
     admin = pg_connect(cluster.dsn)
     try:
         rows = admin.run(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            f"SELECT {'pg_terminate_backend(pid)' if terminate else 'pid'} FROM pg_stat_activity "
             "WHERE application_name = 'minflow' AND pid <> pg_backend_pid()"
         )
     finally:
@@ -126,8 +126,10 @@ def terminate_minflow_backends(cluster) -> int:
 
 def test_worker_survives_terminated_connections(private_pg, pg_app):
     def outage(worker, handler):
-        # Every minflow connection dies: the claim loop's, the LISTEN one, the housekeeper's.
-        assert terminate_minflow_backends(private_pg) >= 3
+        # Every minflow connection dies: the claim loop's, the LISTEN one, the housekeeper's
+        # (the side threads connect while the first claims run: wait for them).
+        wait_for(lambda: minflow_backends(private_pg) >= 3, 30, message="3 connections")
+        assert minflow_backends(private_pg, terminate=True) >= 3
         handler.gate.set()
         wait_for(lambda: poll_errors(worker) >= 1, 30, message="the loop to notice")
 
