@@ -789,6 +789,14 @@ _SQLITE_MIGRATIONS: list[tuple[int, str, list[str]]] = [
             WHERE enabled = 1 AND deleted_at IS NULL""",
         ],
     ),
+    (
+        3,
+        "snooze counts",
+        # How often a run asked to run later (Retry) since it was submitted or retried; the
+        # Go library's statements name their columns, so they never see it, and its inserts
+        # get the default.
+        ["ALTER TABLE {workflow_run} ADD COLUMN snoozes INTEGER NOT NULL DEFAULT 0"],
+    ),
 ]
 
 _PG_MIGRATIONS: list[tuple[int, str, list[str]]] = [
@@ -875,6 +883,12 @@ _PG_MIGRATIONS: list[tuple[int, str, list[str]]] = [
             """CREATE UNIQUE INDEX IF NOT EXISTS minflow_schedule_name ON {workflow_schedule} (name)
             WHERE name IS NOT NULL AND deleted_at IS NULL""",
         ],
+    ),
+    (
+        3,
+        "snooze counts",
+        # A constant default: PostgreSQL adds the column without rewriting the table.
+        ["ALTER TABLE {workflow_run} ADD COLUMN IF NOT EXISTS snoozes INT NOT NULL DEFAULT 0"],
     ),
 ]
 
@@ -1025,9 +1039,10 @@ _SQL: dict[str, str] = {
         "UPDATE {workflow_run} SET status = 'cancelled', updated_at = {now} "
         "WHERE id = {uuid:id} AND status IN ('pending', 'leased') AND deleted_at IS NULL RETURNING id"
     ),
-    # Revive a dead or cancelled run: pending now, attempts start again from zero.
+    # Revive a dead or cancelled run: pending now, attempts and snoozes start again from zero.
     "retry": (
-        "UPDATE {workflow_run} SET status = 'pending', attempt = 0, run_at = {now}, updated_at = {now} "
+        "UPDATE {workflow_run} SET status = 'pending', attempt = 0, snoozes = 0, run_at = {now}, "
+        "updated_at = {now} "
         "WHERE id = {uuid:id} AND status IN ('failed', 'cancelled') AND deleted_at IS NULL RETURNING id, type"
     ),
     # Counts by type and status.
@@ -1151,6 +1166,7 @@ UPDATE {workflow_run} SET
   result = CASE WHEN d.kind = 'succeeded' THEN d.result ELSE workflow_run.result END,
   last_error = CASE WHEN d.kind = 'failed' THEN d.error ELSE last_error END,
   attempt = CASE WHEN d.kind = 'snoozed' THEN workflow_run.attempt - 1 ELSE workflow_run.attempt END,
+  snoozes = CASE WHEN d.kind = 'snoozed' THEN snoozes + 1 ELSE snoozes END,
   run_at = CASE WHEN d.kind = 'succeeded' THEN run_at
            ELSE {later:d.delay} END,
   updated_at = {now}
@@ -1179,7 +1195,21 @@ WHERE id IN (SELECT id FROM {workflow_run} INDEXED BY minflow_run_claim
              WHERE status = 'pending' AND deleted_at IS NULL AND run_at <= {now} AND ({filter})
              ORDER BY priority, run_at, created_at, rowid LIMIT :limit)
 RETURNING id, type, payload, attempt, max_attempts, priority,
-  COALESCE(julianday(run_at), 0), COALESCE(julianday(created_at), 0)""",
+  COALESCE(julianday(run_at), 0), COALESCE(julianday(created_at), 0), snoozes""",
+    # The same when the worker caps some types ({filter} then leaves them out): each capped
+    # type ({capped}: one arm per type, see _sqlite_capped_arms) adds at most its room (:r0...)
+    # of its due runs, and the whole claim still takes the first :limit in claim order.
+    "claim_capped": """
+UPDATE {workflow_run} SET status = 'leased', attempt = attempt + 1, leased_by = :worker,
+  lease_until = {later:lease}, updated_at = {now}
+WHERE id IN (SELECT id FROM (
+    SELECT * FROM (SELECT id, priority, run_at, created_at, rowid AS seq
+                   FROM {workflow_run} INDEXED BY minflow_run_claim
+                   WHERE status = 'pending' AND deleted_at IS NULL AND run_at <= {now} AND ({filter})
+                   ORDER BY priority, run_at, created_at, rowid LIMIT :limit){capped})
+  ORDER BY priority, run_at, created_at, seq LIMIT :limit)
+RETURNING id, type, payload, attempt, max_attempts, priority,
+  COALESCE(julianday(run_at), 0), COALESCE(julianday(created_at), 0), snoozes""",
     # Is anything claimable? (read-only pre-check)
     "has_work": """
 SELECT 1 FROM {workflow_run} WHERE status = 'pending' AND deleted_at IS NULL AND run_at <= {now}
@@ -1213,13 +1243,33 @@ WHERE id = :id AND status = 'leased' AND leased_by = :worker AND attempt = :atte
 }
 
 
-def _sqlite_type_filter(types: int, prefixes: int) -> str:
+def _sqlite_type_filter(types: int, prefixes: int, capped: int = 0) -> str:
     """The SQLite claim's {filter} for that many exact types (``:t0``...) and literal prefixes
-    (``:g0``..., GLOB patterns), OR-ed; with neither it matches nothing."""
+    (``:g0``..., GLOB patterns), OR-ed, leaving out the capped types (``:c0``...); with neither
+    types nor prefixes it matches nothing."""
     terms = [f"type GLOB :g{i}" for i in range(prefixes)]
     if types:
         terms.insert(0, "type IN (" + ", ".join(f":t{i}" for i in range(types)) + ")")
-    return " OR ".join(terms) or "0"
+    matched = " OR ".join(terms) or "0"
+    if not capped:
+        return matched
+    return f"({matched}) AND type NOT IN (" + ", ".join(f":c{i}" for i in range(capped)) + ")"
+
+
+def _sqlite_capped_arms(capped: int) -> str:
+    """The "claim_capped" statement's {capped}: per capped type ``:c<i>``, its first ``:r<i>``
+    due runs in claim order (its room below the cap)."""
+    return "".join(
+        " UNION ALL SELECT * FROM (SELECT id, priority, run_at, created_at, rowid FROM "
+        "{workflow_run} WHERE status = 'pending' AND deleted_at IS NULL AND run_at <= {now} "
+        f"AND type = :c{i} ORDER BY priority, run_at, created_at, rowid LIMIT :r{i})"
+        for i in range(capped)
+    )
+
+
+def _sqlite_room_filter(capped: int) -> str:
+    """The has_work pre-check's addition for capped types: due work of one with room counts."""
+    return "".join(f" OR (type = :c{i} AND :r{i} > 0)" for i in range(capped))
 
 
 _SQLITE_SLOTS = {
@@ -1235,9 +1285,91 @@ _SQLITE_SLOTS = {
     "tiebreak": "rowid",  # insertion order, for runs created in the same millisecond
     "filters": "",
     "filter": "0",
+    "capped": "",
 }
 
 # -- PostgreSQL's own statements --------------------------------------------------------------
+
+# The claim/complete cycle, written once with its choice of runs (<picked>) left open.
+_PG_CYCLE = """
+WITH d AS (
+  SELECT CAST(value->>0 AS uuid) AS id, CAST(value->>1 AS int) AS attempt, value->>2 AS kind,
+         CAST(value->>3 AS jsonb) AS result, value->>4 AS error, CAST(value->>5 AS float8) AS delay
+  FROM json_array_elements(CAST(:done AS json))
+), done AS (
+  UPDATE {workflow_run} r SET
+    status = CASE WHEN d.kind = 'succeeded' THEN 'succeeded'
+                  WHEN d.kind = 'failed' AND r.attempt >= r.max_attempts THEN 'failed' ELSE 'pending' END,
+    result = CASE WHEN d.kind = 'succeeded' THEN d.result ELSE r.result END,
+    last_error = CASE WHEN d.kind = 'failed' THEN d.error ELSE r.last_error END,
+    attempt = CASE WHEN d.kind = 'snoozed' THEN r.attempt - 1 ELSE r.attempt END,
+    snoozes = CASE WHEN d.kind = 'snoozed' THEN r.snoozes + 1 ELSE r.snoozes END,
+    run_at = CASE WHEN d.kind = 'succeeded' THEN r.run_at ELSE NOW() + make_interval(secs => d.delay) END,
+    updated_at = NOW()
+  FROM d
+  WHERE r.id = d.id AND r.status = 'leased' AND r.leased_by = :worker AND r.attempt = d.attempt
+  RETURNING r.id, r.status, r.attempt, d.kind, d.error, d.delay
+), done_events AS (
+  INSERT INTO {workflow_event} (workflow_id, event_type, data, created_at)
+  SELECT id, {event_type}, {outcome_data}, NOW()
+  FROM done
+), <picked>, claimed AS (
+  UPDATE {workflow_run} r SET status = 'leased', attempt = r.attempt + 1, leased_by = :worker,
+    lease_until = NOW() + make_interval(secs => :lease), updated_at = NOW()
+  FROM picked WHERE r.id = picked.id
+  RETURNING r.id, r.type, r.payload, r.attempt, r.max_attempts, r.priority, r.run_at, r.created_at,
+    r.snoozes
+), claim_events AS (
+  INSERT INTO {workflow_event} (workflow_id, event_type, data, created_at)
+  SELECT id, 'leased', jsonb_build_object('worker_id', CAST(:worker AS text), 'attempt', attempt), NOW()
+  FROM claimed
+  UNION ALL
+  SELECT id, 'started', jsonb_build_object('worker_id', CAST(:worker AS text)), NOW()
+  FROM claimed WHERE type = ANY(CAST(:handled AS text[]))
+)
+-- Two JSON arrays in one row: the driver decodes them in C instead of value by value in Python.
+SELECT (SELECT COALESCE(json_agg(json_build_array(id, type, payload, attempt, max_attempts, priority,
+                                                  extract(epoch FROM run_at),
+                                                  extract(epoch FROM created_at), snoozes)), '[]')
+        FROM claimed),
+       (SELECT COALESCE(json_agg(json_build_array(id, status, attempt)), '[]') FROM done)"""
+# The runs a cycle claims: due, of the worker's types, in claim order, skipping rows other
+# workers are locking.
+_PG_PICK = """picked AS (
+  SELECT id FROM {workflow_run}
+  WHERE status = 'pending' AND deleted_at IS NULL AND run_at <= NOW()
+    AND (type = ANY(CAST(:claim_types AS text[])) OR type LIKE ANY(CAST(:patterns AS text[])))
+  ORDER BY priority, run_at, created_at
+  LIMIT :limit
+  FOR UPDATE SKIP LOCKED
+)"""
+# The same when the worker caps some types: the first arm leaves them out, the second adds
+# per capped type (:capped) at most its room (:room) of its own due runs, and the first :limit
+# of both in claim order are taken. Rows an arm locked but the outer LIMIT drops stay pending.
+_PG_PICK_CAPPED = """picked AS (
+  SELECT id FROM (
+    SELECT * FROM (
+      SELECT id, priority, run_at, created_at FROM {workflow_run}
+      WHERE status = 'pending' AND deleted_at IS NULL AND run_at <= NOW()
+        AND (type = ANY(CAST(:claim_types AS text[])) OR type LIKE ANY(CAST(:patterns AS text[])))
+        AND type <> ALL(CAST(:capped AS text[]))
+      ORDER BY priority, run_at, created_at
+      LIMIT :limit
+      FOR UPDATE SKIP LOCKED
+    ) AS uncapped
+    UNION ALL
+    SELECT c.* FROM unnest(CAST(:capped AS text[]), CAST(:room AS int[])) AS k(type, room)
+    CROSS JOIN LATERAL (
+      SELECT id, priority, run_at, created_at FROM {workflow_run}
+      WHERE status = 'pending' AND deleted_at IS NULL AND run_at <= NOW() AND type = k.type
+      ORDER BY priority, run_at, created_at
+      LIMIT k.room
+      FOR UPDATE SKIP LOCKED
+    ) AS c
+  ) AS due
+  ORDER BY priority, run_at, created_at
+  LIMIT :limit
+)"""
 
 _PG_SQL: dict[str, str] = {
     # Transactions begin plainly: row locks (FOR UPDATE SKIP LOCKED) do the rest.
@@ -1291,53 +1423,9 @@ SELECT pg_notify(:channel, type) FROM ins""",
     # Write a batch of outcomes (fenced; a JSON array of [id, attempt, kind, result, error,
     # delay]) and claim up to :limit runs, with every event, in one round trip. Outcomes and
     # claims touch different rows: a run being completed is 'leased'.
-    "cycle": """
-WITH d AS (
-  SELECT CAST(value->>0 AS uuid) AS id, CAST(value->>1 AS int) AS attempt, value->>2 AS kind,
-         CAST(value->>3 AS jsonb) AS result, value->>4 AS error, CAST(value->>5 AS float8) AS delay
-  FROM json_array_elements(CAST(:done AS json))
-), done AS (
-  UPDATE {workflow_run} r SET
-    status = CASE WHEN d.kind = 'succeeded' THEN 'succeeded'
-                  WHEN d.kind = 'failed' AND r.attempt >= r.max_attempts THEN 'failed' ELSE 'pending' END,
-    result = CASE WHEN d.kind = 'succeeded' THEN d.result ELSE r.result END,
-    last_error = CASE WHEN d.kind = 'failed' THEN d.error ELSE r.last_error END,
-    attempt = CASE WHEN d.kind = 'snoozed' THEN r.attempt - 1 ELSE r.attempt END,
-    run_at = CASE WHEN d.kind = 'succeeded' THEN r.run_at ELSE NOW() + make_interval(secs => d.delay) END,
-    updated_at = NOW()
-  FROM d
-  WHERE r.id = d.id AND r.status = 'leased' AND r.leased_by = :worker AND r.attempt = d.attempt
-  RETURNING r.id, r.status, r.attempt, d.kind, d.error, d.delay
-), done_events AS (
-  INSERT INTO {workflow_event} (workflow_id, event_type, data, created_at)
-  SELECT id, {event_type}, {outcome_data}, NOW()
-  FROM done
-), picked AS (
-  SELECT id FROM {workflow_run}
-  WHERE status = 'pending' AND deleted_at IS NULL AND run_at <= NOW()
-    AND (type = ANY(CAST(:claim_types AS text[])) OR type LIKE ANY(CAST(:patterns AS text[])))
-  ORDER BY priority, run_at, created_at
-  LIMIT :limit
-  FOR UPDATE SKIP LOCKED
-), claimed AS (
-  UPDATE {workflow_run} r SET status = 'leased', attempt = r.attempt + 1, leased_by = :worker,
-    lease_until = NOW() + make_interval(secs => :lease), updated_at = NOW()
-  FROM picked WHERE r.id = picked.id
-  RETURNING r.id, r.type, r.payload, r.attempt, r.max_attempts, r.priority, r.run_at, r.created_at
-), claim_events AS (
-  INSERT INTO {workflow_event} (workflow_id, event_type, data, created_at)
-  SELECT id, 'leased', jsonb_build_object('worker_id', CAST(:worker AS text), 'attempt', attempt), NOW()
-  FROM claimed
-  UNION ALL
-  SELECT id, 'started', jsonb_build_object('worker_id', CAST(:worker AS text)), NOW()
-  FROM claimed WHERE type = ANY(CAST(:handled AS text[]))
-)
--- Two JSON arrays in one row: the driver decodes them in C instead of value by value in Python.
-SELECT (SELECT COALESCE(json_agg(json_build_array(id, type, payload, attempt, max_attempts, priority,
-                                                  extract(epoch FROM run_at),
-                                                  extract(epoch FROM created_at))), '[]')
-        FROM claimed),
-       (SELECT COALESCE(json_agg(json_build_array(id, status, attempt)), '[]') FROM done)""",
+    "cycle": _PG_CYCLE.replace("<picked>", _PG_PICK),
+    # The same for a worker that caps some types (see _PG_PICK_CAPPED).
+    "cycle_capped": _PG_CYCLE.replace("<picked>", _PG_PICK_CAPPED),
     # Expired leases back to pending (or failed when attempts are used up), with their events.
     "rescue": """
 WITH expired AS (
@@ -1485,6 +1573,10 @@ def _translate_sqlite(exc: sqlite3.Error) -> MinflowError:
         return MinflowError(
             f"{text}: the minflow schema is missing; run Client.migrate() or `minflow migrate`"
         )
+    if "no such column" in text:
+        return MinflowError(
+            f"{text}: the minflow schema is out of date; run Client.migrate() or `minflow migrate`"
+        )
     if isinstance(exc, sqlite3.IntegrityError):
         return InvalidInput(f"rejected by the database: {text}")
     if isinstance(exc, sqlite3.OperationalError) and ("disk" in text or "unable to open" in text):
@@ -1593,6 +1685,10 @@ def _translate_pg(exc: Exception) -> MinflowError:
         return MinflowError(
             f"{message}: the minflow schema is missing; run Client.migrate() or `minflow migrate`"
         )
+    if code == "42703":  # undefined column
+        return MinflowError(
+            f"{message}: the minflow schema is out of date; run Client.migrate() or `minflow migrate`"
+        )
     if code.startswith(("22", "23")):
         return InvalidInput(f"rejected by the database ({code}): {message}")
     return MinflowError(f"PostgreSQL error ({code}): {message}")
@@ -1694,11 +1790,13 @@ class _Completion:
 
 @dataclasses.dataclass
 class _Filter:
-    """Which runs a worker may claim: exact types and/or literal prefixes."""
+    """Which runs a worker may claim: exact types and/or literal prefixes, except the capped
+    types, which come with their room (how many more of each may start now, maybe 0)."""
 
     types: tuple[str, ...]
     prefixes: tuple[str, ...]
     handled: frozenset[str]
+    capped: tuple[tuple[str, int], ...] = ()
 
 
 class _Claim(NamedTuple):
@@ -1712,6 +1810,7 @@ class _Claim(NamedTuple):
     priority: int
     run_at: float
     created_at: float
+    snoozes: int = 0  # Retry requests since submit or retry()
 
 
 class _Dialect:
@@ -1744,6 +1843,10 @@ class _Dialect:
 
     def valid_id(self, run_id: str) -> bool:
         return isinstance(run_id, str) and bool(run_id)
+
+    def describe(self) -> str:
+        """The database as resolved, for start-up lines (a password never shows)."""
+        return self.dsn.text
 
     def decode_json(self, value: Any) -> Any:
         raise NotImplementedError
@@ -1839,6 +1942,9 @@ class _SQLiteDialect(_Dialect):
         # Per worker filter: the claim and pre-check statements and their parameters.
         self._filters: dict[tuple, tuple[str, str, dict]] = {}
 
+    def describe(self):
+        return "SQLite in memory" if self.dsn.memory else f"SQLite {self.dsn.path}"
+
     def decode_json(self, value: Any) -> Any:
         # The Go library binds JSON as []byte, which SQLite stores as BLOB.
         if value is None:
@@ -1919,21 +2025,32 @@ class _SQLiteDialect(_Dialect):
 
     def _filter(self, filt: _Filter) -> tuple[str, str, dict]:
         """(claim statement, pre-check statement, their parameters) for ``filt``."""
-        cache_key = (filt.types, filt.prefixes)
+        capped = tuple(run_type for run_type, _ in filt.capped)
+        cache_key = (filt.types, filt.prefixes, capped)
         cached = self._filters.get(cache_key)
         if cached is None:
-            params = {f"t{i}": t for i, t in enumerate(filt.types)}
+            params: dict[str, Any] = {f"t{i}": t for i, t in enumerate(filt.types)}
             for i, prefix in enumerate(filt.prefixes):
                 # GLOB is case-sensitive (LIKE is not, in SQLite); its wildcards are escaped
                 # with brackets so the prefix is matched literally.
                 params[f"g{i}"] = re.sub(r"([*?\[])", r"[\1]", prefix) + "*"
-            piece = _sqlite_type_filter(len(filt.types), len(filt.prefixes))
+            params.update((f"c{i}", t) for i, t in enumerate(capped))
+            piece = _sqlite_type_filter(len(filt.types), len(filt.prefixes), len(capped))
+            if capped:
+                arms = _render(_sqlite_capped_arms(len(capped)), self.fragments)
+                claim = self.compose("claim_capped", filter=piece, capped=arms)
+                piece += _sqlite_room_filter(len(capped))
+            else:
+                claim = self.compose("claim", filter=piece)
             cached = self._filters[cache_key] = (
-                self.compose("claim", filter=piece),
+                claim,
                 self.compose("has_work", filter=piece),
                 params,
             )
-        return cached
+        claim, has_work, params = cached
+        if filt.capped:  # the rooms change from cycle to cycle
+            params = {**params, **{f"r{i}": room for i, (_, room) in enumerate(filt.capped)}}
+        return claim, has_work, params
 
     def _claim(self, row: Sequence) -> _Claim:
         payload = row[2]
@@ -2083,6 +2200,9 @@ class _PostgresDialect(_Dialect):
         # A non-UUID id is "not found": PostgreSQL would reject the cast to uuid with an error.
         return _is_uuid(run_id)
 
+    def describe(self):
+        return f"PostgreSQL {self.dsn.text} (schema {self.dsn.schema})"
+
     def decode_json(self, value):
         return value  # pg8000 decodes jsonb
 
@@ -2173,21 +2293,24 @@ class _PostgresDialect(_Dialect):
         return out  # type: ignore[return-value]
 
     def cycle(self, conn, worker_id, done, limit, lease, filt):
-        rows = conn.query(
-            self.sql["cycle"],
-            {
-                # Outcomes as one JSON array, encoded in C (as SQLite's cycle does).
-                "done": json.dumps(
-                    [[d.id, d.attempt, d.kind, d.result, d.error, float(d.delay)] for d in done]
-                ),
-                "worker": worker_id,
-                "limit": limit,
-                "lease": float(lease),
-                "claim_types": list(filt.types),
-                "patterns": [_like_prefix(p) for p in filt.prefixes],
-                "handled": sorted(filt.handled),
-            },
-        )
+        params = {
+            # Outcomes as one JSON array, encoded in C (as SQLite's cycle does).
+            "done": json.dumps(
+                [[d.id, d.attempt, d.kind, d.result, d.error, float(d.delay)] for d in done]
+            ),
+            "worker": worker_id,
+            "limit": limit,
+            "lease": float(lease),
+            "claim_types": list(filt.types),
+            "patterns": [_like_prefix(p) for p in filt.prefixes],
+            "handled": sorted(filt.handled),
+        }
+        statement = self.sql["cycle"]
+        if filt.capped:
+            statement = self.sql["cycle_capped"]
+            params["capped"] = [run_type for run_type, _ in filt.capped]
+            params["room"] = [room for _, room in filt.capped]
+        rows = conn.query(statement, params)
         claimed, done_rows = rows[0]
         return (
             [_Claim(*row) for row in claimed],
@@ -2981,6 +3104,11 @@ class Client:
     # -- internal interface used by the Worker, RunContext, the HTTP layer and the CLI -----
     # Underscored because users must not depend on it. These methods are all those callers use
     # of a Client: its DSN, dialect and pool stay private to it.
+
+    def _database(self) -> str:
+        """The database as resolved: an absolute SQLite path, or the DSN with its password
+        masked (the Worker's start-up line)."""
+        return self._dialect.describe()
 
     def _configure(self, dsn: str | None) -> None:
         """Point this client at another database, closing the connections to the previous one
