@@ -340,6 +340,23 @@ def seed_backoff(attempt: int) -> float:
     return base + base * 0.1 * random.random()
 
 
+def _fixed_backoff(seconds: float) -> Callable[[int], float]:
+    """The same delay after every failed attempt, without jitter."""
+    return lambda attempt: seconds
+
+
+def _exponential_backoff(base: float, cap: float) -> Callable[[int], float]:
+    """``base`` doubling with each failed attempt, at most ``cap``, less up to 10% jitter (so
+    runs that failed together spread out, and the cap is never exceeded)."""
+
+    def backoff(attempt: int) -> float:
+        # The exponent is bounded: 2.0 ** 1100 would overflow a float long before it matters.
+        delay = min(cap, base * 2.0 ** min(max(attempt - 1, 0), 1000))
+        return delay - delay * 0.1 * random.random()
+
+    return backoff
+
+
 # ---------------------------------------------------------------------------------------------
 # Public value types
 # ---------------------------------------------------------------------------------------------
@@ -5615,6 +5632,26 @@ def _duration_arg(text: str) -> float:
     return seconds
 
 
+def _backoff_arg(text: str) -> Callable[[int], float]:
+    """``seed``, ``fixed:DURATION`` or ``exponential:BASE:CAP`` as a backoff function."""
+    kind, *values = text.strip().split(":")
+    try:
+        if kind == "seed" and not values:
+            return seed_backoff
+        if kind == "fixed" and len(values) == 1:
+            return _fixed_backoff(_duration_arg(values[0]))
+        if kind == "exponential" and len(values) == 2:
+            base, cap = (_duration_arg(value) for value in values)
+            if base > 0 and cap >= base:
+                return _exponential_backoff(base, cap)
+    except argparse.ArgumentTypeError:
+        pass
+    raise argparse.ArgumentTypeError(
+        f"expected seed, fixed:DURATION or exponential:BASE:CAP (0 < BASE <= CAP), e.g. "
+        f"fixed:5s or exponential:1s:10m; got {text!r}"
+    )
+
+
 def _port_arg(text: str) -> int:
     if not text.isdigit() or not 0 <= int(text) <= 65535:
         raise argparse.ArgumentTypeError(f"a port is a number from 0 to 65535, got {text!r}")
@@ -5664,6 +5701,8 @@ _WORKER_OPTIONS = (
     _Option("--burst", None, None, False, "exit once nothing is due and nothing runs"),
     _Option("--no-schedules", "schedules", None, True, "do not run the cron ticker in this worker"),
     _Option("--shutdown-timeout", "shutdown_timeout", float, DEFAULT_SHUTDOWN_TIMEOUT, f"seconds running handlers get after SIGTERM (default {DEFAULT_SHUTDOWN_TIMEOUT:g})"),
+    _Option("--backoff", "backoff", _backoff_arg, None, "retry delay for handlers without their own: seed (default: attempt² minutes + up to 10%%), fixed:5s, or exponential:1s:10m (1 s doubling per attempt up to 10 min, less up to 10%% jitter)"),
+    _Option("--max-snoozes", "max_snoozes", int, DEFAULT_MAX_SNOOZES, f"Retry requests per run before each counts as a failed attempt (default {DEFAULT_MAX_SNOOZES})"),
     _Option("--metrics-port", None, _port_arg, None, "serve Prometheus /metrics (and /healthz) on this port"),
     _Option("--metrics-host", None, None, DEFAULT_HTTP_HOST, f"address for --metrics-port (default {DEFAULT_HTTP_HOST})"),
 )  # fmt: skip
@@ -6129,10 +6168,61 @@ examples:
   minflow schedule add reports.daily.v1 --cron '0 6 * * *' --timezone Europe/Berlin
   minflow serve --port 8080
 
-Every command takes --dsn (default: $MINFLOW_DSN, else sqlite:///minflow.db) and
---help. Exit status: 0 success, 1 the operation failed (not found, wrong state,
-database error), 2 invalid arguments or input.
+Every command takes --dsn (default: $MINFLOW_DSN, else sqlite:///minflow.db),
+--log-level, --log-format text|json (before or after the command) and --help.
+Exit status: 0 success, 1 the operation failed (not found, wrong state, database
+error), 2 invalid arguments or input.
 """
+
+
+class _JsonLogFormatter(logging.Formatter):
+    """``--log-format json``: one JSON object per record, with the run fields it carries."""
+
+    FIELDS = ("run_id", "type", "attempt", "worker_id", "outcome", "duration")
+
+    def format(self, record: logging.LogRecord) -> str:
+        moment = _dt.datetime.fromtimestamp(record.created, UTC)
+        entry = {
+            "time": moment.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for name in self.FIELDS:
+            value = record.__dict__.get(name)
+            if value is not None:
+                entry[name] = value
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False, default=str)
+
+
+def _global_options(parser: argparse.ArgumentParser, prefix: str = "") -> None:
+    """The options every command takes, before its name (``prefix``: their own dest, because
+    a subcommand's defaults would overwrite values given there) or after it."""
+    before = bool(prefix)
+    parser.add_argument(
+        "--dsn",
+        dest=prefix + "dsn",
+        default=None,
+        help=argparse.SUPPRESS
+        if before
+        else "database (default: $MINFLOW_DSN, else sqlite:///minflow.db)",
+    )
+    parser.add_argument(
+        "--log-level",
+        dest=prefix + "log_level",
+        default=None,
+        choices=["debug", "info", "warning", "error"],
+        help="logging level (default: info for worker/ticker/serve, warning otherwise)",
+    )
+    parser.add_argument(
+        "--log-format",
+        dest=prefix + "log_format",
+        default=None,
+        choices=["text", "json"],
+        help="log lines as text (default) or one JSON object per line",
+    )
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -6143,15 +6233,7 @@ def _build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"minflow {__version__}")
-    parser.add_argument(
-        "--log-level",
-        default=None,
-        choices=["debug", "info", "warning", "error"],
-        help="logging level (default: info for worker/ticker/serve, warning otherwise)",
-    )
-    # Also accepted before the command; a separate dest, because a subcommand's default would
-    # overwrite the value given here.
-    parser.add_argument("--dsn", dest="global_dsn", default=None, help=argparse.SUPPRESS)
+    _global_options(parser, prefix="global_")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def command(
@@ -6164,11 +6246,7 @@ def _build_parser() -> argparse.ArgumentParser:
         options: Sequence[_Option] = (),
     ) -> argparse.ArgumentParser:
         sub = parent.add_parser(name, help=help_text, description=help_text)
-        sub.add_argument(
-            "--dsn",
-            default=None,
-            help="database (default: $MINFLOW_DSN, else sqlite:///minflow.db)",
-        )
+        _global_options(sub)
         if json_flag:
             sub.add_argument(
                 "--json", action="store_true", help="print JSON for scripts instead of text"
@@ -6324,13 +6402,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The ``minflow`` command; returns the exit status."""
     parser = _build_parser()
     args = parser.parse_args(argv)
-    args.dsn = args.dsn or args.global_dsn
+    for name in ("dsn", "log_level", "log_format"):  # after the command wins
+        setattr(args, name, getattr(args, name, None) or getattr(args, "global_" + name))
     level = args.log_level or (
         "info" if args.command in ("worker", "ticker", "serve") else "warning"
     )
-    logging.basicConfig(
-        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    handler = logging.StreamHandler()
+    handler.setFormatter(
+        _JsonLogFormatter()
+        if args.log_format == "json"
+        else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     )
+    logging.basicConfig(level=level.upper(), handlers=[handler])
     if args.command == "demo" and not args.log_level:
         logging.getLogger("minflow.worker").setLevel(logging.CRITICAL)  # the failures are the point
     try:
