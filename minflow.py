@@ -169,8 +169,10 @@ class Unavailable(MinflowError):
 class Retry(Exception):  # noqa: N818 - named for what the handler asks for
     """Raised by a handler to run again later without counting the attempt as a failure.
 
-    ``delay`` is in seconds (``None``: the worker's backoff for this attempt). The attempt is
-    given back, so ``max_attempts`` is not consumed, and ``last_error`` is left alone.
+    ``delay`` is in seconds (``None``: the backoff for this attempt). The attempt is given
+    back, so ``max_attempts`` is not consumed, and ``last_error`` is left alone. A run may
+    snooze like this ``Worker(max_snoozes=...)`` times (``RunContext.snoozes`` counts them);
+    each request after that counts as a failed attempt.
     """
 
     def __init__(self, delay: float | None = None):
