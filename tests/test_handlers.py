@@ -206,12 +206,16 @@ def test_stop_lets_async_handlers_finish_and_a_forced_stop_cancels_them(app):
     stopper.join(20)
     assert app.get(run_id).result == "finished"
 
-    stuck = app.submit("endless")
-    worker = minflow.Worker(app, shutdown_timeout=0.3, **NO_WAIT).start()
-    wait_for(lambda: worker.running == 1)
-    worker.stop(timeout=10)
-    assert cancelled.is_set()
-    assert app.get(stuck).status == "leased"  # left to lease expiry and rescue, as threads are
+    # Past the shutdown grace, and at a forced stop (stop()'s own timeout, a second signal).
+    for grace, wait in ((0.3, 10), (30, 0.3)):
+        cancelled.clear()
+        stuck = app.submit("endless")
+        worker = minflow.Worker(app, shutdown_timeout=grace, **NO_WAIT).start()
+        wait_for(lambda w=worker: w.running == 1)
+        worker.stop(timeout=wait)
+        assert cancelled.is_set()
+        assert worker._stopped_hard() is (wait < grace)
+        assert app.get(stuck).status == "leased"  # left to lease expiry, as threads are
 
 
 # -- per-handler backoff -----------------------------------------------------------------------
