@@ -4135,9 +4135,12 @@ class Worker:
 
     def _execute(self, ctx: RunContext, item: _Completion) -> None:
         """Run one plain handler on a pool thread and queue its outcome (never raises)."""
-        with self._lock:
-            if ctx._done:  # its timeout passed while it waited for a thread
-                return
+        if ctx.type in self._timeouts:
+            with self._lock:  # a timeout must see either no thread or this one
+                if ctx._done:  # it passed while the run waited for a thread
+                    return
+                ctx._thread = threading.get_ident()
+        else:
             ctx._thread = threading.get_ident()
         try:
             fn = self._handlers.get(ctx.type)
@@ -4492,10 +4495,10 @@ def _spawn(
 class _HandlerPool:
     """Daemon threads running plain handlers; daemon so that a forced exit never waits for them.
 
-    Threads start as work arrives, up to ``size``. A thread abandoned in a handler that overran
-    its timeout is replaced, for up to ``size`` such threads at once (beyond that, stuck
-    handlers would pile up threads without end: ``shortfall`` tells the worker how many slots
-    it lacks); it exits when the handler finally returns.
+    A thread abandoned in a handler that overran its timeout gets a replacement, for up to
+    ``size`` such threads at once (beyond that, stuck handlers would pile up threads without
+    end: ``shortfall`` tells the worker how many slots it lacks); it exits when the handler
+    finally returns.
     """
 
     def __init__(self, size: int, execute: Callable[[RunContext, _Completion], None], name: str):
@@ -4503,12 +4506,14 @@ class _HandlerPool:
         self._execute = execute
         self._name = name
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards the sets and the count (never the hot path)
         self._threads = 0
-        self._idle = 0  # threads done with their work and not yet handed new work
         self._stuck: set[int] = set()  # idents of threads running an abandoned execution
         self._leaving: set[int] = set()  # formerly stuck threads, to exit once they are back
         self._numbers = itertools.count()
+        with self._lock:
+            for _ in range(size):
+                self._start_thread()
 
     @property
     def stuck(self) -> int:
@@ -4520,17 +4525,17 @@ class _HandlerPool:
         """Handler slots lost to stuck threads that were not replaced."""
         return max(0, len(self._stuck) - self._size)
 
+    def _wanted(self) -> int:  # with the lock held
+        """Threads the pool should have: its size, plus a replacement per stuck thread."""
+        return self._size + min(len(self._stuck), self._size)
+
+    def _start_thread(self) -> None:  # with the lock held
+        self._threads += 1
+        threading.Thread(
+            target=self._serve, name=f"{self._name}-handler-{next(self._numbers)}", daemon=True
+        ).start()
+
     def submit(self, ctx: RunContext, item: _Completion) -> None:
-        with self._lock:
-            if self._idle:
-                self._idle -= 1
-            elif self._threads < self._size + min(len(self._stuck), self._size):
-                self._threads += 1
-                threading.Thread(
-                    target=self._serve,
-                    name=f"{self._name}-handler-{next(self._numbers)}",
-                    daemon=True,
-                ).start()
         self._queue.put((ctx, item))
 
     def _serve(self) -> None:
@@ -4540,19 +4545,23 @@ class _HandlerPool:
             if work is None:
                 return
             self._execute(*work)
-            with self._lock:
-                if me in self._leaving or me in self._stuck:
-                    # Replaced while it was stuck: the pool has its size without this thread.
-                    self._leaving.discard(me)
-                    self._stuck.discard(me)
-                    self._threads -= 1
-                    return
-                self._idle += 1
+            # Abandonment is decided before the late outcome is handed in, so by now this
+            # thread is in one of the sets if it ever will be.
+            if self._stuck or self._leaving:
+                with self._lock:
+                    if me in self._stuck or me in self._leaving:
+                        self._stuck.discard(me)
+                        self._leaving.discard(me)
+                        if self._threads > self._wanted():  # else it stands in for another
+                            self._threads -= 1
+                            return
 
     def abandon(self, ident: int) -> None:
-        """Give up on the execution thread ``ident`` runs (a new thread may take its place)."""
+        """Give up on the execution thread ``ident`` runs, and replace it while allowed."""
         with self._lock:
             self._stuck.add(ident)
+            if self._threads < self._wanted():
+                self._start_thread()
 
     def release(self, ident: int) -> None:
         """Thread ``ident`` is back from an abandoned execution (it exits once done with it)."""

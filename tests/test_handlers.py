@@ -335,23 +335,32 @@ def test_a_stuck_handler_does_not_stop_the_worker(app):
 
 
 def test_stuck_threads_are_replaced_up_to_concurrency(app):
-    release = threading.Event()
-    app.handler("stuck", timeout=0.2)(lambda run: release.wait(30))
+    releases = [threading.Event(), threading.Event()]
+    app.handler("stuck", timeout=0.2)(lambda run: releases[run.payload].wait(30))
     app.handler("quick")(lambda run: "done")
-    stuck = app.submit_many([minflow.Job("stuck", max_attempts=1, priority=0) for _ in range(2)])
-    quick = app.submit("quick", priority=1)
+    stuck = app.submit_many([minflow.Job("stuck", n, max_attempts=1, priority=0) for n in (0, 1)])
+    quick = app.submit_many([minflow.Job("quick", priority=1) for _ in range(2)])
     worker = minflow.Worker(app, concurrency=1, **NO_WAIT).start()
     try:
         wait_for(lambda: all(app.get(i).status == "failed" for i in stuck), message="timeouts")
         assert metric(worker, "workflow_worker_stuck_threads") == 2
         # One stuck thread was replaced, the second was not (at most `concurrency` are): no
         # slot is left, so the worker claims nothing until a thread comes back.
-        assert app.get(quick).status == "pending" and worker.running == 0
-        release.set()
-        wait_for(lambda: app.get(quick).status == "succeeded", message="a free slot again")
+        assert [app.get(i).status for i in quick] == ["pending", "pending"]
+        assert worker.running == 0
+        releases[0].set()  # one comes back while the other is still stuck: one slot again
+        wait_for(lambda: all(app.get(i).status == "succeeded" for i in quick), message="a slot")
+        assert metric(worker, "workflow_worker_stuck_threads") == 1
+        releases[1].set()
         wait_for(lambda: metric(worker, "workflow_worker_stuck_threads") == 0)
+        prefix = f"{worker.worker_id}-handler-"
+        wait_for(  # back to its size
+            lambda: sum(t.name.startswith(prefix) for t in threading.enumerate()) == 1,
+            message="the pool to shrink back to one thread",
+        )
     finally:
-        release.set()
+        for release in releases:
+            release.set()
         worker.stop(timeout=10)
 
 
