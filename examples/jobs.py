@@ -55,8 +55,8 @@ async def receipt(run: minflow.RunContext) -> dict:
     return {"sent": run.payload["order"]}
 
 
-# The mail server's refusals are brief: retry after two seconds, not the default minutes.
-@app.handler("billing.reminder.v1", backoff=lambda attempt: 2.0)
+# The mail server's refusals are brief: retry after a second, not the default minutes.
+@app.handler("billing.reminder.v1", backoff=lambda attempt: 1.0)
 def reminder(run: minflow.RunContext) -> None:
     """Always fails: after max_attempts the run is `failed`, visible with `minflow list --status failed`."""
     raise ConnectionError(f"mail server refused {run.payload['to']}")
