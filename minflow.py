@@ -352,7 +352,7 @@ def _exponential_backoff(base: float, cap: float) -> Callable[[int], float]:
     runs that failed together spread out, and the cap is never exceeded)."""
 
     def backoff(attempt: int) -> float:
-        # The exponent is bounded: 2.0 ** 1100 would overflow a float long before it matters.
+        # A bounded exponent: 2.0 ** 1024 overflows a float, and any cap is reached far sooner.
         delay = min(cap, base * 2.0 ** min(max(attempt - 1, 0), 1000))
         return delay - delay * 0.1 * random.random()
 
