@@ -53,10 +53,13 @@ import datetime as _dt
 import email.utils
 import errno
 import functools
+import heapq
 import hmac
 import http.server
 import importlib
+import inspect
 import io
+import itertools
 import json
 import logging
 import math
@@ -104,6 +107,9 @@ DEFAULT_SHUTDOWN_TIMEOUT = 30.0
 # A second SIGTERM/SIGINT this soon after the first is not "exit now": terminals may send two
 # SIGINTs for one Ctrl-C, and impatient fingers press twice.
 SIGNAL_DEBOUNCE = 1.0
+# A run may ask to be run later (Retry) this often; after that each request counts as a failed
+# attempt, so a handler that snoozes forever still ends in `failed` (the seed has no bound).
+DEFAULT_MAX_SNOOZES = 25
 DEFAULT_TICK_INTERVAL = 1.0  # a due schedule becomes a run within about a second
 DEFAULT_HTTP_HOST = "127.0.0.1"  # loopback unless the operator decides otherwise
 DEFAULT_HTTP_PORT = 8080
@@ -180,8 +186,10 @@ class Unavailable(MinflowError):
 class Retry(Exception):  # noqa: N818 - named for what the handler asks for
     """Raised by a handler to run again later without counting the attempt as a failure.
 
-    ``delay`` is in seconds (``None``: the worker's backoff for this attempt). The attempt is
-    given back, so ``max_attempts`` is not consumed, and ``last_error`` is left alone.
+    ``delay`` is in seconds (``None``: the backoff for this attempt). The attempt is given
+    back, so ``max_attempts`` is not consumed, and ``last_error`` is left alone. A run may
+    snooze like this ``Worker(max_snoozes=...)`` times (``RunContext.snoozes`` counts them);
+    each request after that counts as a failed attempt.
     """
 
     def __init__(self, delay: float | None = None):
@@ -354,6 +362,23 @@ def seed_backoff(attempt: int) -> float:
     """The seed's retry delay after failed attempt ``attempt``: attempt² minutes + [0, 10%) jitter."""
     base = 60.0 * attempt * attempt
     return base + base * 0.1 * random.random()
+
+
+def _fixed_backoff(seconds: float) -> Callable[[int], float]:
+    """The same delay after every failed attempt, without jitter."""
+    return lambda attempt: seconds
+
+
+def _exponential_backoff(base: float, cap: float) -> Callable[[int], float]:
+    """``base`` doubling with each failed attempt, at most ``cap``, less up to 10% jitter (so
+    runs that failed together spread out, and the cap is never exceeded)."""
+
+    def backoff(attempt: int) -> float:
+        # A bounded exponent: 2.0 ** 1024 overflows a float, and any cap is reached far sooner.
+        delay = min(cap, base * 2.0 ** min(max(attempt - 1, 0), 1000))
+        return delay - delay * 0.1 * random.random()
+
+    return backoff
 
 
 # ---------------------------------------------------------------------------------------------
@@ -990,6 +1015,14 @@ _SQLITE_MIGRATIONS: list[tuple[int, str, list[str]]] = [
             WHERE status = 'pending' AND length(run_at) > 23""",
         ],
     ),
+    (
+        4,
+        "snooze counts",
+        # How often a run asked to run later (Retry) since it was submitted or retried; the
+        # Go library's statements name their columns, so they never see it, and its inserts
+        # get the default.
+        ["ALTER TABLE {workflow_run} ADD COLUMN snoozes INTEGER NOT NULL DEFAULT 0"],
+    ),
 ]
 
 _PG_MIGRATIONS: list[tuple[int, str, list[str]]] = [
@@ -1079,6 +1112,12 @@ _PG_MIGRATIONS: list[tuple[int, str, list[str]]] = [
     ),
     # Nothing to add: timestamptz compares instants. Kept so both dialects share version numbers.
     (3, "index of zoned retry times", []),
+    (
+        4,
+        "snooze counts",
+        # A constant default: PostgreSQL adds the column without rewriting the table.
+        ["ALTER TABLE {workflow_run} ADD COLUMN IF NOT EXISTS snoozes INT NOT NULL DEFAULT 0"],
+    ),
 ]
 
 SCHEMA_VERSION = max(version for version, _, _ in _PG_MIGRATIONS)
@@ -1274,9 +1313,10 @@ _SQL: dict[str, str] = {
         "UPDATE {workflow_run} SET status = 'cancelled', updated_at = {now} "
         "WHERE id = {uuid:id} AND status IN ('pending', 'leased') AND deleted_at IS NULL RETURNING id"
     ),
-    # Revive a dead or cancelled run: pending now, attempts start again from zero.
+    # Revive a dead or cancelled run: pending now, attempts and snoozes start again from zero.
     "retry": (
-        "UPDATE {workflow_run} SET status = 'pending', attempt = 0, run_at = {now}, updated_at = {now} "
+        "UPDATE {workflow_run} SET status = 'pending', attempt = 0, snoozes = 0, run_at = {now}, "
+        "updated_at = {now} "
         "WHERE id = {uuid:id} AND status IN ('failed', 'cancelled') AND deleted_at IS NULL RETURNING id, type"
     ),
     # Counts by type and status.
@@ -1406,6 +1446,7 @@ UPDATE {workflow_run} SET
   result = CASE WHEN d.kind = 'succeeded' THEN d.result ELSE workflow_run.result END,
   last_error = CASE WHEN d.kind = 'failed' THEN d.error ELSE last_error END,
   attempt = CASE WHEN d.kind = 'snoozed' THEN workflow_run.attempt - 1 ELSE workflow_run.attempt END,
+  snoozes = CASE WHEN d.kind = 'snoozed' THEN snoozes + 1 ELSE snoozes END,
   -- A run that failed for good keeps its run_at: no retry is due.
   run_at = CASE WHEN d.kind = 'succeeded' OR (d.kind = 'failed' AND workflow_run.attempt >= max_attempts)
            THEN run_at ELSE {later:d.delay} END,
@@ -1437,7 +1478,21 @@ WHERE id IN (SELECT id FROM {workflow_run} INDEXED BY minflow_run_claim
                AND length(run_at) <= 23 AND ({filter})
              ORDER BY priority, run_at, created_at, rowid LIMIT :limit)
 RETURNING id, type, payload, attempt, max_attempts, priority,
-  COALESCE(julianday(run_at), 0), COALESCE(julianday(created_at), 0)""",
+  COALESCE(julianday(run_at), 0), COALESCE(julianday(created_at), 0), snoozes""",
+    # The same when the worker caps some types ({filter} then leaves them out): each capped
+    # type ({capped}: one arm per type, see _sqlite_capped_arms) adds at most its room (:r0...)
+    # of its due runs, and the whole claim still takes the first :limit in claim order.
+    "claim_capped": """
+UPDATE {workflow_run} SET status = 'leased', attempt = attempt + 1, leased_by = :worker,
+  lease_until = {later:lease}, updated_at = {now}
+WHERE id IN (SELECT id FROM (
+    SELECT * FROM (SELECT id, priority, run_at, created_at, rowid AS seq
+                   FROM {workflow_run} INDEXED BY minflow_run_claim
+                   WHERE status = 'pending' AND deleted_at IS NULL AND run_at <= {now} AND ({filter})
+                   ORDER BY priority, run_at, created_at, rowid LIMIT :limit){capped})
+  ORDER BY priority, run_at, created_at, seq LIMIT :limit)
+RETURNING id, type, payload, attempt, max_attempts, priority,
+  COALESCE(julianday(run_at), 0), COALESCE(julianday(created_at), 0), snoozes""",
     # Is anything claimable? (read-only pre-check)
     "has_work": """
 SELECT 1 FROM {workflow_run} WHERE status = 'pending' AND deleted_at IS NULL AND run_at <= {now}
@@ -1482,13 +1537,33 @@ WHERE id = :id AND status = 'leased' AND leased_by = :worker AND attempt = :atte
 }
 
 
-def _sqlite_type_filter(types: int, prefixes: int) -> str:
+def _sqlite_type_filter(types: int, prefixes: int, capped: int = 0) -> str:
     """The SQLite claim's {filter} for that many exact types (``:t0``...) and literal prefixes
-    (``:g0``..., GLOB patterns), OR-ed; with neither it matches nothing."""
+    (``:g0``..., GLOB patterns), OR-ed, leaving out the capped types (``:c0``...); with neither
+    types nor prefixes it matches nothing."""
     terms = [f"type GLOB :g{i}" for i in range(prefixes)]
     if types:
         terms.insert(0, "type IN (" + ", ".join(f":t{i}" for i in range(types)) + ")")
-    return " OR ".join(terms) or "0"
+    matched = " OR ".join(terms) or "0"
+    if not capped:
+        return matched
+    return f"({matched}) AND type NOT IN (" + ", ".join(f":c{i}" for i in range(capped)) + ")"
+
+
+def _sqlite_capped_arms(capped: int) -> str:
+    """The "claim_capped" statement's {capped}: per capped type ``:c<i>``, its first ``:r<i>``
+    due runs in claim order (its room below the cap)."""
+    return "".join(
+        " UNION ALL SELECT * FROM (SELECT id, priority, run_at, created_at, rowid FROM "
+        "{workflow_run} WHERE status = 'pending' AND deleted_at IS NULL AND run_at <= {now} "
+        f"AND type = :c{i} ORDER BY priority, run_at, created_at, rowid LIMIT :r{i})"
+        for i in range(capped)
+    )
+
+
+def _sqlite_room_filter(capped: int) -> str:
+    """The has_work pre-check's addition for capped types: due work of one with room counts."""
+    return "".join(f" OR (type = :c{i} AND :r{i} > 0)" for i in range(capped))
 
 
 _SQLITE_SLOTS = {
@@ -1506,9 +1581,95 @@ _SQLITE_SLOTS = {
     "tiebreak": "rowid",  # insertion order, for runs created in the same millisecond
     "filters": "",
     "filter": "0",
+    "capped": "",
 }
 
 # -- PostgreSQL's own statements --------------------------------------------------------------
+
+# The claim/complete cycle, written once with its choice of runs (<picked>) left open.
+_PG_CYCLE = """
+WITH d AS (
+  SELECT CAST(value->>0 AS uuid) AS id, CAST(value->>1 AS int) AS attempt, value->>2 AS kind,
+         CAST(value->>3 AS jsonb) AS result, value->>4 AS error, CAST(value->>5 AS float8) AS delay
+  FROM json_array_elements(CAST(:done AS json))
+), done AS (
+  UPDATE {workflow_run} r SET
+    status = CASE WHEN d.kind = 'succeeded' THEN 'succeeded'
+                  WHEN d.kind = 'failed' AND r.attempt >= r.max_attempts THEN 'failed' ELSE 'pending' END,
+    result = CASE WHEN d.kind = 'succeeded' THEN d.result ELSE r.result END,
+    last_error = CASE WHEN d.kind = 'failed' THEN d.error ELSE r.last_error END,
+    attempt = CASE WHEN d.kind = 'snoozed' THEN r.attempt - 1 ELSE r.attempt END,
+    snoozes = CASE WHEN d.kind = 'snoozed' THEN r.snoozes + 1 ELSE r.snoozes END,
+    run_at = CASE WHEN d.kind = 'succeeded' OR (d.kind = 'failed' AND r.attempt >= r.max_attempts)
+                  THEN r.run_at ELSE NOW() + make_interval(secs => d.delay) END,
+    updated_at = NOW()
+  FROM d
+  WHERE r.id = d.id AND r.status = 'leased' AND r.leased_by = :worker AND r.attempt = d.attempt
+  RETURNING r.id, r.status, r.attempt, d.kind, d.error, d.delay
+), done_events AS (
+  INSERT INTO {workflow_event} (workflow_id, event_type, data, created_at)
+  SELECT id, {event_type}, {outcome_data}, clock_timestamp()
+  FROM done
+), <picked>, claimed AS (
+  UPDATE {workflow_run} r SET status = 'leased', attempt = r.attempt + 1, leased_by = :worker,
+    lease_until = NOW() + make_interval(secs => :lease), updated_at = NOW()
+  FROM picked WHERE r.id = picked.id
+  RETURNING r.id, r.type, r.payload, r.attempt, r.max_attempts, r.priority, r.run_at, r.created_at,
+    r.snoozes, clock_timestamp() AS at
+), claim_events AS (
+  -- Distinct times, in causal order: a reader ordering by time alone (the Go library's) sees
+  -- leased before started; ids, drawn in this order, agree.
+  INSERT INTO {workflow_event} (workflow_id, event_type, data, created_at)
+  SELECT id, 'leased', jsonb_build_object('worker_id', CAST(:worker AS text), 'attempt', attempt), at
+  FROM claimed
+  UNION ALL
+  SELECT id, 'started', jsonb_build_object('worker_id', CAST(:worker AS text)),
+    at + interval '1 microsecond'
+  FROM claimed WHERE type = ANY(CAST(:handled AS text[]))
+)
+-- Two JSON arrays in one row: the driver decodes them in C instead of value by value in Python.
+SELECT (SELECT COALESCE(json_agg(json_build_array(id, type, payload, attempt, max_attempts, priority,
+                                                  extract(epoch FROM run_at),
+                                                  extract(epoch FROM created_at), snoozes)), '[]')
+        FROM claimed),
+       (SELECT COALESCE(json_agg(json_build_array(id, status, attempt)), '[]') FROM done)"""
+# The runs a cycle claims: due, of the worker's types, in claim order, skipping rows other
+# workers are locking.
+_PG_PICK = """picked AS (
+  SELECT id FROM {workflow_run}
+  WHERE status = 'pending' AND deleted_at IS NULL AND run_at <= NOW()
+    AND (type = ANY(CAST(:claim_types AS text[])) OR type LIKE ANY(CAST(:patterns AS text[])))
+  ORDER BY priority, run_at, created_at
+  LIMIT :limit
+  FOR UPDATE SKIP LOCKED
+)"""
+# The same when the worker caps some types: the first arm leaves them out, the second adds
+# per capped type (:capped) at most its room (:room) of its own due runs, and the first :limit
+# of both in claim order are taken. Rows an arm locked but the outer LIMIT drops stay pending.
+_PG_PICK_CAPPED = """picked AS (
+  SELECT id FROM (
+    SELECT * FROM (
+      SELECT id, priority, run_at, created_at FROM {workflow_run}
+      WHERE status = 'pending' AND deleted_at IS NULL AND run_at <= NOW()
+        AND (type = ANY(CAST(:claim_types AS text[])) OR type LIKE ANY(CAST(:patterns AS text[])))
+        AND type <> ALL(CAST(:capped AS text[]))
+      ORDER BY priority, run_at, created_at
+      LIMIT :limit
+      FOR UPDATE SKIP LOCKED
+    ) AS uncapped
+    UNION ALL
+    SELECT c.* FROM unnest(CAST(:capped AS text[]), CAST(:room AS int[])) AS k(type, room)
+    CROSS JOIN LATERAL (
+      SELECT id, priority, run_at, created_at FROM {workflow_run}
+      WHERE status = 'pending' AND deleted_at IS NULL AND run_at <= NOW() AND type = k.type
+      ORDER BY priority, run_at, created_at
+      LIMIT k.room
+      FOR UPDATE SKIP LOCKED
+    ) AS c
+  ) AS due
+  ORDER BY priority, run_at, created_at
+  LIMIT :limit
+)"""
 
 _PG_SQL: dict[str, str] = {
     # Transactions begin plainly: row locks (FOR UPDATE SKIP LOCKED) do the rest.
@@ -1562,58 +1723,9 @@ SELECT pg_notify(:channel, {ascii:ins.type}) FROM ins""",
     # Write a batch of outcomes (fenced; a JSON array of [id, attempt, kind, result, error,
     # delay]) and claim up to :limit runs, with every event, in one round trip. Outcomes and
     # claims touch different rows: a run being completed is 'leased'.
-    "cycle": """
-WITH d AS (
-  SELECT CAST(value->>0 AS uuid) AS id, CAST(value->>1 AS int) AS attempt, value->>2 AS kind,
-         CAST(value->>3 AS jsonb) AS result, value->>4 AS error, CAST(value->>5 AS float8) AS delay
-  FROM json_array_elements(CAST(:done AS json))
-), done AS (
-  UPDATE {workflow_run} r SET
-    status = CASE WHEN d.kind = 'succeeded' THEN 'succeeded'
-                  WHEN d.kind = 'failed' AND r.attempt >= r.max_attempts THEN 'failed' ELSE 'pending' END,
-    result = CASE WHEN d.kind = 'succeeded' THEN d.result ELSE r.result END,
-    last_error = CASE WHEN d.kind = 'failed' THEN d.error ELSE r.last_error END,
-    attempt = CASE WHEN d.kind = 'snoozed' THEN r.attempt - 1 ELSE r.attempt END,
-    run_at = CASE WHEN d.kind = 'succeeded' OR (d.kind = 'failed' AND r.attempt >= r.max_attempts)
-                  THEN r.run_at ELSE NOW() + make_interval(secs => d.delay) END,
-    updated_at = NOW()
-  FROM d
-  WHERE r.id = d.id AND r.status = 'leased' AND r.leased_by = :worker AND r.attempt = d.attempt
-  RETURNING r.id, r.status, r.attempt, d.kind, d.error, d.delay
-), done_events AS (
-  INSERT INTO {workflow_event} (workflow_id, event_type, data, created_at)
-  SELECT id, {event_type}, {outcome_data}, clock_timestamp()
-  FROM done
-), picked AS (
-  SELECT id FROM {workflow_run}
-  WHERE status = 'pending' AND deleted_at IS NULL AND run_at <= NOW()
-    AND (type = ANY(CAST(:claim_types AS text[])) OR type LIKE ANY(CAST(:patterns AS text[])))
-  ORDER BY priority, run_at, created_at
-  LIMIT :limit
-  FOR UPDATE SKIP LOCKED
-), claimed AS (
-  UPDATE {workflow_run} r SET status = 'leased', attempt = r.attempt + 1, leased_by = :worker,
-    lease_until = NOW() + make_interval(secs => :lease), updated_at = NOW()
-  FROM picked WHERE r.id = picked.id
-  RETURNING r.id, r.type, r.payload, r.attempt, r.max_attempts, r.priority, r.run_at, r.created_at,
-    clock_timestamp() AS at
-), claim_events AS (
-  -- Distinct times, in causal order: a reader ordering by time alone (the Go library's) sees
-  -- leased before started; ids, drawn in this order, agree.
-  INSERT INTO {workflow_event} (workflow_id, event_type, data, created_at)
-  SELECT id, 'leased', jsonb_build_object('worker_id', CAST(:worker AS text), 'attempt', attempt), at
-  FROM claimed
-  UNION ALL
-  SELECT id, 'started', jsonb_build_object('worker_id', CAST(:worker AS text)),
-    at + interval '1 microsecond'
-  FROM claimed WHERE type = ANY(CAST(:handled AS text[]))
-)
--- Two JSON arrays in one row: the driver decodes them in C instead of value by value in Python.
-SELECT (SELECT COALESCE(json_agg(json_build_array(id, type, payload, attempt, max_attempts, priority,
-                                                  extract(epoch FROM run_at),
-                                                  extract(epoch FROM created_at))), '[]')
-        FROM claimed),
-       (SELECT COALESCE(json_agg(json_build_array(id, status, attempt)), '[]') FROM done)""",
+    "cycle": _PG_CYCLE.replace("<picked>", _PG_PICK),
+    # The same for a worker that caps some types (see _PG_PICK_CAPPED).
+    "cycle_capped": _PG_CYCLE.replace("<picked>", _PG_PICK_CAPPED),
     # Expired leases back to pending (or failed when attempts are used up), with their events.
     "rescue": """
 WITH expired AS (
@@ -1777,6 +1889,10 @@ def _translate_sqlite(exc: sqlite3.Error) -> MinflowError:
     if "no such table" in text:
         return MinflowError(
             f"{text}: the minflow schema is missing; run Client.migrate() or `minflow migrate`"
+        )
+    if "no such column" in text:
+        return MinflowError(
+            f"{text}: the minflow schema is out of date; run Client.migrate() or `minflow migrate`"
         )
     if isinstance(exc, sqlite3.IntegrityError):
         return InvalidInput(f"rejected by the database: {text}")
@@ -2133,6 +2249,10 @@ def _translate_pg(exc: Exception) -> MinflowError:
         return MinflowError(
             f"{message}: the minflow schema is missing; run Client.migrate() or `minflow migrate`"
         )
+    if code == "42703":  # undefined column
+        return MinflowError(
+            f"{message}: the minflow schema is out of date; run Client.migrate() or `minflow migrate`"
+        )
     if code.startswith(("22", "23")):
         return InvalidInput(f"rejected by the database ({code}): {message}")
     return MinflowError(f"PostgreSQL error ({code}): {message}")
@@ -2234,11 +2354,13 @@ class _Completion:
 
 @dataclasses.dataclass
 class _Filter:
-    """Which runs a worker may claim: exact types and/or literal prefixes."""
+    """Which runs a worker may claim: exact types and/or literal prefixes, except the capped
+    types, which come with their room (how many more of each may start now, maybe 0)."""
 
     types: tuple[str, ...]
     prefixes: tuple[str, ...]
     handled: frozenset[str]
+    capped: tuple[tuple[str, int], ...] = ()
 
 
 class _Claim(NamedTuple):
@@ -2252,6 +2374,7 @@ class _Claim(NamedTuple):
     priority: int
     run_at: float
     created_at: float
+    snoozes: int = 0  # Retry requests since submit or retry()
 
 
 # -- the caller's own connection --------------------------------------------------------------
@@ -2614,6 +2737,10 @@ class _Dialect:
     def valid_id(self, run_id: str) -> bool:
         return isinstance(run_id, str) and bool(run_id)
 
+    def describe(self) -> str:
+        """The database as resolved, for start-up lines (a password never shows)."""
+        return self.dsn.text
+
     def decode_json(self, value: Any) -> Any:
         raise NotImplementedError
 
@@ -2789,6 +2916,8 @@ class _SQLiteDialect(_Dialect):
     # _check_schema stays the base's: reading sqlite_master would give a caller's deferred
     # transaction the read snapshot the "database" statement avoids; a missing table shows as
     # the first INSERT's error instead, inside the savepoint.
+    def describe(self):
+        return "SQLite in memory" if self.dsn.memory else f"SQLite {self.dsn.path}"
 
     def decode_json(self, value: Any) -> Any:
         # The Go library binds JSON as []byte, which SQLite stores as BLOB.
@@ -2879,21 +3008,32 @@ class _SQLiteDialect(_Dialect):
 
     def _filter(self, filt: _Filter) -> tuple[str, str, dict]:
         """(claim statement, pre-check statement, their parameters) for ``filt``."""
-        cache_key = (filt.types, filt.prefixes)
+        capped = tuple(run_type for run_type, _ in filt.capped)
+        cache_key = (filt.types, filt.prefixes, capped)
         cached = self._filters.get(cache_key)
         if cached is None:
-            params = {f"t{i}": t for i, t in enumerate(filt.types)}
+            params: dict[str, Any] = {f"t{i}": t for i, t in enumerate(filt.types)}
             for i, prefix in enumerate(filt.prefixes):
                 # GLOB is case-sensitive (LIKE is not, in SQLite); its wildcards are escaped
                 # with brackets so the prefix is matched literally.
                 params[f"g{i}"] = re.sub(r"([*?\[])", r"[\1]", prefix) + "*"
-            piece = _sqlite_type_filter(len(filt.types), len(filt.prefixes))
+            params.update((f"c{i}", t) for i, t in enumerate(capped))
+            piece = _sqlite_type_filter(len(filt.types), len(filt.prefixes), len(capped))
+            if capped:
+                arms = _render(_sqlite_capped_arms(len(capped)), self.fragments)
+                claim = self.compose("claim_capped", filter=piece, capped=arms)
+                piece += _sqlite_room_filter(len(capped))
+            else:
+                claim = self.compose("claim", filter=piece)
             cached = self._filters[cache_key] = (
-                self.compose("claim", filter=piece),
+                claim,
                 self.compose("has_work", filter=piece),
                 params,
             )
-        return cached
+        claim, has_work, params = cached
+        if filt.capped:  # the rooms change from cycle to cycle
+            params = {**params, **{f"r{i}": room for i, (_, room) in enumerate(filt.capped)}}
+        return claim, has_work, params
 
     def _claim(self, row: Sequence) -> _Claim:
         payload = row[2]
@@ -3063,6 +3203,9 @@ class _PostgresDialect(_Dialect):
         # A non-UUID id is "not found": PostgreSQL would reject the cast to uuid with an error.
         return _is_uuid(run_id)
 
+    def describe(self):
+        return f"PostgreSQL {self.dsn.text} (schema {self.dsn.schema})"
+
     def decode_json(self, value):
         return value  # pg8000 decodes jsonb
 
@@ -3178,21 +3321,24 @@ class _PostgresDialect(_Dialect):
         return out  # type: ignore[return-value]
 
     def cycle(self, conn, worker_id, done, limit, lease, filt):
-        rows = conn.query(
-            self.sql["cycle"],
-            {
-                # Outcomes as one JSON array, encoded in C (as SQLite's cycle does).
-                "done": json.dumps(
-                    [[d.id, d.attempt, d.kind, d.result, d.error, float(d.delay)] for d in done]
-                ),
-                "worker": worker_id,
-                "limit": limit,
-                "lease": float(lease),
-                "claim_types": list(filt.types),
-                "patterns": [_like_prefix(p) for p in filt.prefixes],
-                "handled": sorted(filt.handled),
-            },
-        )
+        params = {
+            # Outcomes as one JSON array, encoded in C (as SQLite's cycle does).
+            "done": json.dumps(
+                [[d.id, d.attempt, d.kind, d.result, d.error, float(d.delay)] for d in done]
+            ),
+            "worker": worker_id,
+            "limit": limit,
+            "lease": float(lease),
+            "claim_types": list(filt.types),
+            "patterns": [_like_prefix(p) for p in filt.prefixes],
+            "handled": sorted(filt.handled),
+        }
+        statement = self.sql["cycle"]
+        if filt.capped:
+            statement = self.sql["cycle_capped"]
+            params["capped"] = [run_type for run_type, _ in filt.capped]
+            params["room"] = [room for _, room in filt.capped]
+        rows = conn.query(statement, params)
         claimed, done_rows = rows[0]
         return (
             [_Claim(*row) for row in claimed],
@@ -4133,6 +4279,11 @@ class Client:
     # Underscored because users must not depend on it. These methods are all those callers use
     # of a Client: its DSN, dialect and pool stay private to it.
 
+    def _database(self) -> str:
+        """The database as resolved: an absolute SQLite path, or the DSN with its password
+        masked (the Worker's start-up line)."""
+        return self._dialect.describe()
+
     def _configure(self, dsn: str | None) -> None:
         """Point this client at another database, closing the connections to the previous one
         (the CLI's ``worker --dsn``, for an imported App)."""
@@ -4262,12 +4413,22 @@ class Client:
 _HandlerFn = TypeVar("_HandlerFn", bound="Callable[[RunContext], Any]")
 
 
+@dataclasses.dataclass(frozen=True)
+class _Policy:
+    """How the worker treats one type's runs besides calling its handler (see App.handler)."""
+
+    backoff: Callable[[int], float] | None = None
+    timeout: float | None = None
+    concurrency: int | None = None
+
+
 class App(Client):
     """A Client plus the handlers a worker runs, keyed by exact run type."""
 
     def __init__(self, dsn: str | None = None):
         super().__init__(dsn)
         self.handlers: dict[str, Callable[[RunContext], Any]] = {}
+        self._policies: dict[str, _Policy] = {}
 
     def handler(
         self,
@@ -4277,8 +4438,26 @@ class App(Client):
         timeout: float | None = None,
         concurrency: int | None = None,
     ) -> Callable[[_HandlerFn], _HandlerFn]:
-        """Decorator registering ``fn(run: RunContext)`` for runs of ``type``."""
+        """Decorator registering ``fn(run: RunContext)`` for runs of ``type``; ``fn`` may be a
+        plain function (run on a worker thread) or an ``async def`` one (awaited on the
+        worker's event loop).
+
+        ``backoff(attempt) -> seconds`` is the retry delay for this type, instead of the
+        worker's. ``timeout`` (seconds) ends an execution that runs longer: the attempt is
+        recorded as failed, ``run.is_cancelled()`` turns true, an async handler is cancelled,
+        and whatever the handler does afterwards is discarded. ``concurrency`` caps how many
+        runs of this type one worker executes at once; the rest stay for other workers.
+        """
         _check_type(type)
+        if backoff is not None and not callable(backoff):
+            raise InvalidInput(f"backoff for {type!r} must be a callable(attempt) -> seconds")
+        if timeout is not None and not (_is_number(timeout) and 0 < timeout < math.inf):
+            raise InvalidInput(
+                f"timeout for {type!r} must be a positive number of seconds, got {timeout!r}"
+            )
+        if concurrency is not None:
+            _check_int("concurrency", concurrency, minimum=1)
+        policy = _Policy(backoff, None if timeout is None else float(timeout), concurrency)
 
         def register(fn: _HandlerFn) -> _HandlerFn:
             if not callable(fn):
@@ -4286,6 +4465,7 @@ class App(Client):
             if type in self.handlers and self.handlers[type] is not fn:
                 raise InvalidInput(f"a handler for {type!r} is already registered")
             self.handlers[type] = fn
+            self._policies[type] = policy
             return fn
 
         return register
@@ -4297,6 +4477,12 @@ class App(Client):
     def run_worker(self, *, burst: bool = False, **options: Any) -> int:
         """Build a Worker with ``options`` and run it (``burst=True``: until nothing is due)."""
         return Worker(self, **options).run(burst=burst)
+
+    # -- internal interface used by the Worker ---------------------------------------------
+    def _policy(self, type: str) -> _Policy:
+        """The policy ``handler()`` registered for ``type`` (none for a handler put into
+        ``handlers`` directly)."""
+        return self._policies.get(type) or _Policy()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -4363,6 +4549,17 @@ _METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "workflow_worker_database_outages_total": (
         "counter",
         "Outages this worker saw: times its database writes started failing.",
+        ("worker_id",),
+    ),
+    "workflow_run_timeouts_total": (
+        "counter",
+        "Executions failed because they exceeded their handler's timeout.",
+        _RUN,
+    ),
+    "workflow_worker_stuck_threads": (
+        "gauge",
+        "Handler threads still running an execution that timed out (each replaced by a new "
+        "thread, up to concurrency of them).",
         ("worker_id",),
     ),
     # Read from the database at scrape time, so every process reports the same queue.
@@ -4576,7 +4773,12 @@ class _Outage:
 
 
 class RunContext:
-    """What a handler receives: the run's identity, decoded payload and lease controls."""
+    """What a handler receives: the run's identity, decoded payload and lease controls.
+
+    ``attempt`` is 1 during the first execution and counts the executions that did not snooze;
+    ``snoozes`` counts how often the run asked to run later (``Retry``) since it was submitted
+    or retried, which uses up no attempt.
+    """
 
     def __init__(
         self,
@@ -4586,15 +4788,20 @@ class RunContext:
         payload: Any,
         attempt: int,
         max_attempts: int,
+        snoozes: int = 0,
     ):
         self.id = run_id
         self.type = run_type
         self.payload = payload
         self.attempt = attempt  # 1 on the first execution
         self.max_attempts = max_attempts
+        self.snoozes = snoozes
         self.worker_id = worker.worker_id
         self._worker = worker
-        self._lost = False  # sticky: set once the lease is known to be gone
+        self._lost = False  # sticky: set once the lease is known to be gone (or time ran out)
+        self._done = False  # the worker has this execution's outcome (or gave up on it)
+        self._thread: int | None = None  # the thread running a sync handler
+        self._task: Any = None  # the asyncio task awaiting an async handler
 
     def __repr__(self) -> str:
         return f"RunContext(id={self.id!r}, type={self.type!r}, attempt={self.attempt}/{self.max_attempts})"
@@ -4604,18 +4811,33 @@ class RunContext:
 
         Leases are also extended automatically while the handler runs; call this to ask for a
         longer lease before a long step. Raises ``LeaseLost`` if the run was cancelled or taken.
+        In an ``async def`` handler it returns at once and extends the lease from a thread
+        (raising ``LeaseLost`` only when the loss is already known); ``await run.aheartbeat()``
+        waits for the database instead.
         """
         seconds = self._worker.lease if seconds is None else seconds
         if not _is_number(seconds) or seconds <= 0 or math.isinf(seconds):
             raise InvalidInput(f"heartbeat seconds must be a positive number, got {seconds!r}")
-        if not self._worker.app._heartbeat(self.id, self.worker_id, self.attempt, seconds):
-            self._lost = True
-            raise LeaseLost(f"run {self.id}: lease lost (cancelled, rescued or taken over)")
+        if self._worker._on_event_loop():
+            if self._lost:
+                raise self._lease_lost()
+            # A database round trip here would stall every handler on the loop.
+            asyncio.get_running_loop().run_in_executor(None, self._beat_quietly, seconds)
+            return
+        self._beat(seconds)
 
     def is_cancelled(self) -> bool:
-        """True once the run was cancelled or this worker lost its lease: stop and return."""
+        """True once the run was cancelled, this worker lost its lease or the handler's timeout
+        passed: stop and return.
+
+        In an ``async def`` handler this asks no database (the loop must not block): it tells
+        what the worker knows, which its heartbeat brings up to date every lease/3 seconds;
+        ``await run.ais_cancelled()`` asks the database.
+        """
         if self._lost:
             return True
+        if self._worker._on_event_loop():
+            return False
         try:
             rows = self._worker.app._sql("run_state", {"id": self.id})
         except MinflowError as exc:
@@ -4625,6 +4847,31 @@ class RunContext:
             self._lost = True
         return self._lost
 
+    async def aheartbeat(self, seconds: float | None = None) -> None:
+        """``heartbeat()`` for ``async def`` handlers: extends the lease from a thread (pg8000
+        and sqlite3 are synchronous) and raises ``LeaseLost`` as ``heartbeat()`` does."""
+        await asyncio.to_thread(self.heartbeat, seconds)
+
+    async def ais_cancelled(self) -> bool:
+        """``is_cancelled()`` with a database check, from a thread, for ``async def`` handlers."""
+        return await asyncio.to_thread(self.is_cancelled)
+
+    def _beat(self, seconds: float) -> None:
+        if not self._worker.app._heartbeat(self.id, self.worker_id, self.attempt, seconds):
+            self._lost = True
+            raise self._lease_lost()
+
+    def _beat_quietly(self, seconds: float) -> None:
+        try:
+            self._beat(seconds)
+        except LeaseLost:
+            pass  # is_cancelled() now says so
+        except MinflowError as exc:
+            _worker_log.warning("run %s: heartbeat failed: %s", self.id, exc)
+
+    def _lease_lost(self) -> LeaseLost:
+        return LeaseLost(f"run {self.id}: lease lost (cancelled, rescued or taken over)")
+
     # -- internal interface used by the Worker ---------------------------------------------
     def _mark_lost(self) -> bool:
         """Record that the worker found the lease gone; True the first time."""
@@ -4632,19 +4879,46 @@ class RunContext:
         return first
 
 
+def _is_async(fn: Callable) -> bool:
+    """True for an ``async def`` function, or an object whose ``__call__`` is one."""
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+        getattr(fn, "__call__", None)  # noqa: B004 - the method, not callable()
+    )
+
+
+def _handler_stack(thread: int) -> str:
+    """Where the handler on ``thread`` is now: its frames below the pool's."""
+    frame = sys._current_frames().get(thread)
+    if frame is None:
+        return "  (the thread has just finished)"
+    frames = traceback.extract_stack(frame)
+    inner = [i for i, f in enumerate(frames) if f.name == "_execute" and f.filename == __file__]
+    return "".join(traceback.format_list(frames[inner[-1] + 1 if inner else 0 :])).rstrip()
+
+
+async def _awaited(ctx: RunContext, awaitable: Any) -> Any:
+    """Await what a plain handler returned, as a task a timeout can cancel."""
+    ctx._task = asyncio.current_task()
+    return await awaitable
+
+
 _worker_numbers = iter(range(1, 1 << 62))
 
 
 class Worker:
-    """Claims runs of the app's handler types and executes them on a thread pool.
+    """Claims runs of the app's handler types and executes them: plain handlers on a thread
+    pool, ``async def`` ones on an event loop of the worker's own.
 
-    ``concurrency`` handlers run at once; ``lease`` seconds is how long a claim lasts without a
-    heartbeat (extended automatically every lease/3); ``types`` narrows the exact types claimed
-    (default: every registered handler); ``prefixes`` also claims types starting with these
-    literal prefixes; ``schedules`` runs the cron ticker; ``backoff(attempt) -> seconds`` sets the
-    retry delay (default: the seed's attempt² minutes + up to 10% jitter); on shutdown, running
-    handlers get ``shutdown_timeout`` seconds to finish. ``listen_dsn`` (PostgreSQL): a direct
-    connection for LISTEN wake-ups, when the app's DSN goes through a pooler such as PgBouncer.
+    ``concurrency`` handlers run at once, plain and async together; ``lease`` seconds is how
+    long a claim lasts without a heartbeat (extended automatically every lease/3); ``types``
+    narrows the exact types claimed (default: every registered handler); ``prefixes`` also
+    claims types starting with these literal prefixes; ``schedules`` runs the cron ticker;
+    ``backoff(attempt) -> seconds`` sets the retry delay (default: the seed's attempt² minutes
+    + up to 10% jitter) for types whose handler has none of its own; ``max_snoozes`` bounds how
+    often a run may ``Retry`` before each further request counts as a failed attempt; on
+    shutdown, running handlers get ``shutdown_timeout`` seconds to finish. ``listen_dsn``
+    (PostgreSQL): a direct connection for LISTEN wake-ups, when the app's DSN goes through a
+    pooler such as PgBouncer.
     """
 
     def __init__(
@@ -4662,6 +4936,7 @@ class Worker:
         shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
         tick_interval: float = DEFAULT_TICK_INTERVAL,
         listen_dsn: str | None = None,
+        max_snoozes: int = DEFAULT_MAX_SNOOZES,
     ):
         if not isinstance(app, App):
             raise InvalidInput(f"Worker needs a minflow.App, got {type(app).__name__}")
@@ -4701,6 +4976,7 @@ class Worker:
             raise InvalidInput("backoff must be a callable(attempt) -> seconds")
         self._backoff = backoff or seed_backoff
         self._listen = None if listen_dsn is None else app._listen_dsn(listen_dsn)
+        self.max_snoozes = _check_int("max_snoozes", max_snoozes, minimum=0)
         self.metrics = _Metrics()
         # One line when the database becomes unusable and one when it is back, whichever of the
         # worker's threads notices (the claim loop, the housekeeper, start-up).
@@ -4723,6 +4999,18 @@ class Worker:
         self._fatal: BaseException | None = None
         self._started_at = time.time()
         self._next_due = math.inf  # monotonic time a retry this worker wrote becomes due
+        # Set up by run() from the app's handlers and their policies.
+        self._handlers: dict[str, Callable[[RunContext], Any]] = {}
+        self._policies: dict[str, _Policy] = {}
+        self._async: frozenset[str] = frozenset()  # types with an async def handler
+        self._timeouts: dict[str, float] = {}
+        self._caps: dict[str, int] = {}  # claimed types with a concurrency cap
+        self._capped_running: collections.Counter = collections.Counter()
+        self._uncapped: _Filter | None = None  # the claim filter without the capped types
+        self._aio: _EventLoop | None = None
+        self._aio_lock = threading.Lock()
+        self._abandoning = False  # async handlers are being cancelled at shutdown
+        self._deadlines: _Deadlines | None = None
 
     def __repr__(self) -> str:
         return f"Worker({self.worker_id!r}, concurrency={self.concurrency}, dsn={self.app.dsn!r})"
@@ -4867,6 +5155,7 @@ class Worker:
         try:
             self._handlers = dict(self.app.handlers)
             filt = self._filter()
+            self._adopt_policies(filt)
             prepared = self._prepare()
             if prepared is None:  # stopped while waiting for the database
                 self._ready.set()
@@ -4874,6 +5163,7 @@ class Worker:
                 return 0
             conn, rescued = prepared
             self._pool = _HandlerPool(self.concurrency, self._execute, self.worker_id)
+            self._start_executors()
             threads.append(_spawn(self._housekeeper, f"{self.worker_id}-housekeeper", side_stop))
             watch = self.app._watcher(self._listen)
             if watch is not None and not burst:
@@ -4887,18 +5177,21 @@ class Worker:
             self._fatal = exc
             self._ready.set()
             self._finished.set()
+            self._stop_executors()
             if conn is not None:
                 conn.close()
             raise
         _worker_log.info(
-            "%s started: %s, types=%s prefixes=%s concurrency=%d lease=%gs%s",
+            "%s started on %s: types=%s prefixes=%s concurrency=%d lease=%gs%s%s",
             self.worker_id,
-            self.app.dsn,
+            self.app._database(),
             list(filt.types),
             list(filt.prefixes),
             self.concurrency,
             self.lease,
+            self._policy_summary(),
             f", {rescued} expired leases rescued" if rescued else "",
+            extra={"worker_id": self.worker_id},
         )
         self._ready.set()
         try:
@@ -4907,12 +5200,18 @@ class Worker:
             self.app._unsubscribe(self._wake)
             side_stop.set()
             self._pool.shutdown()
+            self._stop_executors()
             for thread in threads:
                 thread.join(5)
             if conn is not None:
                 conn.close()
             self._finished.set()
-            _worker_log.info("%s stopped after %d executions", self.worker_id, self.processed)
+            _worker_log.info(
+                "%s stopped after %d executions",
+                self.worker_id,
+                self.processed,
+                extra={"worker_id": self.worker_id},
+            )
         if self._fatal is not None:
             raise MinflowError(f"worker {self.worker_id} stopped: {self._fatal}") from self._fatal
         return self.processed
@@ -4964,7 +5263,8 @@ class Worker:
                 deadline = time.monotonic() + self.shutdown_timeout
             with self._lock:
                 done, self._completions = self._completions, []
-                free = self.concurrency - len(self._active)
+                free = self.concurrency - len(self._active) - self._pool.shortfall
+                claim = self._claim_filter(filt)
             if stopping and not done and not self._active:
                 break
             if deadline is not None and time.monotonic() > deadline:
@@ -4983,11 +5283,11 @@ class Worker:
                 # An idle SQLite worker polls with the read-only pre-check alone; it counts as
                 # a poll, so last_poll_timestamp does not make an idle worker look stuck.
                 polled = bool(limit)
-                if limit and not done and not app._may_have_work(conn, filt):
+                if limit and not done and not app._may_have_work(conn, claim):
                     limit = 0
                 if done or limit:
                     claimed, finished = app._cycle(
-                        conn, self.worker_id, done, limit, self.lease, filt
+                        conn, self.worker_id, done, limit, self.lease, claim
                     )
                     polled = True
                     self._record(done, finished)
@@ -5018,8 +5318,8 @@ class Worker:
                 continue
             if claimed or done:
                 continue  # more may be due (and on PostgreSQL, retries written just now)
-            with self._lock:
-                idle = not self._active and not self._completions
+            with self._lock:  # threads stuck past a timeout without replacement hold slots too
+                idle = not self._active and not self._completions and not self._pool.shortfall
             if burst and idle and self._next_due > time.monotonic():
                 break
             # Retries this worker scheduled are not announced by anyone: wake up for them.
@@ -5045,17 +5345,34 @@ class Worker:
         # return run_at and created_at as numbers, cheap to compare).
         claimed = sorted(claimed, key=lambda c: (c.priority, c.run_at, c.created_at))
         contexts = [
-            RunContext(self, c.id, c.type, c.payload, c.attempt, c.max_attempts) for c in claimed
+            RunContext(self, c.id, c.type, c.payload, c.attempt, c.max_attempts, c.snoozes)
+            for c in claimed
         ]
         with self._lock:
             for ctx in contexts:
                 self._active[(ctx.id, ctx.attempt)] = ctx
+                if ctx.type in self._caps:
+                    self._capped_running[ctx.type] += 1
+            running = len(self._active)
         now = time.monotonic()
-        for ctx in contexts:
-            # Succeeded until the handler says otherwise; started: the claim, for the duration.
-            self._pool.submit(
-                ctx, _Completion(ctx.id, ctx.attempt, _SUCCEEDED, type=ctx.type, started=now)
-            )
+        # Succeeded until the handler says otherwise; started: the claim, for the duration.
+        work = [
+            (ctx, _Completion(ctx.id, ctx.attempt, _SUCCEEDED, type=ctx.type, started=now))
+            for ctx in contexts
+        ]
+        coroutines = []
+        for ctx, item in work:
+            if ctx.type in self._async:
+                coroutines.append((ctx, self._execute_async(ctx, item)))
+            else:
+                self._pool.submit(ctx, item)
+        if coroutines:
+            self._event_loop().start(coroutines)
+        if self._deadlines is not None:  # after the tasks exist, so a timeout can cancel them
+            for ctx, item in work:
+                timeout = self._timeouts.get(ctx.type)
+                if timeout is not None:
+                    self._deadlines.add(now + timeout, ctx, item, running)
         for run_type, count in collections.Counter(ctx.type for ctx in contexts).items():
             self.metrics.inc(
                 "workflow_run_claimed_total",
@@ -5067,12 +5384,14 @@ class Worker:
 
     def _record(self, done: list[_Completion], finished: dict[str, tuple[str, int]]) -> None:
         now = time.monotonic()
+        info = _worker_log.isEnabledFor(logging.INFO)  # once per batch, not per run
         durations: dict[tuple[str, str], list[float]] = collections.defaultdict(list)
         for item in done:
             outcome = finished.get(item.id)
             status = outcome[0] if outcome else "lost"
             labels = {"workflow_type": item.type, "worker_id": self.worker_id}
-            durations[(item.type, status)].append(now - item.started)
+            duration = now - item.started
+            durations[(item.type, status)].append(duration)
             if item.kind == _FAILED:
                 attempt = str(item.attempt) if item.attempt < 3 else "3+"
                 self.metrics.inc("workflow_run_failed_attempts_total", attempt=attempt, **labels)
@@ -5080,68 +5399,307 @@ class Worker:
                 self.metrics.inc("workflow_run_failed_total", **labels)
             elif status == "pending":
                 self._next_due = min(self._next_due, now + item.delay)
-            if outcome is None:
-                _worker_log.info(
-                    "run %s (%s): outcome %s not recorded: the run was cancelled, rescued or "
-                    "taken over meanwhile",
-                    item.id,
-                    item.type,
-                    item.kind,
-                )
-            elif status == "failed":
+            if status == "failed" and outcome is not None:
                 _worker_log.error(
                     "run %s (%s) failed for good after %d attempts: %s",
                     item.id,
                     item.type,
                     outcome[1],
                     item.error,
+                    extra=self._run_fields(item, "failed", duration),
                 )
+            elif info:
+                self._log_outcome(item, status, duration)
         # One metrics update per type and outcome, not per run: batches are large under load.
         for (run_type, status), values in durations.items():
             labels = {"workflow_type": run_type, "worker_id": self.worker_id, "status": status}
             self.metrics.inc("workflow_run_completed_total", len(values), **labels)
             self.metrics.observe_many("workflow_run_execution_duration_seconds", values, **labels)
 
+    def _log_outcome(self, item: _Completion, status: str, duration: float) -> None:
+        """The INFO line of a finished execution (a run failed for good gets an ERROR instead)."""
+        if status == "succeeded":
+            outcome, verb, then = "succeeded", "succeeded", ""
+        elif status == "lost":
+            outcome, verb = "lost", "finished"
+            then = "; outcome not recorded: the run was cancelled, rescued or taken over meanwhile"
+        elif item.kind == _SNOOZED:
+            outcome, verb, then = "snoozed", "snoozed", f"; due again in {item.delay:.3g}s"
+        else:
+            outcome, verb, then = "retrying", "failed", f"; retrying in {item.delay:.3g}s"
+        _worker_log.info(
+            "run %s (%s) attempt %d %s after %.3fs%s",
+            item.id,
+            item.type,
+            item.attempt,
+            verb,
+            duration,
+            then,
+            extra=self._run_fields(item, outcome, duration),
+        )
+
+    def _run_fields(
+        self, run: Any, outcome: str | None = None, duration: float | None = None
+    ) -> dict:
+        """A log record's ``extra`` for one execution (``run``: a RunContext or a _Completion)."""
+        fields = {
+            "run_id": run.id,
+            "type": run.type,
+            "attempt": run.attempt,
+            "worker_id": self.worker_id,
+        }
+        if outcome is not None:
+            fields["outcome"] = outcome
+        if duration is not None:
+            fields["duration"] = round(duration, 6)
+        return fields
+
     def _execute(self, ctx: RunContext, item: _Completion) -> None:
-        """Run one handler on a pool thread and queue its outcome in ``item`` (never raises)."""
+        """Run one plain handler on a pool thread and queue its outcome (never raises)."""
+        if ctx.type in self._timeouts:
+            with self._lock:  # a timeout must see either no thread or this one
+                if ctx._done:  # it passed while the run waited for a thread
+                    return
+                ctx._thread = threading.get_ident()
+        else:
+            ctx._thread = threading.get_ident()
         try:
             fn = self._handlers.get(ctx.type)
             if fn is None:
                 raise LookupError(
                     f"no handler registered for type {ctx.type!r} on worker {self.worker_id}"
                 )
-            item.result = _dumps(fn(ctx), "result")
-        except Retry as request:
-            item.kind = _SNOOZED
-            item.delay = request.delay if request.delay is not None else self._delay(ctx.attempt)
+            result = fn(ctx)
+            if inspect.isawaitable(result):
+                # A plain function returning a coroutine (a wrapper, a partial): awaited on the
+                # event loop while this thread waits, never stored.
+                loop = self._event_loop().loop
+                result = asyncio.run_coroutine_threadsafe(_awaited(ctx, result), loop).result()
+            item.result = _dumps(result, "result")
         except BaseException as exc:  # a handler's failure is a row update, never a dead worker
+            self._failed(ctx, item, exc)
+        self._finish(ctx, item)
+
+    async def _execute_async(self, ctx: RunContext, item: _Completion) -> None:
+        """Await one ``async def`` handler on the event loop and queue its outcome."""
+        try:
+            item.result = _dumps(await self._handlers[ctx.type](ctx), "result")
+        except BaseException as exc:  # CancelledError too: after a timeout it is discarded
+            self._failed(ctx, item, exc)
+        self._finish(ctx, item)
+
+    def _failed(self, ctx: RunContext, item: _Completion, exc: BaseException) -> None:
+        """Turn what the handler raised into the outcome in ``item``."""
+        if ctx._done:  # timed out: that failure is recorded, this outcome is discarded
+            return
+        if self._abandoning and isinstance(exc, asyncio.CancelledError):
+            item.kind, item.error = _FAILED, "CancelledError: the worker stopped"
+            return  # not recorded: the lease expires and the run is rescued
+        if isinstance(exc, Retry):
+            item.delay = exc.delay if exc.delay is not None else self._delay(ctx.type, ctx.attempt)
+            if ctx.snoozes < self.max_snoozes:
+                item.kind = _SNOOZED
+                return
             item.kind = _FAILED
-            item.error = f"{type(exc).__name__}: {exc}"[:10_000]
-            item.delay = self._delay(ctx.attempt)
+            item.error = (
+                f"Retry: the run snoozed {ctx.snoozes} times, as many as max_snoozes allows; "
+                "further snoozes count as failed attempts"
+            )
             _worker_log.warning(
-                "run %s (%s) attempt %d/%d failed: %s\n%s",
+                "run %s (%s) attempt %d/%d failed: %s",
                 ctx.id,
                 ctx.type,
                 ctx.attempt,
                 ctx.max_attempts,
                 item.error,
-                traceback.format_exc().rstrip(),
+                extra=self._run_fields(ctx),
             )
+            return
+        item.kind = _FAILED
+        item.error = f"{type(exc).__name__}: {exc}"[:10_000]
+        item.delay = self._delay(ctx.type, ctx.attempt)
+        _worker_log.warning(
+            "run %s (%s) attempt %d/%d failed: %s\n%s",
+            ctx.id,
+            ctx.type,
+            ctx.attempt,
+            ctx.max_attempts,
+            item.error,
+            "".join(traceback.format_exception(exc)).rstrip(),
+            extra=self._run_fields(ctx),
+        )
+
+    def _settle(self, ctx: RunContext, item: _Completion, *, abandon: bool = False) -> bool:
+        """Queue ``item`` as the outcome of ``ctx``'s execution unless it has one already (its
+        handler's or its timeout's); True if it was queued. ``abandon`` (a timeout's) gives up
+        on the thread running a plain handler in the same step, so that a handler returning
+        meanwhile finds its thread abandoned, never half so."""
         with self._lock:
-            self._active.pop((ctx.id, ctx.attempt), None)
+            if ctx._done:
+                return False
+            ctx._done = True  # from here on, ctx._thread no longer changes
+            del self._active[(ctx.id, ctx.attempt)]
+            if ctx.type in self._caps:
+                self._capped_running[ctx.type] -= 1
             self._completions.append(item)
             self.processed += 1
+            if abandon and ctx._thread is not None and ctx._task is None:
+                self._pool.abandon(ctx._thread)
         self._wake.set()
+        return True
 
-    def _delay(self, attempt: int) -> float:
-        try:
-            delay = self._backoff(attempt)
-            if _is_number(delay) and delay >= 0 and not math.isinf(delay):
-                return float(delay)
-            raise ValueError(f"returned {delay!r}")
-        except Exception as exc:
-            _worker_log.error("backoff(%d) failed (%s); using the default", attempt, exc)
-            return seed_backoff(attempt)
+    def _finish(self, ctx: RunContext, item: _Completion) -> None:
+        """Queue an execution's outcome, unless its timeout already ended it."""
+        if self._settle(ctx, item):
+            return
+        if ctx._thread is not None and ctx._task is None:
+            self._pool.release(ctx._thread)
+            self.metrics.set(
+                "workflow_worker_stuck_threads", self._pool.stuck, worker_id=self.worker_id
+            )
+            self._wake.set()  # a slot may be free again
+        _worker_log.info(
+            "run %s (%s) attempt %d: the handler returned after its timeout; outcome discarded",
+            ctx.id,
+            ctx.type,
+            ctx.attempt,
+            extra=self._run_fields(ctx),
+        )
+
+    def _time_out(self, ctx: RunContext, item: _Completion) -> None:
+        """An execution passed its handler's timeout (the deadline thread calls this): record
+        the attempt as failed now and stop waiting for it."""
+        timeout = self._timeouts[ctx.type]
+        failure = _Completion(
+            ctx.id,
+            ctx.attempt,
+            _FAILED,
+            error=f"TimeoutError: the handler did not finish within its timeout of {timeout:g}s",
+            delay=self._delay(ctx.type, ctx.attempt),
+            type=ctx.type,
+            started=item.started,
+        )
+        if not self._settle(ctx, failure, abandon=True):  # finished in time after all
+            return
+        thread = ctx._thread
+        ctx._lost = True  # is_cancelled() tells a cooperative handler to stop
+        self.metrics.inc(
+            "workflow_run_timeouts_total", workflow_type=ctx.type, worker_id=self.worker_id
+        )
+        fields = self._run_fields(ctx)
+        if ctx._task is not None or thread is None:  # async, or never started
+            if ctx._task is not None:
+                self._event_loop().cancel(ctx)
+            _worker_log.warning(
+                "run %s (%s) attempt %d/%d timed out after %gs; cancelled",
+                ctx.id,
+                ctx.type,
+                ctx.attempt,
+                ctx.max_attempts,
+                timeout,
+                extra=fields,
+            )
+            return
+        # Python cannot stop a thread: it runs on (abandoned by _settle), and its outcome will
+        # be discarded.
+        stuck, short = self._pool.stuck, self._pool.shortfall
+        self.metrics.set("workflow_worker_stuck_threads", stuck, worker_id=self.worker_id)
+        _worker_log.warning(
+            "run %s (%s) attempt %d/%d timed out after %gs; its thread is still running the "
+            "handler (stuck threads: %d; %s), at:\n%s",
+            ctx.id,
+            ctx.type,
+            ctx.attempt,
+            ctx.max_attempts,
+            timeout,
+            stuck,
+            f"{short} slots short until they return: only {self.concurrency} are replaced"
+            if short
+            else "replaced by new ones",
+            _handler_stack(thread),
+            extra=fields,
+        )
+
+    def _delay(self, run_type: str, attempt: int) -> float:
+        """The retry delay after ``attempt``: the type's backoff, else the worker's."""
+        for backoff in (self._policies.get(run_type, _Policy()).backoff, self._backoff):
+            if backoff is None:
+                continue
+            try:
+                delay = backoff(attempt)
+                if _is_number(delay) and delay >= 0 and not math.isinf(delay):
+                    return float(delay)
+                raise ValueError(f"returned {delay!r}")
+            except Exception as exc:
+                _worker_log.error(
+                    "backoff(%d) for %s failed (%s); using the next one", attempt, run_type, exc
+                )
+        return seed_backoff(attempt)
+
+    # -- handler policies ------------------------------------------------------------------
+    def _adopt_policies(self, filt: _Filter) -> None:
+        """Take the handlers' policies as they are when the worker starts."""
+        self._policies = {t: self.app._policy(t) for t in self._handlers}
+        self._async = frozenset(t for t, fn in self._handlers.items() if _is_async(fn))
+        self._timeouts = {t: p.timeout for t, p in self._policies.items() if p.timeout}
+        self._caps = {
+            t: p.concurrency
+            for t, p in self._policies.items()
+            if p.concurrency and (t in filt.types or t.startswith(filt.prefixes))
+        }
+        uncapped = tuple(t for t in filt.types if t not in self._caps)
+        self._uncapped = _Filter(uncapped, filt.prefixes, filt.handled)
+
+    def _claim_filter(self, filt: _Filter) -> _Filter:
+        """What to claim now: ``filt``, or with caps, each capped type with its room."""
+        if not self._caps:
+            return filt
+        assert self._uncapped is not None
+        return dataclasses.replace(
+            self._uncapped,
+            capped=tuple(
+                (t, max(0, cap - self._capped_running[t])) for t, cap in self._caps.items()
+            ),
+        )
+
+    def _policy_summary(self) -> str:
+        parts = []
+        if self._async:
+            parts.append(f"async={sorted(self._async)}")
+        if self._caps:
+            parts.append(f"caps={self._caps}")
+        if self._timeouts:
+            parts.append(f"timeouts={self._timeouts}")
+        return "".join(", " + part for part in parts)
+
+    def _start_executors(self) -> None:
+        """The event loop (for async handlers) and the deadline thread (for timeouts), if needed."""
+        if self._async:
+            self._event_loop()
+        if self._timeouts:
+            self._deadlines = _Deadlines(self._time_out, f"{self.worker_id}-deadlines")
+
+    def _event_loop(self) -> _EventLoop:
+        with self._aio_lock:
+            if self._aio is None:
+                self._aio = _EventLoop(f"{self.worker_id}-asyncio")
+            return self._aio
+
+    def _stop_executors(self) -> None:
+        if self._deadlines is not None:
+            self._deadlines.close()
+        if self._aio is not None:
+            # Async handlers still running now outlived the shutdown: cancel them (their leases
+            # expire and are rescued, as for threads left running).
+            self._abandoning = True
+            cancelled = self._aio.close(grace=1.0)
+            if cancelled:
+                _worker_log.warning(
+                    "%s: %d async handlers cancelled at shutdown; their leases will expire",
+                    self.worker_id,
+                    cancelled,
+                    extra={"worker_id": self.worker_id},
+                )
 
     # -- housekeeping: heartbeats, rescue, schedules ---------------------------------------
     def _rescue(self, conn: _Connection) -> int:
@@ -5268,6 +5826,12 @@ class Worker:
         """True when it stopped without waiting for running handlers (second signal, timeout)."""
         return self._force.is_set()
 
+    # -- internal interface used by RunContext ---------------------------------------------
+    def _on_event_loop(self) -> bool:
+        """True when called from this worker's event loop (where nothing may block)."""
+        aio = self._aio
+        return aio is not None and aio.on_loop()
+
 
 def _as_list(value: Any, name: str) -> list:
     if isinstance(value, str):
@@ -5287,31 +5851,200 @@ def _spawn(
 
 
 class _HandlerPool:
-    """Daemon threads running handlers; daemon so that a forced exit never waits for them."""
+    """Daemon threads running plain handlers; daemon so that a forced exit never waits for them.
+
+    A thread abandoned in a handler that overran its timeout gets a replacement, for up to
+    ``size`` such threads at once (beyond that, stuck handlers would pile up threads without
+    end: ``shortfall`` tells the worker how many slots it lacks); it exits when the handler
+    finally returns.
+    """
 
     def __init__(self, size: int, execute: Callable[[RunContext, _Completion], None], name: str):
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._size = size
         self._execute = execute
-        self._threads = [
-            threading.Thread(target=self._serve, name=f"{name}-handler-{i}", daemon=True)
-            for i in range(size)
-        ]
-        for thread in self._threads:
-            thread.start()
+        self._name = name
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()  # guards the sets and the count (never the hot path)
+        self._threads = 0
+        self._stuck: set[int] = set()  # idents of threads running an abandoned execution
+        self._leaving: set[int] = set()  # formerly stuck threads, to exit once they are back
+        self._numbers = itertools.count()
+        with self._lock:
+            for _ in range(size):
+                self._start_thread()
+
+    @property
+    def stuck(self) -> int:
+        """Threads still running an abandoned execution."""
+        return len(self._stuck)
+
+    @property
+    def shortfall(self) -> int:
+        """Handler slots lost to stuck threads that were not replaced."""
+        return max(0, len(self._stuck) - self._size)
+
+    def _wanted(self) -> int:  # with the lock held
+        """Threads the pool should have: its size, plus a replacement per stuck thread."""
+        return self._size + min(len(self._stuck), self._size)
+
+    def _start_thread(self) -> None:  # with the lock held
+        self._threads += 1
+        threading.Thread(
+            target=self._serve, name=f"{self._name}-handler-{next(self._numbers)}", daemon=True
+        ).start()
+
+    def submit(self, ctx: RunContext, item: _Completion) -> None:
+        self._queue.put((ctx, item))
 
     def _serve(self) -> None:
+        me = threading.get_ident()
         while True:
             work = self._queue.get()
             if work is None:
                 return
             self._execute(*work)
+            # Abandonment is decided before the late outcome is handed in, so by now this
+            # thread is in one of the sets if it ever will be.
+            if self._stuck or self._leaving:
+                with self._lock:
+                    if me in self._stuck or me in self._leaving:
+                        self._stuck.discard(me)
+                        self._leaving.discard(me)
+                        if self._threads > self._wanted():  # else it stands in for another
+                            self._threads -= 1
+                            return
 
-    def submit(self, ctx: RunContext, item: _Completion) -> None:
-        self._queue.put((ctx, item))
+    def abandon(self, ident: int) -> None:
+        """Give up on the execution thread ``ident`` runs, and replace it while allowed."""
+        with self._lock:
+            self._stuck.add(ident)
+            if self._threads < self._wanted():
+                self._start_thread()
+
+    def release(self, ident: int) -> None:
+        """Thread ``ident`` is back from an abandoned execution (it exits once done with it)."""
+        with self._lock:
+            if ident in self._stuck:
+                self._stuck.discard(ident)
+                self._leaving.add(ident)
 
     def shutdown(self) -> None:
-        for _ in self._threads:
+        with self._lock:
+            threads = self._threads
+        for _ in range(threads):
             self._queue.put(None)
+
+
+class _EventLoop:
+    """The worker's asyncio event loop, on a thread of its own, awaiting ``async def`` handlers."""
+
+    def __init__(self, name: str):
+        self.loop = asyncio.new_event_loop()
+        started = threading.Event()
+        self._thread = threading.Thread(target=self._serve, args=(started,), name=name, daemon=True)
+        self._thread.start()
+        started.wait()
+
+    def _serve(self, started: threading.Event) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.call_soon(started.set)
+        self.loop.run_forever()
+
+    def on_loop(self) -> bool:
+        """True when called from the loop's thread."""
+        return threading.get_ident() == self._thread.ident
+
+    def start(self, work: list[tuple[RunContext, Any]]) -> None:
+        """Start each (context, coroutine) as a task: one wake-up of the loop for a batch."""
+        self.loop.call_soon_threadsafe(self._start, work)
+
+    def _start(self, work: list[tuple[RunContext, Any]]) -> None:
+        for ctx, coroutine in work:
+            if ctx._done:  # its timeout passed before the loop got to it
+                coroutine.close()
+            else:
+                ctx._task = self.loop.create_task(coroutine)
+
+    def cancel(self, ctx: RunContext) -> None:
+        """Cancel the task awaiting ``ctx``'s handler (from any thread)."""
+        self.loop.call_soon_threadsafe(lambda: ctx._task is not None and ctx._task.cancel())
+
+    def close(self, grace: float) -> int:
+        """Cancel the tasks still running, give them ``grace`` seconds to unwind, stop the loop
+        and return how many were cancelled."""
+
+        async def cancel_all() -> int:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            if tasks:
+                await asyncio.wait(tasks, timeout=grace)
+            await self.loop.shutdown_asyncgens()
+            return len(tasks)
+
+        cancelled = 0
+        if not self.loop.is_closed() and self._thread.is_alive():
+            with contextlib.suppress(Exception):
+                future = asyncio.run_coroutine_threadsafe(cancel_all(), self.loop)
+                cancelled = future.result(grace + 1.0)
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(grace + 1.0)
+        if not self._thread.is_alive():  # else a handler blocks the loop; leave it to exit
+            self.loop.close()
+        return cancelled
+
+
+class _Deadlines:
+    """One thread calling ``expire(ctx, item)`` when an execution's timeout passes."""
+
+    def __init__(self, expire: Callable[[RunContext, _Completion], None], name: str):
+        self._expire = expire
+        self._heap: list[tuple[float, int, RunContext, _Completion]] = []
+        self._order = itertools.count()  # ties: a batch shares one deadline
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
+        self._thread.start()
+
+    def add(self, deadline: float, ctx: RunContext, item: _Completion, running: int) -> None:
+        """Expire ``ctx`` at monotonic ``deadline``; ``running``: executions still going."""
+        with self._cond:
+            entry = (deadline, next(self._order), ctx, item)
+            heapq.heappush(self._heap, entry)
+            if self._heap[0] is entry:
+                self._cond.notify()
+            # Finished executions stay queued until their deadline; with long timeouts and
+            # many runs they would pile up, so they are swept out once they dominate.
+            if len(self._heap) > 2 * running + 64:
+                self._heap = [e for e in self._heap if not e[2]._done]
+                heapq.heapify(self._heap)
+
+    def _serve(self) -> None:
+        with self._cond:
+            while not self._closed:
+                now = time.monotonic()
+                due = []
+                while self._heap and self._heap[0][0] <= now:
+                    due.append(heapq.heappop(self._heap))
+                if not due:
+                    self._cond.wait(self._heap[0][0] - now if self._heap else None)
+                    continue
+                self._cond.release()  # expire() takes the worker's lock
+                try:
+                    for _, _, ctx, item in due:
+                        if not ctx._done:
+                            try:
+                                self._expire(ctx, item)
+                            except Exception:  # a bug here must not end every later timeout
+                                _worker_log.exception("run %s: timeout handling failed", ctx.id)
+                finally:
+                    self._cond.acquire()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join(5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -6576,6 +7309,26 @@ def _duration_arg(text: str) -> float:
     return seconds
 
 
+def _backoff_arg(text: str) -> Callable[[int], float]:
+    """``seed``, ``fixed:DURATION`` or ``exponential:BASE:CAP`` as a backoff function."""
+    kind, *values = text.strip().split(":")
+    try:
+        if kind == "seed" and not values:
+            return seed_backoff
+        if kind == "fixed" and len(values) == 1:
+            return _fixed_backoff(_duration_arg(values[0]))
+        if kind == "exponential" and len(values) == 2:
+            base, cap = (_duration_arg(value) for value in values)
+            if base > 0 and cap >= base:
+                return _exponential_backoff(base, cap)
+    except argparse.ArgumentTypeError:
+        pass
+    raise argparse.ArgumentTypeError(
+        f"expected seed, fixed:DURATION or exponential:BASE:CAP (0 < BASE <= CAP), e.g. "
+        f"fixed:5s or exponential:1s:10m; got {text!r}"
+    )
+
+
 def _port_arg(text: str) -> int:
     if not text.isdigit() or not 0 <= int(text) <= 65535:
         raise argparse.ArgumentTypeError(f"a port is a number from 0 to 65535, got {text!r}")
@@ -6626,6 +7379,8 @@ _WORKER_OPTIONS = (
     _Option("--burst", None, None, False, "exit once nothing is due and nothing runs"),
     _Option("--no-schedules", "schedules", None, True, "do not run the cron ticker in this worker"),
     _Option("--shutdown-timeout", "shutdown_timeout", float, DEFAULT_SHUTDOWN_TIMEOUT, f"seconds running handlers get after SIGTERM (default {DEFAULT_SHUTDOWN_TIMEOUT:g})"),
+    _Option("--backoff", "backoff", _backoff_arg, None, "retry delay for handlers without their own: seed (default: attempt² minutes + up to 10%%), fixed:5s, or exponential:1s:10m (1 s doubling per attempt up to 10 min, less up to 10%% jitter)"),
+    _Option("--max-snoozes", "max_snoozes", int, DEFAULT_MAX_SNOOZES, f"Retry requests per run before each counts as a failed attempt (default {DEFAULT_MAX_SNOOZES})"),
     _Option("--metrics-port", None, _port_arg, None, "serve Prometheus /metrics (and /healthz) on this port"),
     _Option("--metrics-host", None, None, DEFAULT_HTTP_HOST, f"address for --metrics-port (default {DEFAULT_HTTP_HOST})"),
 )  # fmt: skip
@@ -7105,10 +7860,62 @@ examples:
   minflow schedule add reports.daily.v1 --cron '0 6 * * *' --timezone Europe/Berlin
   minflow serve --port 8080
 
-Every command takes --dsn (default: $MINFLOW_DSN, else sqlite://minflow.db) and
---help. Exit status: 0 success, 1 the operation failed (not found, wrong state,
-database error), 2 invalid arguments or input.
+Every command takes --dsn (default: $MINFLOW_DSN, else sqlite://minflow.db),
+--log-level, --log-format text|json (before or after the command) and --help.
+Exit status: 0 success, 1 the operation failed (not found, wrong state, database
+error), 2 invalid arguments or input.
 """
+
+
+class _JsonLogFormatter(logging.Formatter):
+    """``--log-format json``: one JSON object per record, with the run fields it carries."""
+
+    FIELDS = ("run_id", "type", "attempt", "worker_id", "outcome", "duration")
+
+    def format(self, record: logging.LogRecord) -> str:
+        moment = _dt.datetime.fromtimestamp(record.created, UTC)
+        entry = {
+            "time": moment.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for name in self.FIELDS:
+            value = record.__dict__.get(name)
+            if value is not None:
+                entry[name] = value
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False, default=str)
+
+
+def _global_options(parser: argparse.ArgumentParser, prefix: str = "") -> None:
+    """The options every command takes, before its name (``prefix``: their own dest, because
+    a subcommand's defaults would overwrite values given there) or after it."""
+    before = bool(prefix)
+    parser.add_argument(
+        "--dsn",
+        dest=prefix + "dsn",
+        default=None,
+        help=argparse.SUPPRESS
+        if before
+        else "database (default: $MINFLOW_DSN, else sqlite://minflow.db, a file in the "
+        "working directory; sqlite:///abs/path.db is absolute)",
+    )
+    parser.add_argument(
+        "--log-level",
+        dest=prefix + "log_level",
+        default=None,
+        choices=["debug", "info", "warning", "error"],
+        help="logging level (default: info for worker/ticker/serve, warning otherwise)",
+    )
+    parser.add_argument(
+        "--log-format",
+        dest=prefix + "log_format",
+        default=None,
+        choices=["text", "json"],
+        help="log lines as text (default) or one JSON object per line",
+    )
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -7119,15 +7926,7 @@ def _build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"minflow {__version__}")
-    parser.add_argument(
-        "--log-level",
-        default=None,
-        choices=["debug", "info", "warning", "error"],
-        help="logging level (default: info for worker/ticker/serve, warning otherwise)",
-    )
-    # Also accepted before the command; a separate dest, because a subcommand's default would
-    # overwrite the value given here.
-    parser.add_argument("--dsn", dest="global_dsn", default=None, help=argparse.SUPPRESS)
+    _global_options(parser, prefix="global_")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def command(
@@ -7140,12 +7939,7 @@ def _build_parser() -> argparse.ArgumentParser:
         options: Sequence[_Option] = (),
     ) -> argparse.ArgumentParser:
         sub = parent.add_parser(name, help=help_text, description=help_text)
-        sub.add_argument(
-            "--dsn",
-            default=None,
-            help="database (default: $MINFLOW_DSN, else sqlite://minflow.db, a file in the "
-            "working directory; sqlite:///abs/path.db is absolute)",
-        )
+        _global_options(sub)
         if json_flag:
             sub.add_argument(
                 "--json", action="store_true", help="print JSON for scripts instead of text"
@@ -7301,13 +8095,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The ``minflow`` command; returns the exit status."""
     parser = _build_parser()
     args = parser.parse_args(argv)
-    args.dsn = args.dsn or args.global_dsn
+    for name in ("dsn", "log_level", "log_format"):  # after the command wins
+        setattr(args, name, getattr(args, name, None) or getattr(args, "global_" + name))
     level = args.log_level or (
         "info" if args.command in ("worker", "ticker", "serve") else "warning"
     )
-    logging.basicConfig(
-        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    handler = logging.StreamHandler()
+    handler.setFormatter(
+        _JsonLogFormatter()
+        if args.log_format == "json"
+        else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     )
+    logging.basicConfig(level=level.upper(), handlers=[handler])
     if args.command == "demo" and not args.log_level:
         logging.getLogger("minflow.worker").setLevel(logging.CRITICAL)  # the failures are the point
     try:

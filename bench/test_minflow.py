@@ -1,4 +1,5 @@
-"""minflow's own load benchmarks (make bench): S1-S3, concurrent-claim stress (S4), scale (S5).
+"""minflow's own load benchmarks (make bench): S1-S3, concurrent-claim stress (S4), scale (S5),
+handlers that wait (H1: async def against threads) and timeout accuracy (H2).
 
 Figures are printed (and tabulated at the end); S4 and S5 also assert what must hold under load:
 no run executed twice or lost, no "database is locked", and claims that do not slow down with a
@@ -7,7 +8,9 @@ million finished runs in the table.
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import statistics
 import time
 from pathlib import Path
 
@@ -19,12 +22,15 @@ from harness import (
     drop_target,
     median_of,
     payloads,
+    percentiles,
     repeats,
     run_scenarios,
     s2_drain,
     wait_until,
     workers,
 )
+
+import minflow
 
 STRESS_RUNS = 20_000
 STRESS_SHAPE = {"sqlite": (4, 8), "postgres": (8, 16)}  # processes x handler threads
@@ -128,5 +134,91 @@ def test_s5_scale(backend, workdir, report):
         )
         assert "minflow_run_claim" in plan, plan
         assert full >= 0.8 * empty, f"{full:.0f}/s is under 80% of {empty:.0f}/s"
+    finally:
+        drop_target(target, mod)
+
+
+WAITING_RUNS, WAITING_CONCURRENCY, WAITING_SECONDS = 1_000, 100, 0.05
+TIMEOUT_RUNS, TIMEOUT = 200, 0.2
+
+
+def _app(target, kind: str, seconds: float, **policy) -> minflow.App:
+    """An App whose one handler waits ``seconds``: ``await asyncio.sleep`` or ``time.sleep``."""
+    app = minflow.App(mod.dsn(target))
+    if kind == "async":
+
+        async def wait(run):
+            await asyncio.sleep(seconds)
+
+    else:
+
+        def wait(run):
+            time.sleep(seconds)
+
+    app.handler("wait", **policy)(wait)
+    return app
+
+
+def _waiting_throughput(target, kind: str) -> float:
+    """Runs/s of WAITING_RUNS handlers that each wait WAITING_SECONDS, from worker start."""
+    mod.prepare(target)
+    app = _app(target, kind, WAITING_SECONDS)
+    try:
+        app.submit_many(minflow.Job("wait") for _ in range(WAITING_RUNS))
+        worker = minflow.Worker(app, concurrency=WAITING_CONCURRENCY, schedules=False)
+        start = time.monotonic()
+        assert worker.run(burst=True) == WAITING_RUNS
+        return WAITING_RUNS / (time.monotonic() - start)
+    finally:
+        app.close()
+
+
+def test_h1_waiting_handlers(backend, workdir, report):
+    """1,000 handlers that each wait 50 ms with concurrency 100 (at most 2,000 runs/s):
+    ``async def`` handlers on the worker's event loop against plain ones on 100 threads."""
+    target = fresh_target("minflow_h1", backend, workdir)
+    try:
+        for kind, label in (
+            ("async", "async def, asyncio.sleep"),
+            ("thread", "threads, time.sleep"),
+        ):
+            figure = median_of(repeats(), lambda kind=kind: _waiting_throughput(target, kind))
+            report.add(f"H1 1k x 50 ms waits, c=100, {label}", backend, mod, figure, "runs/s")
+    finally:
+        drop_target(target, mod)
+
+
+def _timeout_lateness(target, kind: str) -> list[float]:
+    """Seconds from each run's deadline (its claim + TIMEOUT) to its recorded failure, both
+    by the database clock, for TIMEOUT_RUNS handlers that overrun."""
+    mod.prepare(target)
+    # The plain handler returns soon after its timeout, so stuck threads do not pile up.
+    app = _app(target, kind, 30 if kind == "async" else TIMEOUT * 2, timeout=TIMEOUT)
+    try:
+        ids = app.submit_many(minflow.Job("wait", max_attempts=1) for _ in range(TIMEOUT_RUNS))
+        minflow.Worker(app, concurrency=20, schedules=False).run(burst=True)
+        late = []
+        for run_id in ids:
+            events = {e.event_type: e.created_at for e in app.events(run_id)}
+            assert app.get(run_id).status == "failed", run_id
+            late.append((events["failed"] - events["leased"]).total_seconds() - TIMEOUT)
+        return late
+    finally:
+        app.close()
+
+
+def test_h2_timeout_accuracy(backend, workdir, report):
+    """How late a timeout is recorded: 200 overrunning handlers, timeout 0.2 s, concurrency 20."""
+    target = fresh_target("minflow_h2", backend, workdir)
+    try:
+        for kind, label in (("async", "async def (cancelled)"), ("thread", "thread (abandoned)")):
+            late = _timeout_lateness(target, kind)
+            report.add(
+                f"H2 timeout to recorded failure, {label}", backend, mod, percentiles(late), "ms"
+            )
+            print(
+                f"  H2 {backend} {kind}: median {statistics.median(late) * 1000:.1f} ms, "
+                f"max {max(late) * 1000:.1f} ms"
+            )
     finally:
         drop_target(target, mod)

@@ -21,6 +21,7 @@ def main(dsn: str | None = None) -> list[str]:
             ]
             + [minflow.Job("billing.invoice.v1", {"order": 99, "amount": 25_000}, priority=10)]
             + [minflow.Job("billing.statement.v1", {"pages": 3})]
+            + [minflow.Job("billing.receipt.v1", {"order": 1})]
             + [minflow.Job("billing.reminder.v1", {"to": "ada@example.com"}, max_attempts=2)]
         )
         # Submitting the same invoice again returns the existing run instead of a duplicate.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import http.client
 import json
@@ -432,3 +433,82 @@ def test_the_readme_example_and_the_cli_share_one_database(tmp_path):
     run_id = ok(cli(tmp_path, "submit", "billing.invoice.v1", '{"order": 43}')).strip()
     assert ok(cli(tmp_path, "worker", "jobs", "--burst")) == "1 runs executed\n"
     assert ok_json(cli(tmp_path, "show", run_id, "--json"))["result"] == {"invoiced": 43}
+LOGGING_MODULE = """
+import minflow
+
+app = minflow.App()
+
+
+@app.handler("cli.ok.v1")
+def ok(run):
+    return run.payload
+
+
+@app.handler("cli.flaky.v1")
+def flaky(run):
+    raise ConnectionError("refused")
+"""
+
+
+def test_worker_logs_json_lines_naming_its_database(dsn, tmp_path):
+    (tmp_path / "jobs.py").write_text(LOGGING_MODULE)
+    secret_dsn = dsn.replace("postgres@", "postgres:s3cret@", 1)  # trust auth ignores it
+    with minflow.Client(dsn) as client:
+        client.migrate()
+        ok_id = client.submit("cli.ok.v1", {"n": 1})
+        flaky_id = client.submit("cli.flaky.v1", max_attempts=2)
+    # Global options after the command (they were refused there once), and --backoff.
+    result = cli(
+        tmp_path,
+        *("worker", "jobs", "--burst", "--no-schedules", "--worker-id", "cli-json"),
+        *("--backoff", "fixed:0s", "--log-level", "debug", "--log-format", "json"),
+        *("--dsn", secret_dsn),
+    )
+    assert result.returncode == 0, result.stderr
+    assert "s3cret" not in result.stderr
+    records = [json.loads(line) for line in result.stderr.splitlines()]  # every line is JSON
+    assert {"time", "level", "logger", "message"} <= set(records[0])
+    started = next(r for r in records if " started on " in r["message"])
+    if dsn.startswith("sqlite"):
+        assert f"started on SQLite {tmp_path / 'minflow.db'}:" in started["message"]
+    else:
+        assert "started on PostgreSQL postgres://postgres:***@" in started["message"]
+        assert "(schema t_" in started["message"]
+    assert started["worker_id"] == "cli-json"
+    finished = sorted((r["run_id"], r["attempt"], r["outcome"]) for r in records if "outcome" in r)
+    assert finished == sorted(
+        [(ok_id, 1, "succeeded"), (flaky_id, 1, "retrying"), (flaky_id, 2, "failed")]
+    )
+    line = next(r for r in records if r.get("outcome") == "succeeded")
+    assert (line["type"], line["worker_id"], line["level"]) == ("cli.ok.v1", "cli-json", "INFO")
+    with minflow.Client(dsn) as client:
+        assert client.get(flaky_id).status == "failed"  # two attempts in one burst: fixed:0s
+
+
+def test_global_options_before_or_after_the_command(tmp_path):
+    dsn = f"sqlite:///{tmp_path / 'g.db'}"
+    ok(cli(tmp_path, "migrate", "--dsn", dsn))
+    for argv in (
+        ["--log-level", "debug", "--log-format", "json", "list", "--dsn", dsn],
+        ["list", "--log-level", "debug", "--log-format", "json", "--dsn", dsn],
+        ["--dsn", dsn, "--log-format", "text", "stats", "--log-level", "error"],
+    ):
+        assert cli(tmp_path, *argv).returncode == 0, argv
+    one_line_error(cli(tmp_path, "list", "--log-format", "xml", "--dsn", dsn), 2, "invalid choice")
+    one_line_error(
+        cli(tmp_path, "worker", "jobs", "--backoff", "linear:1s", "--dsn", dsn), 2, "fixed:DURATION"
+    )
+
+
+def test_backoff_specs_of_the_command_line():
+    spec = minflow._backoff_arg
+    assert spec("seed") is minflow.seed_backoff
+    assert [spec("fixed:5s")(n) for n in (1, 2, 10)] == [5.0, 5.0, 5.0]
+    exponential = spec("exponential:1s:10m")
+    for attempt, full in ((1, 1.0), (2, 2.0), (4, 8.0), (11, 600.0), (10**6, 600.0)):
+        samples = [exponential(attempt) for _ in range(100)]
+        assert all(0.9 * full <= s <= full for s in samples), attempt
+        assert min(samples) < full  # the jitter is there
+    for bad in ("", "fixed", "fixed:soon", "exponential:1s", "exponential:10m:1s", "linear:1s"):
+        with pytest.raises(argparse.ArgumentTypeError, match="fixed:DURATION"):
+            spec(bad)
