@@ -4279,7 +4279,7 @@ class Client:
     # Underscored because users must not depend on it. These methods are all those callers use
     # of a Client: its DSN, dialect and pool stay private to it.
 
-    def _database(self) -> str:
+    def _describe(self) -> str:
         """The database as resolved: an absolute SQLite path, or the DSN with its password
         masked (the Worker's start-up line)."""
         return self._dialect.describe()
@@ -5184,7 +5184,7 @@ class Worker:
         _worker_log.info(
             "%s started on %s: types=%s prefixes=%s concurrency=%d lease=%gs%s%s",
             self.worker_id,
-            self.app._database(),
+            self.app._describe(),
             list(filt.types),
             list(filt.prefixes),
             self.concurrency,
