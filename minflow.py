@@ -306,16 +306,32 @@ def _sqlite_time(moment: _dt.datetime) -> str:
     return moment.strftime("%Y-%m-%d %H:%M:%S") + f".{moment.microsecond // 1000:03d}"
 
 
+def _check_moment(name: str, value: Any) -> _dt.datetime:
+    """An aware datetime, in UTC."""
+    if not isinstance(value, _dt.datetime):
+        raise InvalidInput(f"{name} must be a datetime, got {type(value).__name__}")
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise InvalidInput(f"{name} must be timezone-aware (e.g. datetime.now(timezone.utc))")
+    return value.astimezone(UTC)
+
+
+_EPOCH = _dt.datetime(1970, 1, 1, tzinfo=UTC)
+
+
 def _check_run_at(run_at: Any, run_in: Any) -> tuple[_dt.datetime | None, float]:
     """Return (absolute time or None, delay in seconds) for a submit."""
     if run_at is not None and run_in is not None:
         raise InvalidInput("give run_at or run_in, not both")
     if run_at is not None:
-        if not isinstance(run_at, _dt.datetime):
-            raise InvalidInput(f"run_at must be a datetime, got {type(run_at).__name__}")
-        if run_at.tzinfo is None or run_at.utcoffset() is None:
-            raise InvalidInput("run_at must be timezone-aware (e.g. datetime.now(timezone.utc))")
-        return run_at.astimezone(UTC), 0.0
+        run_at = _check_moment("run_at", run_at)
+        # Earlier than 1970 is a bug (year 2 would pass otherwise and report an age of two
+        # millennia); later than run_in allows is one too.
+        latest = _dt.datetime.now(UTC) + _dt.timedelta(seconds=MAX_DELAY)
+        if not _EPOCH <= run_at <= latest:
+            raise InvalidInput(
+                f"run_at must be between 1970-01-01 and 100 years from now, got {run_at.isoformat()}"
+            )
+        return run_at, 0.0
     if run_in is None:
         return None, 0.0
     if isinstance(run_in, _dt.timedelta):
@@ -693,6 +709,7 @@ def _quote_ident(name: str) -> str:
 #   {json:x} {rawjson:x}         a JSON parameter (rawjson: one Go reads as json.RawMessage)
 #   {uuid:x} {time:x} {bool:x}   an id, a timestamp, a boolean parameter
 #   {tiebreak}                   orders rows whose created_at ties
+#   {greatest}                   the larger of its arguments (a scalar function)
 #   {schema} {channel}           the DSN's schema and its NOTIFY channel, quoted (PostgreSQL)
 #   {event_type} {outcome_data} {rescue_data}   the audit-trail rule below, as SQL (PostgreSQL)
 #   {workflow_run}...            a table, qualified with the DSN's schema on PostgreSQL (_TABLES)
@@ -1035,12 +1052,14 @@ _SQL: dict[str, str] = {
         "SELECT type, status, COUNT(*) FROM {workflow_run} WHERE deleted_at IS NULL "
         "GROUP BY type, status ORDER BY type, status"
     ),
-    # Metrics at scrape time: live runs by type and status, the oldest due run_at, the clock.
+    # Metrics at scrape time: live runs by type and status, when the oldest due run became due
+    # (its run_at, or its creation when it was submitted with a run_at in the past), the clock.
     # Finished runs are left out, so the partial pending/leased indexes keep this cheap.
     "queue_snapshot": (
         "SELECT type, status, COUNT(*), MIN(CASE WHEN status = 'pending' AND run_at <= {now} "
-        "THEN run_at END), {now} FROM {workflow_run} WHERE status IN ('pending', 'leased') "
-        "AND deleted_at IS NULL GROUP BY type, status ORDER BY type, status"
+        "THEN {greatest}(run_at, created_at) END), {now} FROM {workflow_run} "
+        "WHERE status IN ('pending', 'leased') AND deleted_at IS NULL "
+        "GROUP BY type, status ORDER BY type, status"
     ),
     # Extend the lease of one run this worker holds (explicit heartbeat).
     "heartbeat": (
@@ -1233,6 +1252,7 @@ _SQLITE_SLOTS = {
     "time": "{}",
     "bool": "{}",
     "tiebreak": "rowid",  # insertion order, for runs created in the same millisecond
+    "greatest": "MAX",
     "filters": "",
     "filter": "0",
 }
@@ -1391,6 +1411,7 @@ _PG_SLOTS = {
     "time": "CAST({} AS timestamptz)",
     "bool": "{}",
     "tiebreak": "id",
+    "greatest": "GREATEST",
     "filters": "",
     **_event_slots("jsonb_build_object"),
 }
@@ -3170,8 +3191,9 @@ _METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     ),
     "workflow_run_oldest_pending_age_seconds": (
         "gauge",
-        "Seconds the oldest due pending run of each type has been waiting past its run_at "
-        "(0 when none is due), database-wide at scrape time.",
+        "Seconds the oldest due pending run of each type has been waiting since it became due "
+        "(its run_at, or its creation if later; 0 when none is due), database-wide at scrape "
+        "time.",
         ("workflow_type",),
     ),
     "workflow_database_up": (
@@ -4297,7 +4319,7 @@ def _compile_routes(routes: list[_Route]) -> list[tuple[str, re.Pattern, Callabl
 
 def _queue_snapshot(client: Client) -> list[tuple[str, str, int, float | None]]:
     """Pending and leased runs by type and status, with how long the oldest due pending run
-    has waited past its run_at (None: none is due), from one aggregate query."""
+    has waited since it became due (None: none is due), from one aggregate query."""
     out = []
     for run_type, status, count, oldest, now in client._sql("queue_snapshot"):
         since, clock = _parse_time(oldest), _parse_time(now)
@@ -5235,11 +5257,15 @@ _cmd_retry = _change_command(
 def _cmd_stats(args: argparse.Namespace) -> int:
     with Client(args.dsn) as client:
         counts = client.stats()
-        ages = (
-            {} if args.json else {t: w for t, _, _, w in _queue_snapshot(client) if w is not None}
-        )
+        ages = {t: w for t, _, _, w in _queue_snapshot(client) if w is not None}
     if args.json:
-        _print_json(counts)
+        # Beside each type's status counts, as in the table's last column.
+        _print_json(
+            {
+                run_type: {**by_status, "oldest_due_pending_seconds": ages.get(run_type)}
+                for run_type, by_status in counts.items()
+            }
+        )
         return 0
     if not counts:
         print("no runs")
