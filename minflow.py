@@ -4860,6 +4860,79 @@ def _r_schedule_delete(req: _Request) -> tuple[int, Any]:
     return 200, {"status": "deleted"}
 
 
+# Durations in a body: a number of seconds, or text in a form whose every match is between
+# 1 ms and 100 years (the document can state that; the command line's form is looser).
+_BODY_DURATION = (
+    "^([1-9][0-9]{0,11}ms|[1-9][0-9]{0,8}s|[1-9][0-9]{0,6}m|[1-9][0-9]{0,4}h|[1-9][0-9]{0,3}d)$"
+)
+
+
+def _body_duration(body: dict, name: str) -> float:
+    """A required duration field: seconds, or text such as ``"7d"`` (see _BODY_DURATION)."""
+    value = _optional(body, name, None)
+    if value is None:
+        raise _HTTPError(400, f"{name} is required")
+    if isinstance(value, str):
+        if not re.fullmatch(_BODY_DURATION, value):
+            raise _HTTPError(
+                400, f'{name} must be seconds or a duration such as "90s", "15m", "2h", "7d"'
+            )
+        return _parse_duration(value, name)
+    return value  # the Client checks numbers
+
+
+def _body_flag(body: dict, name: str) -> bool:
+    """An optional boolean field (null or absent: false)."""
+    value = body.get(name)
+    if value is not None and not isinstance(value, bool):
+        raise _HTTPError(400, f"{name} must be true or false")
+    return bool(value)
+
+
+def _r_prune(req: _Request) -> tuple[int, Any]:
+    body = req.json_object(("older_than", "statuses", "dry_run"))
+    dry_run = _body_flag(body, "dry_run")
+    count = req.client.prune(
+        older_than=_body_duration(body, "older_than"),
+        statuses=_optional(body, "statuses", FINISHED_STATUSES),
+        dry_run=dry_run,
+    )
+    return 200, {"count": count, "dry_run": dry_run}
+
+
+_BULK_FIELDS = ("type", "status", "created_before", "created_after", "key_prefix", "dry_run")
+
+
+def _bulk_route(method: str) -> Callable[[_Request], tuple[int, Any]]:
+    """A route applying ``Client.<method>`` (retry_many, cancel_many) to the body's filter."""
+
+    def route(req: _Request) -> tuple[int, Any]:
+        body = req.json_object(_BULK_FIELDS)
+        dry_run = _body_flag(body, "dry_run")
+        times = {
+            name: None if body.get(name) is None else _parse_rfc3339(body[name], name)
+            for name in ("created_before", "created_after")
+        }
+        count = getattr(req.client, method)(
+            type=body.get("type"),
+            status=body.get("status"),
+            key_prefix=body.get("key_prefix"),
+            dry_run=dry_run,
+            **times,
+        )
+        return 200, {"count": count, "dry_run": dry_run}
+
+    return route
+
+
+_r_retry_many = _bulk_route("retry_many")
+_r_cancel_many = _bulk_route("cancel_many")
+
+
+def _r_workers(req: _Request) -> tuple[int, Any]:
+    return 200, [entry.to_json() for entry in req.client.workers()]
+
+
 # -- the route table --------------------------------------------------------------------------
 # Each route carries what the OpenAPI document says about it, so a new route is one row.
 
@@ -4879,6 +4952,12 @@ def _status_is(word: str) -> dict:
 
 
 _CREATED = {"type": "object", "properties": {"id": {"type": "string"}}, "required": ["id"]}
+# What prune and the bulk changes answer: how many runs (with dry_run: would be) changed.
+_COUNTED = {
+    "type": "object",
+    "properties": {"count": {"type": "integer", "minimum": 0}, "dry_run": {"type": "boolean"}},
+    "required": ["count", "dry_run"],
+}
 # What the Client accepts: non-blank text without NUL; filters may also be empty (no filter).
 _NAME_TEXT = {
     "type": "string",
@@ -4936,6 +5015,13 @@ _API_ROUTES: list[_Route] = [
     ("DELETE", _SCHEDULE, _Operation(_r_schedule_delete, "deleteSchedule", "Delete a schedule", _status_is("deleted"), (404, 503))),
     ("PATCH", f"{_SCHEDULE}/pause", _Operation(_r_pause, "pauseSchedule", "Pause a schedule", _status_is("paused"), (404, 503))),
     ("PATCH", f"{_SCHEDULE}/resume", _Operation(_r_resume, "resumeSchedule", "Resume a schedule from now", _status_is("resumed"), (404, 503))),
+    ("POST", f"{_API}/prune", _Operation(_r_prune, "pruneRuns", "Delete finished runs last updated longer ago than older_than, with their events", _COUNTED, (400, 413, 503),
+        body=("PruneRequest", {"older_than": "7d", "statuses": ["succeeded"], "dry_run": True}))),
+    ("POST", f"{_RUNS}/retry", _Operation(_r_retry_many, "retryRuns", "Retry every failed or cancelled run matching the filter", _COUNTED, (400, 413, 503),
+        body=("RetryFilter", {"type": "billing.invoice.v1", "status": "failed", "created_after": "2030-01-31T00:00:00Z"}))),
+    ("POST", f"{_RUNS}/cancel", _Operation(_r_cancel_many, "cancelRuns", "Cancel every pending or running run matching the filter", _COUNTED, (400, 413, 503),
+        body=("CancelFilter", {"key_prefix": "import-2030-01-", "dry_run": True}))),
+    ("GET", f"{_API}/workers", _Operation(_r_workers, "listWorkers", "Workers recorded in the database, oldest first (dead ones for a day)", _array_of("WorkerInfo"), (503,))),
 ]  # fmt: skip
 # A worker's --metrics-port listener.
 _METRICS_ROUTES: list[_Route] = [r for r in _API_ROUTES if r[1] in ("/healthz", "/metrics")]
@@ -4943,14 +5029,16 @@ _PUBLIC_PATHS = frozenset(path for _, path, operation in _API_ROUTES if operatio
 
 
 def _compile_routes(routes: list[_Route]) -> list[tuple[str, re.Pattern, Callable]]:
-    return [
-        (
-            method,
-            re.compile("^" + re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>[^/]+)", re.escape(p)) + "$"),
-            operation.fn,
-        )
-        for method, p, operation in routes
-    ]
+    # A concrete path takes precedence over a templated one that would match it too (as in
+    # OpenAPI): /workflows/{id} does not match /workflows/retry.
+    literal = {p for _, p, _ in routes if "{" not in p}
+    compiled = []
+    for method, p, operation in routes:
+        body = re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>[^/]+)", re.escape(p))
+        shadowed = sorted(path for path in literal if path != p and re.fullmatch(body, path))
+        guard = "(?!(?:" + "|".join(map(re.escape, shadowed)) + ")$)" if shadowed else ""
+        compiled.append((method, re.compile("^" + guard + body + "$"), operation.fn))
+    return compiled
 
 
 # -- metrics at scrape time -------------------------------------------------------------------
@@ -4989,6 +5077,13 @@ def _render_metrics(client: Client, worker: Worker | None = None) -> str:
     except MinflowError as exc:
         _http_log.warning("metrics: queue query failed: %s", exc)
         rows, up = [], 0.0
+    alive = 0
+    if up:
+        try:
+            alive = sum(entry.alive for entry in client.workers())
+        except MinflowError as exc:
+            _http_log.warning("metrics: worker registry query failed: %s", exc)
+            up = 0.0
     for run_type, status, count, waited in rows:
         depth[(("workflow_type", run_type), ("status", status))] = float(count)
         if status == "pending":
@@ -4996,6 +5091,7 @@ def _render_metrics(client: Client, worker: Worker | None = None) -> str:
     if up:
         extra["workflow_run_queue_depth"] = depth
         extra["workflow_run_oldest_pending_age_seconds"] = age
+        extra["workflow_workers_alive"] = {(): float(alive)}
     extra["workflow_database_up"] = {(): up}
     registry = worker.metrics if worker is not None else _Metrics()
     return registry.render(extra)
@@ -5398,6 +5494,23 @@ def _openapi_schemas() -> dict:
             "additionalProperties": False,
         }
 
+    def statuses(allowed: Sequence[str]) -> dict:
+        """One status or a list of them (default: all of ``allowed``)."""
+        one = {"type": "string", "enum": list(allowed)}
+        return {"oneOf": [one, {"type": "array", "items": one, "minItems": 1}]}
+
+    def bulk_filter(allowed: Sequence[str]) -> dict:
+        """The filter of a bulk change: every given field must match."""
+        return request(
+            [],
+            type=nullable(_NAME_TEXT),
+            status=nullable(statuses(allowed)),
+            created_before=nullable({**when, "description": "Created before (excluded)."}),
+            created_after=nullable({**when, "description": "Created at or after."}),
+            key_prefix=nullable({**_NAME_TEXT, "maxLength": 1000, "description": "Literal."}),
+            dry_run=nullable({"type": "boolean", "description": "Count only; default false."}),
+        )
+
     return {
         "Error": {
             "type": "object",
@@ -5470,6 +5583,35 @@ def _openapi_schemas() -> dict:
                 ]
             },
         },
+        "WorkerInfo": model(
+            WorkerInfo,
+            id=text,
+            host=text,
+            pid=integer,
+            types={"type": "array", "items": text},
+            prefixes={"type": "array", "items": text},
+            concurrency=integer,
+            running=integer,
+            heartbeat_interval={"type": "number", "description": "Seconds between renewals."},
+            version=text,
+            started_at=nullable(when),
+            last_seen_at=nullable(when),
+            alive={"type": "boolean", "description": "Renewed within 3 heartbeat intervals."},
+        ),
+        "PruneRequest": request(
+            ["older_than"],
+            older_than={
+                "oneOf": [
+                    {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_DELAY},
+                    {"type": "string", "pattern": _BODY_DURATION},
+                ],
+                "description": 'Seconds, or a duration such as "90s", "15m", "2h", "7d".',
+            },
+            statuses=nullable(statuses(FINISHED_STATUSES)),
+            dry_run=nullable({"type": "boolean", "description": "Count only; default false."}),
+        ),
+        "RetryFilter": bulk_filter(("failed", "cancelled")),
+        "CancelFilter": bulk_filter(("pending", "leased")),
         "ScheduleRequest": request(
             ["type", "cron"],
             type=_NAME_TEXT,
@@ -5603,6 +5745,7 @@ _WORKER_OPTIONS = (
     _Option("--burst", None, None, False, "exit once nothing is due and nothing runs"),
     _Option("--no-schedules", "schedules", None, True, "do not run the cron ticker in this worker"),
     _Option("--shutdown-timeout", "shutdown_timeout", float, DEFAULT_SHUTDOWN_TIMEOUT, f"seconds running handlers get after SIGTERM (default {DEFAULT_SHUTDOWN_TIMEOUT:g})"),
+    _Option("--retention", "retention", _duration_arg, None, "delete finished runs last updated longer ago than this, e.g. 7d (default: keep everything)"),
     _Option("--metrics-port", None, _port_arg, None, "serve Prometheus /metrics (and /healthz) on this port"),
     _Option("--metrics-host", None, None, DEFAULT_HTTP_HOST, f"address for --metrics-port (default {DEFAULT_HTTP_HOST})"),
 )  # fmt: skip
@@ -5879,10 +6022,115 @@ def _change_command(
     return change
 
 
-_cmd_cancel = _change_command("cancel", "run_id", "cancelled")
-_cmd_retry = _change_command(
-    "retry", "run_id", "pending", "retrying {id} (pending again, attempts reset)"
+_BULK_OPTIONS = ("type", "status", "created_before", "created_after", "key_prefix")
+
+
+def _bulk_command(
+    method: str, verb: str, single: Callable[[argparse.Namespace], int]
+) -> Callable[[argparse.Namespace], int]:
+    """The cancel or retry command: one run by id, or with ``--all`` every run matching the
+    filters through ``Client.<method>``, confirmed on a terminal unless ``--yes``."""
+
+    def change(args: argparse.Namespace) -> int:
+        filters = {name: getattr(args, name) for name in _BULK_OPTIONS}
+        given = [f"--{n.replace('_', '-')}" for n, v in filters.items() if v is not None]
+        if not args.all:
+            if args.run_id is None:
+                raise _UsageError(f"give a RUN_ID, or --all (with filters) to {verb} many runs")
+            if given or args.yes or args.dry_run:
+                raise _UsageError(f"{', '.join(given) or '--yes/--dry-run'} only go with --all")
+            return single(args)
+        if args.run_id is not None:
+            raise _UsageError("give a RUN_ID or --all, not both")
+        with Client(args.dsn) as client:
+            bulk = getattr(client, method)
+            count = bulk(dry_run=True, **filters)
+            if count and not args.dry_run and not args.yes:
+                _confirm(f"{verb} {count:,} runs ({_describe(filters)})?", verb)
+            if count and not args.dry_run:
+                count = bulk(**filters)
+        if args.json:
+            _print_json({"count": count, "dry_run": args.dry_run})
+        else:
+            done = "would be " if args.dry_run else ""
+            print(f"{count:,} runs {done}{'retried' if verb == 'retry' else 'cancelled'}")
+        return 0
+
+    return change
+
+
+def _describe(filters: dict[str, Any]) -> str:
+    parts = []
+    for name, value in filters.items():
+        if isinstance(value, list):
+            value = ", ".join(value)
+        elif isinstance(value, _dt.datetime):
+            value = _fmt_time(value) + " UTC"
+        if value is not None:
+            parts.append(f"{name.replace('_', ' ')} {value}")
+    return "; ".join(parts) or "every one in a state that allows it"
+
+
+def _confirm(question: str, verb: str) -> None:
+    """Ask on the terminal; refuse when there is none (a script must say --yes)."""
+    if not sys.stdin.isatty():
+        raise _UsageError(f"{question.rstrip('?')}: not on a terminal, so pass --yes to {verb}")
+    sys.stderr.write(f"{question} [y/N] ")
+    sys.stderr.flush()
+    if sys.stdin.readline().strip().lower() not in ("y", "yes"):
+        raise MinflowError("not confirmed; nothing changed")
+
+
+_cmd_cancel = _bulk_command(
+    "cancel_many", "cancel", _change_command("cancel", "run_id", "cancelled")
 )
+_cmd_retry = _bulk_command(
+    "retry_many",
+    "retry",
+    _change_command("retry", "run_id", "pending", "retrying {id} (pending again, attempts reset)"),
+)
+
+
+def _cmd_prune(args: argparse.Namespace) -> int:
+    statuses = list(dict.fromkeys(args.status or FINISHED_STATUSES))
+    with Client(args.dsn) as client:
+        count = client.prune(older_than=args.older_than, statuses=statuses, dry_run=args.dry_run)
+    if args.json:
+        _print_json({"count": count, "dry_run": args.dry_run})
+    else:
+        print(
+            f"{count:,} runs ({', '.join(statuses)}) last updated over "
+            f"{_fmt_duration(args.older_than)} ago "
+            f"{'would be deleted' if args.dry_run else 'deleted'}, with their events"
+        )
+    return 0
+
+
+def _cmd_workers(args: argparse.Namespace) -> int:
+    with Client(args.dsn) as client:
+        entries = client.workers()
+    if args.json:
+        _print_json([entry.to_json() for entry in entries])
+    elif not entries:
+        print("no workers recorded")
+    else:
+        _print_table(
+            ("ID", "HOST", "PID", "STATE", "RUNNING", "TYPES", "STARTED (UTC)", "LAST SEEN (UTC)"),
+            [
+                (
+                    w.id,
+                    w.host,
+                    w.pid,
+                    "alive" if w.alive else "dead",
+                    f"{w.running}/{w.concurrency}",
+                    ",".join([*w.types, *(p + "*" for p in w.prefixes)]) or "-",
+                    _fmt_time(w.started_at),
+                    _fmt_time(w.last_seen_at),
+                )
+                for w in entries
+            ],
+        )
+    return 0
 
 
 def _cmd_stats(args: argparse.Namespace) -> int:
@@ -6069,6 +6317,8 @@ examples:
   minflow worker myjobs:app --concurrency 8 --metrics-port 9100
   minflow list --status failed --json
   minflow show RUN_ID
+  minflow retry --all --status failed --type billing.invoice.v1
+  minflow prune --older-than 30d --dry-run
   minflow schedule add reports.daily.v1 --cron '0 6 * * *' --timezone Europe/Berlin
   minflow serve --port 8080
 
@@ -6177,12 +6427,68 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     sub.add_argument("--offset", type=int, default=0, help="skip this many (default 0)")
 
-    for name, text, func in (
-        ("show", "show a run and its event timeline", _cmd_show),
-        ("cancel", "cancel a pending or running run", _cmd_cancel),
-        ("retry", "put a failed or cancelled run back to pending", _cmd_retry),
+    command(commands, "show", "show a run and its event timeline", _cmd_show).add_argument(
+        "run_id", metavar="RUN_ID"
+    )
+    for name, text, func, allowed in (
+        ("cancel", "cancel a pending or running run", _cmd_cancel, ("pending", "leased")),
+        (
+            "retry",
+            "put a failed or cancelled run back to pending",
+            _cmd_retry,
+            ("failed", "cancelled"),
+        ),
     ):
-        command(commands, name, text, func).add_argument("run_id", metavar="RUN_ID")
+        sub = command(commands, name, f"{text}, or with --all every run matching the filters", func)
+        sub.add_argument("run_id", metavar="RUN_ID", nargs="?")
+        sub.add_argument(
+            "--all", action="store_true", help=f"{name} every run matching the filters"
+        )
+        sub.add_argument("--type", default=None, help="only runs of this exact type")
+        sub.add_argument(
+            "--status",
+            action="append",
+            choices=allowed,
+            help=f"only runs in this status (repeatable; default: {' and '.join(allowed)})",
+        )
+        for flag, when in (
+            ("--created-before", "before (excluded)"),
+            ("--created-after", "at or after"),
+        ):
+            sub.add_argument(
+                flag,
+                type=_time_arg,
+                default=None,
+                help=f"only runs created {when} this RFC 3339 time",
+            )
+        sub.add_argument(
+            "--key-prefix", default=None, help="only runs whose idempotency key starts with this"
+        )
+        sub.add_argument(
+            "--dry-run", action="store_true", help="print how many runs match; change nothing"
+        )
+        sub.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+
+    sub = command(
+        commands,
+        "prune",
+        "delete finished runs (and their events) last updated longer ago than --older-than",
+        _cmd_prune,
+    )
+    sub.add_argument(
+        "--older-than", type=_duration_arg, required=True, help="age, e.g. 30s, 15m, 2h, 7d"
+    )
+    sub.add_argument(
+        "--status",
+        action="append",
+        choices=FINISHED_STATUSES,
+        help="only runs in this status (repeatable; default: succeeded, failed and cancelled)",
+    )
+    sub.add_argument(
+        "--dry-run", action="store_true", help="print how many would go; delete nothing"
+    )
+
+    command(commands, "workers", "workers recorded in the database, alive and dead", _cmd_workers)
 
     command(
         commands,
