@@ -3386,8 +3386,10 @@ class Client:
 
         A deleted run's idempotency key is free again: submitting it creates a new run.
         """
+        seconds = _check_age("older_than", older_than)
+        chosen = _check_statuses("statuses", statuses, FINISHED_STATUSES, "prune")
         with self._pool.connection() as conn:
-            return self._prune_on(conn, older_than, statuses, dry_run=dry_run)[0]
+            return self._prune_on(conn, seconds, chosen, dry_run=dry_run)[0]
 
     def retry_many(
         self,
@@ -3626,17 +3628,15 @@ class Client:
     def _prune_on(
         self,
         conn: _Connection,
-        older_than: float | _dt.timedelta,
-        statuses: Iterable[str] = FINISHED_STATUSES,
+        seconds: float,
+        statuses: Sequence[str] = FINISHED_STATUSES,
         *,
         dry_run: bool = False,
         budget: float | None = None,
         sleep: Callable[[float], Any] = time.sleep,
     ) -> tuple[int, bool]:
-        """``prune`` on ``conn`` for at most about ``budget`` seconds; returns (runs deleted, or
-        that would be with ``dry_run``; whether more may be left)."""
-        seconds = _check_age("older_than", older_than)
-        statuses = _check_statuses("statuses", statuses, FINISHED_STATUSES, "prune")
+        """``prune`` on ``conn`` (arguments checked) for at most about ``budget`` seconds;
+        returns (runs deleted, or that would be with ``dry_run``; whether more may be left)."""
         filters = _status_filter(len(statuses))
         params: dict[str, Any] = {f"status{i}": value for i, value in enumerate(statuses)}
         # One cut-off for the whole call: runs finishing meanwhile cannot keep it going.
