@@ -918,10 +918,11 @@ _SQLITE_MIGRATIONS: list[tuple[int, str, list[str]]] = [
         3,
         "finished-run index and worker registry",
         [
-            # prune() and retry_many() find finished runs by status and age here. Pending and
-            # leased runs, which claims and heartbeats rewrite, stay out of it: only a run's
-            # move to a finished status adds an entry.
-            """CREATE INDEX IF NOT EXISTS minflow_run_finished ON {workflow_run} (status, updated_at)
+            # prune() takes finished runs oldest first from here, whatever the statistics say
+            # (the status is in it, so a prune of some statuses reads no other rows). Pending
+            # and leased runs, which claims and heartbeats rewrite, stay out of it: only a
+            # run's move to a finished status adds an entry.
+            """CREATE INDEX IF NOT EXISTS minflow_run_finished ON {workflow_run} (updated_at, status)
             WHERE status IN ('succeeded', 'failed', 'cancelled')""",
             # Live workers (Client.workers); the Go library does not know this table.
             """CREATE TABLE IF NOT EXISTS {minflow_worker} (
@@ -1029,8 +1030,12 @@ _PG_MIGRATIONS: list[tuple[int, str, list[str]]] = [
         3,
         "finished-run index and worker registry",
         [
-            """CREATE INDEX IF NOT EXISTS minflow_run_finished ON {workflow_run} (status, updated_at)
+            """CREATE INDEX IF NOT EXISTS minflow_run_finished ON {workflow_run} (updated_at, status)
             WHERE status IN ('succeeded', 'failed', 'cancelled')""",
+            # retry_many() finds failed and cancelled runs here (SQLite's seed index on status
+            # serves it there); only a failure or a cancel adds an entry.
+            """CREATE INDEX IF NOT EXISTS minflow_run_retryable ON {workflow_run} (created_at)
+            WHERE status IN ('failed', 'cancelled')""",
             """CREATE TABLE IF NOT EXISTS {minflow_worker} (
             id TEXT PRIMARY KEY,
             host TEXT NOT NULL,
@@ -1289,22 +1294,6 @@ _SQL: dict[str, str] = {
     # -- retention, bulk changes, the worker registry --
     # The database clock :seconds from now (negative: ago), as the dialect stores time.
     "clock_offset": "SELECT {later:seconds}",
-    # How many finished runs a prune would delete ({filters}: the statuses). The literal
-    # status list is minflow_run_finished's condition, so the planner may use that index.
-    "count_prunable": (
-        "SELECT COUNT(*) FROM {workflow_run} WHERE status IN ('succeeded', 'failed', 'cancelled') "
-        "AND updated_at < {time:cutoff}{filters}"
-    ),
-    # How many runs a bulk retry would revive ({filters}: _BULK_FILTERS and the statuses).
-    "count_retry": (
-        "SELECT COUNT(*) FROM {workflow_run} WHERE status IN ('failed', 'cancelled') "
-        "AND deleted_at IS NULL{filters}"
-    ),
-    # How many runs a bulk cancel would cancel.
-    "count_cancel": (
-        "SELECT COUNT(*) FROM {workflow_run} WHERE status IN ('pending', 'leased') "
-        "AND deleted_at IS NULL{filters}"
-    ),
     # A worker's entry, written afresh when it starts (a restart under the same id included);
     # pg8000 reserves the parameter name "types".
     "register_worker": (
@@ -1453,12 +1442,26 @@ WHERE id = :id AND status = 'leased' AND leased_by = :worker AND attempt = :atte
         "ORDER BY next_run_at LIMIT :limit"
     ),
     # -- retention and bulk changes: a batch is picked, changed and given its events in one
-    # BEGIN IMMEDIATE transaction, so nothing changes the rows in between.
-    # A batch of finished runs to prune ({filters}: the statuses).
+    # BEGIN IMMEDIATE transaction, so nothing changes the rows in between. Without statistics
+    # SQLite takes the seed's index on deleted_at for "deleted_at IS NULL", which every live
+    # run matches; the unary + keeps that term out of the choice, so the status index serves.
+    # How many finished runs a prune would delete ({filters}: the statuses).
+    "count_prunable": """
+SELECT COUNT(*) FROM {workflow_run} INDEXED BY minflow_run_finished
+WHERE status IN ('succeeded', 'failed', 'cancelled') AND updated_at < {time:cutoff}{filters}""",
+    # How many runs a bulk retry would revive ({filters}: _BULK_FILTERS and the statuses).
+    "count_retry": """
+SELECT COUNT(*) FROM {workflow_run} WHERE status IN ('failed', 'cancelled')
+AND +deleted_at IS NULL{filters}""",
+    # How many runs a bulk cancel would cancel.
+    "count_cancel": """
+SELECT COUNT(*) FROM {workflow_run} WHERE status IN ('pending', 'leased')
+AND +deleted_at IS NULL{filters}""",
+    # A batch of finished runs to prune, oldest first ({filters}: the statuses).
     "prune_pick": """
 SELECT id FROM {workflow_run} INDEXED BY minflow_run_finished
 WHERE status IN ('succeeded', 'failed', 'cancelled') AND updated_at < {time:cutoff}{filters}
-LIMIT :limit""",
+ORDER BY updated_at LIMIT :limit""",
     # Their events (a JSON array of run ids), deleted explicitly: the foreign key's cascade
     # only acts on connections that enabled foreign_keys.
     "prune_events": "DELETE FROM {workflow_event} WHERE workflow_id IN (SELECT value FROM json_each(:ids))",
@@ -1472,14 +1475,14 @@ AND +status IN ('succeeded', 'failed', 'cancelled')""",
     "retry_batch": """
 UPDATE {workflow_run} SET status = 'pending', attempt = 0, run_at = {now}, updated_at = {now}
 WHERE id IN (SELECT id FROM {workflow_run} WHERE status IN ('failed', 'cancelled')
-             AND deleted_at IS NULL AND updated_at <= {time:started}{filters} LIMIT :limit)
+             AND +deleted_at IS NULL AND updated_at <= {time:started}{filters} LIMIT :limit)
 RETURNING id""",
     # A batch of a bulk cancel, as cancel() changes one run; only runs created before the call
     # began, so a steady stream of new submits cannot keep it going.
     "cancel_batch": """
 UPDATE {workflow_run} SET status = 'cancelled', updated_at = {now}
 WHERE id IN (SELECT id FROM {workflow_run} WHERE status IN ('pending', 'leased')
-             AND deleted_at IS NULL AND created_at <= {time:started}{filters} LIMIT :limit)
+             AND +deleted_at IS NULL AND created_at <= {time:started}{filters} LIMIT :limit)
 RETURNING id""",
 }
 
@@ -1655,23 +1658,43 @@ RETURNING r.id""",
         "ORDER BY next_run_at LIMIT :limit FOR UPDATE SKIP LOCKED"
     ),
     # -- retention and bulk changes: one statement per batch, events included.
-    # Delete a batch of finished runs ({filters}: the statuses) and their events. The lock
-    # keeps a concurrent retry from reviving a run whose events are going; rows another
-    # transaction holds are left for the next batch.
+    # How many finished runs a prune would delete ({filters}: the statuses). The literal
+    # status list is minflow_run_finished's condition, so the planner may use that index.
+    "count_prunable": (
+        "SELECT COUNT(*) FROM {workflow_run} WHERE status IN ('succeeded', 'failed', 'cancelled') "
+        "AND updated_at < {time:cutoff}{filters}"
+    ),
+    # How many runs a bulk retry would revive ({filters}: _BULK_FILTERS and the statuses).
+    "count_retry": (
+        "SELECT COUNT(*) FROM {workflow_run} WHERE status IN ('failed', 'cancelled') "
+        "AND deleted_at IS NULL{filters}"
+    ),
+    # How many runs a bulk cancel would cancel (OR: see cancel_batch).
+    "count_cancel": (
+        "SELECT COUNT(*) FROM {workflow_run} WHERE (status = 'pending' OR status = 'leased') "
+        "AND deleted_at IS NULL{filters}"
+    ),
+    # Delete a batch of finished runs, oldest first ({filters}: the statuses), and their
+    # events. The lock keeps a concurrent retry from reviving a run whose events are going;
+    # rows another transaction holds are left for the next batch. The statement is prepared,
+    # so its plan may be the generic one, which knows no cut-off: the ORDER BY makes the index
+    # the cheapest way to the oldest rows whatever the estimates, and = ANY(ARRAY(...)) finds
+    # the batch's rows by key (a join could pick a scan of the whole table).
     "prune_batch": """
 WITH picked AS (
   SELECT id FROM {workflow_run}
   WHERE status IN ('succeeded', 'failed', 'cancelled') AND updated_at < {time:cutoff}{filters}
-  LIMIT :limit FOR UPDATE SKIP LOCKED
+  ORDER BY updated_at LIMIT :limit FOR UPDATE SKIP LOCKED
 ), events AS (
-  DELETE FROM {workflow_event} WHERE workflow_id IN (SELECT id FROM picked)
+  DELETE FROM {workflow_event} WHERE workflow_id = ANY(ARRAY(SELECT id FROM picked))
 ), runs AS (
-  DELETE FROM {workflow_run} r USING picked WHERE r.id = picked.id RETURNING 1
+  DELETE FROM {workflow_run} WHERE id = ANY(ARRAY(SELECT id FROM picked)) RETURNING 1
 )
 SELECT COUNT(*) FROM runs""",
     # A batch of a bulk retry, as retry() changes one run, with its events (:event_type,
     # :data) and a NOTIFY per type; only runs last changed before the call began (:started).
-    # Locked rows are waited for, then checked again, so a bulk change misses none.
+    # Locked rows are waited for, then checked again, so a bulk change misses none; the rows
+    # are found by key, as prune_batch's are.
     "retry_batch": """
 WITH picked AS (
   SELECT id FROM {workflow_run}
@@ -1679,8 +1702,8 @@ WITH picked AS (
     AND updated_at <= {time:started}{filters}
   LIMIT :limit FOR UPDATE
 ), changed AS (
-  UPDATE {workflow_run} r SET status = 'pending', attempt = 0, run_at = NOW(), updated_at = NOW()
-  FROM picked WHERE r.id = picked.id RETURNING r.id, r.type
+  UPDATE {workflow_run} SET status = 'pending', attempt = 0, run_at = NOW(), updated_at = NOW()
+  WHERE id = ANY(ARRAY(SELECT id FROM picked)) RETURNING id, type
 ), ev AS (
   INSERT INTO {workflow_event} (workflow_id, event_type, data, created_at)
   SELECT id, :event_type, {json:data}, NOW() FROM changed
@@ -1688,16 +1711,17 @@ WITH picked AS (
 SELECT (SELECT COUNT(*) FROM changed),
        (SELECT COUNT(*) FROM (SELECT pg_notify(:channel, type) FROM changed GROUP BY type) AS n)""",
     # A batch of a bulk cancel, as cancel() changes one run; only runs created before the call
-    # began.
+    # began. Written as OR, each branch the condition of a partial index (minflow_run_claim,
+    # minflow_run_lease): the planner can combine the two instead of walking every run.
     "cancel_batch": """
 WITH picked AS (
   SELECT id FROM {workflow_run}
-  WHERE status IN ('pending', 'leased') AND deleted_at IS NULL
+  WHERE (status = 'pending' OR status = 'leased') AND deleted_at IS NULL
     AND created_at <= {time:started}{filters}
   LIMIT :limit FOR UPDATE
 ), changed AS (
-  UPDATE {workflow_run} r SET status = 'cancelled', updated_at = NOW()
-  FROM picked WHERE r.id = picked.id RETURNING r.id
+  UPDATE {workflow_run} SET status = 'cancelled', updated_at = NOW()
+  WHERE id = ANY(ARRAY(SELECT id FROM picked)) RETURNING id
 ), ev AS (
   INSERT INTO {workflow_event} (workflow_id, event_type, data, created_at)
   SELECT id, :event_type, {json:data}, NOW() FROM changed

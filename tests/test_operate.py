@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -154,6 +155,40 @@ def test_prune_goes_in_bounded_batches_each_its_own_transaction(client):
         assert sum(batches) == 2500 and max(batches) <= 1000 and len(batches) >= 3
         assert len(begins) == len(batches)
     assert len(ids) == 2500
+
+
+def test_prune_batches_walk_the_finished_runs_index(client):
+    """The plan a prune batch gets, with enough finished runs that a scan would look cheap to
+    a planner that ignores their order; on PostgreSQL the generic plan, which knows no cut-off
+    (the worker's prepared statement may get it)."""
+    dialect, every_status = client._dialect, minflow._status_filter(3)
+    params = {"cutoff": "2030-01-01", "limit": 1000}
+    params.update({f"status{i}": s for i, s in enumerate(minflow.FINISHED_STATUSES)})
+    if client.dialect == "sqlite":
+        pick = dialect.compose("prune_pick", filters=every_status)
+        plan = " ".join(row[-1] for row in db(client, "EXPLAIN QUERY PLAN " + pick, **params))
+        assert "USING INDEX minflow_run_finished" in plan, plan
+        return
+    db(
+        client,
+        "INSERT INTO {workflow_run} (id, type, payload, status, updated_at) "
+        "SELECT gen_random_uuid(), 't', '{}', 'succeeded', TIMESTAMPTZ '2020-01-01' "
+        "+ make_interval(secs => i) FROM generate_series(1, 20000) AS i",
+    )
+    db(client, "ANALYZE {workflow_run}")
+    batch = dialect.compose("prune_batch", filters=every_status)
+    names = list(dict.fromkeys(re.findall(r":(\w+)", batch)))
+    numbered = re.sub(r":(\w+)", lambda m: f"${names.index(m[1]) + 1}", batch)
+    values = ", ".join(f"'{params[name]}'" for name in names)
+    with client._pool.connection() as conn:
+        conn.query("SET plan_cache_mode = force_generic_plan")
+        conn.query(f"PREPARE prune_plan AS {numbered}")
+        explained = conn.query(f"EXPLAIN EXECUTE prune_plan({values})")
+        plan = "\n".join(row[0] for row in explained)
+        conn.query("DEALLOCATE prune_plan")
+        conn.query("RESET plan_cache_mode")
+    assert "Index Scan using minflow_run_finished" in plan, plan
+    assert "Seq Scan on workflow_run" not in plan, plan  # the deletes go by key too
 
 
 def test_prune_cutoff_is_judged_on_updated_at_by_the_database_clock(client):
