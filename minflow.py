@@ -371,10 +371,10 @@ def _check_statuses(
     if value is None:
         return tuple(allowed)
     given = [value] if isinstance(value, str) else _as_strings(name, value)
-    wrong = [s for s in given if s not in allowed]
+    wrong = ", ".join(repr(s) for s in given if s not in allowed)
     if wrong or not given:
         raise InvalidInput(
-            f"{name} for {what} must be among {', '.join(allowed)}, got {', '.join(map(repr, wrong)) or 'none'}"
+            f"{name} for {what} must be among {', '.join(allowed)}, got {wrong or 'none'}"
         )
     return tuple(dict.fromkeys(given))
 
@@ -3435,8 +3435,8 @@ class Client:
         ``retried`` events; if the call fails part way, running it again continues.
         ``dry_run=True`` counts the matching runs and writes nothing.
         """
-        filters = dict(type=type, created_before=created_before, created_after=created_after)
-        return self._change_many("retry", status, key_prefix, dry_run, filters)
+        filters = {"created_before": created_before, "created_after": created_after}
+        return self._change_many("retry", dry_run, status, type, key_prefix, **filters)
 
     def cancel_many(
         self,
@@ -3455,8 +3455,8 @@ class Client:
         ``retry_many``. Only runs created before the call began are cancelled, so new submits
         cannot keep it going.
         """
-        filters = dict(type=type, created_before=created_before, created_after=created_after)
-        return self._change_many("cancel", status, key_prefix, dry_run, filters)
+        filters = {"created_before": created_before, "created_after": created_after}
+        return self._change_many("cancel", dry_run, status, type, key_prefix, **filters)
 
     def workers(self) -> list[WorkerInfo]:
         """The workers recorded in this database, oldest first.
@@ -3492,19 +3492,21 @@ class Client:
     def _change_many(
         self,
         action: str,
-        status: str | Iterable[str] | None,
-        key_prefix: str | None,
         dry_run: bool,
-        given: dict[str, Any],
+        status: str | Iterable[str] | None,
+        run_type: str | None,
+        key_prefix: str | None,
+        **moments: _dt.datetime | None,
     ) -> int:
+        """retry_many or cancel_many (``action``); ``moments``: created_before/after."""
         allowed = ("failed", "cancelled") if action == "retry" else ("pending", "leased")
         statuses = _check_statuses("status", status, allowed, f"a bulk {action}")
         params: dict[str, Any] = {}
-        if given["type"] is not None:
-            params["type"] = _check_type(given["type"])
-        for name in ("created_before", "created_after"):
-            if given[name] is not None:
-                params[name] = _check_moment(name, given[name])
+        if run_type is not None:
+            params["type"] = _check_type(run_type)
+        for name, moment in moments.items():
+            if moment is not None:
+                params[name] = _check_moment(name, moment)
         if key_prefix is not None:
             prefix = _check_text("key_prefix", key_prefix, max_length=1000)
             params["key_prefix"] = self._dialect.prefix_pattern(prefix)
