@@ -40,6 +40,7 @@ __all__ = [
     "Schedule",
     "Unavailable",
     "Worker",
+    "WorkerInfo",
     "main",
 ]
 
@@ -127,6 +128,12 @@ RESCUE_BATCH = 500
 # a dead worker's runs are taken over within about this long after their lease expires.
 RESCUE_INTERVAL = 0.5
 TICK_BATCH = 100
+# Runs per transaction of prune() and the bulk changes: each batch is a short write of its own,
+# so workers' claims interleave with a large clean-up.
+CHANGE_BATCH = 1000
+PRUNE_CHECK_INTERVAL = 60.0  # the longest a retention worker waits between two prune passes
+WORKER_DEAD_AFTER = 3  # heartbeat periods without a sign of life before a worker counts as dead
+WORKER_FORGET_AFTER = 86400.0  # seconds after which a dead worker's entry is deleted
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 SQLITE_WATCH_INTERVAL = 0.005  # PRAGMA data_version costs microseconds; 5 ms keeps latency low
 # The deadline of every read and write on a PostgreSQL connection (the DSN's timeout= sets it).
@@ -139,6 +146,7 @@ PG_LISTEN_SELF_TEST = 2.0  # seconds a worker waits for its own test notificatio
 POOL_SIZE = 16
 
 RUN_STATUSES = ("pending", "leased", "succeeded", "failed", "cancelled")
+FINISHED_STATUSES = ("succeeded", "failed", "cancelled")
 EVENT_TYPES = (
     "created",
     "leased",
@@ -332,16 +340,32 @@ def _sqlite_time(moment: _dt.datetime) -> str:
     return moment.strftime("%Y-%m-%d %H:%M:%S") + f".{moment.microsecond // 1000:03d}"
 
 
+def _check_moment(name: str, value: Any) -> _dt.datetime:
+    """An aware datetime, in UTC."""
+    if not isinstance(value, _dt.datetime):
+        raise InvalidInput(f"{name} must be a datetime, got {type(value).__name__}")
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise InvalidInput(f"{name} must be timezone-aware (e.g. datetime.now(timezone.utc))")
+    return value.astimezone(UTC)
+
+
+_EPOCH = _dt.datetime(1970, 1, 1, tzinfo=UTC)
+
+
 def _check_run_at(run_at: Any, run_in: Any) -> tuple[_dt.datetime | None, float]:
     """Return (absolute time or None, delay in seconds) for a submit."""
     if run_at is not None and run_in is not None:
         raise InvalidInput("give run_at or run_in, not both")
     if run_at is not None:
-        if not isinstance(run_at, _dt.datetime):
-            raise InvalidInput(f"run_at must be a datetime, got {type(run_at).__name__}")
-        if run_at.tzinfo is None or run_at.utcoffset() is None:
-            raise InvalidInput("run_at must be timezone-aware (e.g. datetime.now(timezone.utc))")
-        return run_at.astimezone(UTC), 0.0
+        run_at = _check_moment("run_at", run_at)
+        # Earlier than 1970 is a bug (year 2 would pass otherwise and report an age of two
+        # millennia); later than run_in allows is one too.
+        latest = _dt.datetime.now(UTC) + _dt.timedelta(seconds=MAX_DELAY)
+        if not _EPOCH <= run_at <= latest:
+            raise InvalidInput(
+                f"run_at must be between 1970-01-01 and 100 years from now, got {run_at.isoformat()}"
+            )
+        return run_at, 0.0
     if run_in is None:
         return None, 0.0
     if isinstance(run_in, _dt.timedelta):
@@ -356,6 +380,80 @@ def _check_run_at(run_at: Any, run_in: Any) -> tuple[_dt.datetime | None, float]
 def _jitter(delay: float) -> float:
     """Between half and all of ``delay``: processes that failed together do not retry in step."""
     return random.uniform(delay / 2, delay)
+
+
+def _check_age(name: str, value: Any) -> float:
+    """A positive age in seconds (a number or a timedelta) of at most 100 years."""
+    if isinstance(value, _dt.timedelta):
+        value = value.total_seconds()
+    if not _is_number(value) or not 0 < value <= MAX_DELAY:
+        raise InvalidInput(
+            f"{name} must be more than 0 and at most {MAX_DELAY:.0f} seconds (100 years), "
+            f"or a timedelta, got {value!r}"
+        )
+    return float(value)
+
+
+def _check_statuses(
+    name: str, value: str | Iterable[str] | None, allowed: Sequence[str], what: str
+) -> tuple[str, ...]:
+    """Run statuses out of ``allowed`` (None: all of them; one status may be a plain str),
+    without repeats, in the order given."""
+    if value is None:
+        return tuple(allowed)
+    given = [value] if isinstance(value, str) else _as_strings(name, value)
+    wrong = ", ".join(repr(s) for s in given if s not in allowed)
+    if wrong or not given:
+        raise InvalidInput(
+            f"{name} for {what} must be among {', '.join(allowed)}, got {wrong or 'none'}"
+        )
+    return tuple(dict.fromkeys(given))
+
+
+def _as_strings(name: str, value: Any) -> list[str]:
+    try:
+        if isinstance(value, dict):
+            raise TypeError("a mapping")
+        items = list(value)
+    except TypeError:
+        raise InvalidInput(f"{name} must be a string or a list of strings, got {value!r}") from None
+    if not all(isinstance(item, str) for item in items):
+        raise InvalidInput(f"{name} must be a string or a list of strings, got {value!r}")
+    return items
+
+
+def _json_strings(text: Any) -> tuple[str, ...]:
+    """A JSON array of strings as stored in a TEXT column; () for anything else."""
+    try:
+        value = json.loads(text)
+    except (TypeError, ValueError):
+        return ()
+    return tuple(v for v in value if isinstance(v, str)) if isinstance(value, list) else ()
+
+
+_DURATION = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h|d)?\s*")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def _fmt_duration(seconds: float) -> str:
+    """A duration as ``_parse_duration`` reads it, in the largest unit that fits: ``7d``."""
+    for unit in ("d", "h", "m", "s"):
+        count = seconds / _UNIT_SECONDS[unit]
+        if count >= 1 and count.is_integer():
+            return f"{count:g}{unit}"
+    return f"{seconds:g}s"
+
+
+def _parse_duration(text: str, what: str = "duration") -> float:
+    """Seconds from ``90``, ``90s``, ``15m``, ``2h``, ``7d`` (or ``250ms``); at most 100 years.
+    Shared by the command line and the HTTP API."""
+    match = _DURATION.fullmatch(text) if isinstance(text, str) else None
+    if not match:
+        raise InvalidInput(f"{what}: expected a duration such as 90, 90s, 5m, 2h or 1d: {text!r}")
+    seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2) or "s"]
+    if seconds > MAX_DELAY:
+        raise InvalidInput(f"{what}: at most 100 years, got {text!r}")
+    return seconds
 
 
 def seed_backoff(attempt: int) -> float:
@@ -426,6 +524,8 @@ class _ScheduleId(str):
 def _json_value(value: Any) -> Any:
     if isinstance(value, _dt.datetime):
         return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    if isinstance(value, tuple):  # WorkerInfo's types and prefixes
+        return list(value)
     return value
 
 
@@ -488,6 +588,29 @@ class Schedule(_Record):
     max_attempts: int
     name: str | None = None
     created_at: _dt.datetime | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerInfo(_Record):
+    """A worker as it records itself in ``minflow_worker`` (see ``Client.workers``).
+
+    ``last_seen_at`` is renewed every ``heartbeat_interval`` seconds; ``alive`` is False once
+    it is older than three of them (by the database clock): the process died or lost its
+    database. ``running`` is how many handlers it was executing then.
+    """
+
+    id: str
+    host: str
+    pid: int
+    types: tuple[str, ...]
+    prefixes: tuple[str, ...]
+    concurrency: int
+    running: int
+    heartbeat_interval: float
+    version: str
+    started_at: _dt.datetime | None
+    last_seen_at: _dt.datetime | None
+    alive: bool
 
 
 # ---------------------------------------------------------------------------------------------
@@ -906,6 +1029,8 @@ def _quote_ident(name: str) -> str:
 #   {json:x} {rawjson:x}         a JSON parameter (rawjson: one Go reads as json.RawMessage)
 #   {uuid:x} {time:x} {bool:x}   an id, a timestamp, a boolean parameter
 #   {tiebreak}                   orders rows whose created_at ties
+#   {greatest}                   the larger of its arguments (a scalar function)
+#   {startswith:x}               matches the pattern :x made by the dialect's prefix_pattern()
 #   {schema} {channel}           the DSN's schema and its NOTIFY channel, quoted (PostgreSQL)
 #   {ascii:x}                    a NOTIFY payload made ASCII (PostgreSQL)
 #   {event_type} {outcome_data} {rescue_data}   the audit-trail rule below, as SQL (PostgreSQL)
@@ -1023,6 +1148,31 @@ _SQLITE_MIGRATIONS: list[tuple[int, str, list[str]]] = [
         # get the default.
         ["ALTER TABLE {workflow_run} ADD COLUMN snoozes INTEGER NOT NULL DEFAULT 0"],
     ),
+    (
+        5,
+        "finished-run index and worker registry",
+        [
+            # prune() takes finished runs oldest first from here, whatever the statistics say
+            # (the status is in it, so a prune of some statuses reads no other rows). Pending
+            # and leased runs, which claims and heartbeats rewrite, stay out of it: only a
+            # run's move to a finished status adds an entry.
+            """CREATE INDEX IF NOT EXISTS minflow_run_finished ON {workflow_run} (updated_at, status)
+            WHERE status IN ('succeeded', 'failed', 'cancelled')""",
+            # Live workers (Client.workers); the Go library does not know this table.
+            """CREATE TABLE IF NOT EXISTS {minflow_worker} (
+            id TEXT PRIMARY KEY,
+            host TEXT NOT NULL,
+            pid INTEGER NOT NULL,
+            types TEXT NOT NULL,
+            prefixes TEXT NOT NULL,
+            concurrency INTEGER NOT NULL,
+            running INTEGER NOT NULL DEFAULT 0,
+            heartbeat_interval REAL NOT NULL,
+            version TEXT NOT NULL,
+            started_at TEXT NOT NULL,
+            last_seen_at TEXT NOT NULL)""",
+        ],
+    ),
 ]
 
 _PG_MIGRATIONS: list[tuple[int, str, list[str]]] = [
@@ -1118,6 +1268,30 @@ _PG_MIGRATIONS: list[tuple[int, str, list[str]]] = [
         # A constant default: PostgreSQL adds the column without rewriting the table.
         ["ALTER TABLE {workflow_run} ADD COLUMN IF NOT EXISTS snoozes INT NOT NULL DEFAULT 0"],
     ),
+    (
+        5,
+        "finished-run index and worker registry",
+        [
+            """CREATE INDEX IF NOT EXISTS minflow_run_finished ON {workflow_run} (updated_at, status)
+            WHERE status IN ('succeeded', 'failed', 'cancelled')""",
+            # retry_many() finds failed and cancelled runs here (SQLite's seed index on status
+            # serves it there); only a failure or a cancel adds an entry.
+            """CREATE INDEX IF NOT EXISTS minflow_run_retryable ON {workflow_run} (created_at)
+            WHERE status IN ('failed', 'cancelled')""",
+            """CREATE TABLE IF NOT EXISTS {minflow_worker} (
+            id TEXT PRIMARY KEY,
+            host TEXT NOT NULL,
+            pid INT NOT NULL,
+            types TEXT NOT NULL,
+            prefixes TEXT NOT NULL,
+            concurrency INT NOT NULL,
+            running INT NOT NULL DEFAULT 0,
+            heartbeat_interval DOUBLE PRECISION NOT NULL,
+            version TEXT NOT NULL,
+            started_at TIMESTAMPTZ NOT NULL,
+            last_seen_at TIMESTAMPTZ NOT NULL)""",
+        ],
+    ),
 ]
 
 SCHEMA_VERSION = max(version for version, _, _ in _PG_MIGRATIONS)
@@ -1135,6 +1309,7 @@ _TABLES = (
     "workflow_registry",
     "workflow_schedule",
     "minflow_migration",
+    "minflow_worker",
 )
 _SLOT = re.compile(r"\{(\w+)(?::([\w.]+))?\}")
 
@@ -1231,6 +1406,14 @@ def _outcome_event(kind: str, status: str, **columns: Any) -> tuple[str, str | N
     return _EVENT_AFTER[status], json.dumps(data)
 
 
+# The event an operator's change writes: (event type, data as JSON text or None), for one run
+# (Client.cancel, Client.retry) and for many (cancel_many, retry_many) alike.
+_MANUAL_EVENTS: dict[str, tuple[str, str | None]] = {
+    "cancel": ("cancelled", None),
+    "retry": ("retried", json.dumps({"reason": "manual", "attempt": 0})),
+}
+
+
 def _event_slots(build_object: str) -> dict[str, str]:
     """The rule as SQL over a statement's status, kind and data columns; ``build_object`` is the
     dialect's JSON object constructor."""
@@ -1324,12 +1507,14 @@ _SQL: dict[str, str] = {
         "SELECT type, status, COUNT(*) FROM {workflow_run} WHERE deleted_at IS NULL "
         "GROUP BY type, status ORDER BY type, status"
     ),
-    # Metrics at scrape time: live runs by type and status, the oldest due run_at, the clock.
+    # Metrics at scrape time: live runs by type and status, when the oldest due run became due
+    # (its run_at, or its creation when it was submitted with a run_at in the past), the clock.
     # Finished runs are left out, so the partial pending/leased indexes keep this cheap.
     "queue_snapshot": (
         "SELECT type, status, COUNT(*), MIN(CASE WHEN status = 'pending' AND run_at <= {now} "
-        "THEN run_at END), {now} FROM {workflow_run} WHERE status IN ('pending', 'leased') "
-        "AND deleted_at IS NULL GROUP BY type, status ORDER BY type, status"
+        "THEN {greatest}(run_at, created_at) END), {now} FROM {workflow_run} "
+        "WHERE status IN ('pending', 'leased') AND deleted_at IS NULL "
+        "GROUP BY type, status ORDER BY type, status"
     ),
     # Extend the lease of one run this worker holds (explicit heartbeat).
     "heartbeat": (
@@ -1395,6 +1580,36 @@ _SQL: dict[str, str] = {
         ":priority, {now}, :key, :max_attempts, {now}, {now}) "
         "ON CONFLICT (idempotency_key) DO NOTHING RETURNING id"
     ),
+    # -- retention, bulk changes, the worker registry --
+    # The database clock :seconds from now (negative: ago), as the dialect stores time.
+    "clock_offset": "SELECT {later:seconds}",
+    # A worker's entry, written afresh when it starts (a restart under the same id included);
+    # pg8000 reserves the parameter name "types".
+    "register_worker": (
+        "INSERT INTO {minflow_worker} (id, host, pid, types, prefixes, concurrency, running, "
+        "heartbeat_interval, version, started_at, last_seen_at) VALUES (:id, :host, :pid, "
+        ":type_list, :prefix_list, :concurrency, :running, :heartbeat_interval, :version, {now}, "
+        "{now}) "
+        "ON CONFLICT (id) DO UPDATE SET host = excluded.host, pid = excluded.pid, "
+        "types = excluded.types, prefixes = excluded.prefixes, concurrency = excluded.concurrency, "
+        "running = excluded.running, heartbeat_interval = excluded.heartbeat_interval, "
+        "version = excluded.version, started_at = excluded.started_at, "
+        "last_seen_at = excluded.last_seen_at"
+    ),
+    # A worker's sign of life, every heartbeat period; no row: its entry was removed meanwhile.
+    "worker_seen": (
+        "UPDATE {minflow_worker} SET last_seen_at = {now}, running = :running WHERE id = :id "
+        "RETURNING id"
+    ),
+    # A worker's entry, removed when it stops.
+    "forget_worker": "DELETE FROM {minflow_worker} WHERE id = :id",
+    # Entries of workers not seen since :seconds ago (negative), removed by any live worker.
+    "forget_dead_workers": "DELETE FROM {minflow_worker} WHERE last_seen_at < {later:seconds}",
+    # Every entry, with the clock to judge which are alive.
+    "workers": (
+        "SELECT id, host, pid, types, prefixes, concurrency, running, heartbeat_interval, "
+        "version, started_at, last_seen_at, {now} FROM {minflow_worker} ORDER BY started_at, id"
+    ),
 }
 
 # list()'s optional filters, each appended to "list_runs" in this order when given.
@@ -1403,6 +1618,22 @@ _LIST_FILTERS = {
     "status": " AND status = :status",
     "idempotency_key": " AND idempotency_key = :idempotency_key",
 }
+
+# The bulk changes' optional filters, in this order when given; statuses follow as
+# _status_filter() writes them.
+_BULK_FILTERS = {
+    "type": " AND type = :type",
+    "created_before": " AND created_at < {time:created_before}",
+    "created_after": " AND created_at >= {time:created_after}",
+    "key_prefix": " AND idempotency_key {startswith:key_prefix}",
+}
+
+
+def _status_filter(count: int) -> str:
+    """The {filters} piece for ``count`` statuses, bound as ``:status0``...: few distinct
+    counts, so few distinct statements."""
+    return " AND status IN (" + ", ".join(f":status{i}" for i in range(count)) + ")"
+
 
 # -- SQLite's own statements ------------------------------------------------------------------
 
@@ -1534,6 +1765,49 @@ WHERE id = :id AND status = 'leased' AND leased_by = :worker AND attempt = :atte
         "WHERE next_run_at <= {now} AND enabled = 1 AND deleted_at IS NULL "
         "ORDER BY next_run_at LIMIT :limit"
     ),
+    # -- retention and bulk changes: a batch is picked, changed and given its events in one
+    # BEGIN IMMEDIATE transaction, so nothing changes the rows in between. Without statistics
+    # SQLite takes the seed's index on deleted_at for "deleted_at IS NULL", which every live
+    # run matches; the unary + keeps that term out of the choice, so the status index serves.
+    # How many finished runs a prune would delete ({filters}: the statuses).
+    "count_prunable": """
+SELECT COUNT(*) FROM {workflow_run} INDEXED BY minflow_run_finished
+WHERE status IN ('succeeded', 'failed', 'cancelled') AND updated_at < {time:cutoff}{filters}""",
+    # How many runs a bulk retry would revive ({filters}: _BULK_FILTERS and the statuses).
+    "count_retry": """
+SELECT COUNT(*) FROM {workflow_run} WHERE status IN ('failed', 'cancelled')
+AND +deleted_at IS NULL{filters}""",
+    # How many runs a bulk cancel would cancel.
+    "count_cancel": """
+SELECT COUNT(*) FROM {workflow_run} WHERE status IN ('pending', 'leased')
+AND +deleted_at IS NULL{filters}""",
+    # A batch of finished runs to prune, oldest first ({filters}: the statuses).
+    "prune_pick": """
+SELECT id FROM {workflow_run} INDEXED BY minflow_run_finished
+WHERE status IN ('succeeded', 'failed', 'cancelled') AND updated_at < {time:cutoff}{filters}
+ORDER BY updated_at LIMIT :limit""",
+    # Their events (a JSON array of run ids), deleted explicitly: the foreign key's cascade
+    # only acts on connections that enabled foreign_keys.
+    "prune_events": "DELETE FROM {workflow_event} WHERE workflow_id IN (SELECT value FROM json_each(:ids))",
+    # The runs themselves (the unary + keeps SQLite on the primary key: with the status index
+    # it would scan every finished run for each batch).
+    "prune_runs": """
+DELETE FROM {workflow_run} WHERE id IN (SELECT value FROM json_each(:ids))
+AND +status IN ('succeeded', 'failed', 'cancelled')""",
+    # A batch of a bulk retry, as retry() changes one run; only runs last changed before the
+    # call began (:started), so a revived run that fails again is not revived twice.
+    "retry_batch": """
+UPDATE {workflow_run} SET status = 'pending', attempt = 0, run_at = {now}, updated_at = {now}
+WHERE id IN (SELECT id FROM {workflow_run} WHERE status IN ('failed', 'cancelled')
+             AND +deleted_at IS NULL AND updated_at <= {time:started}{filters} LIMIT :limit)
+RETURNING id""",
+    # A batch of a bulk cancel, as cancel() changes one run; only runs created before the call
+    # began, so a steady stream of new submits cannot keep it going.
+    "cancel_batch": """
+UPDATE {workflow_run} SET status = 'cancelled', updated_at = {now}
+WHERE id IN (SELECT id FROM {workflow_run} WHERE status IN ('pending', 'leased')
+             AND +deleted_at IS NULL AND created_at <= {time:started}{filters} LIMIT :limit)
+RETURNING id""",
 }
 
 
@@ -1579,6 +1853,9 @@ _SQLITE_SLOTS = {
     "time": "{}",
     "bool": "{}",
     "tiebreak": "rowid",  # insertion order, for runs created in the same millisecond
+    "greatest": "MAX",
+    # GLOB is case-sensitive (LIKE is not, in SQLite).
+    "startswith": "GLOB {}",
     "filters": "",
     "filter": "0",
     "capped": "",
@@ -1781,6 +2058,76 @@ RETURNING r.id""",
         "WHERE next_run_at <= NOW() AND enabled = true AND deleted_at IS NULL "
         "ORDER BY next_run_at LIMIT :limit FOR UPDATE SKIP LOCKED"
     ),
+    # -- retention and bulk changes: one statement per batch, events included.
+    # How many finished runs a prune would delete ({filters}: the statuses). The literal
+    # status list is minflow_run_finished's condition, so the planner may use that index.
+    "count_prunable": (
+        "SELECT COUNT(*) FROM {workflow_run} WHERE status IN ('succeeded', 'failed', 'cancelled') "
+        "AND updated_at < {time:cutoff}{filters}"
+    ),
+    # How many runs a bulk retry would revive ({filters}: _BULK_FILTERS and the statuses).
+    "count_retry": (
+        "SELECT COUNT(*) FROM {workflow_run} WHERE status IN ('failed', 'cancelled') "
+        "AND deleted_at IS NULL{filters}"
+    ),
+    # How many runs a bulk cancel would cancel (OR: see cancel_batch).
+    "count_cancel": (
+        "SELECT COUNT(*) FROM {workflow_run} WHERE (status = 'pending' OR status = 'leased') "
+        "AND deleted_at IS NULL{filters}"
+    ),
+    # Delete a batch of finished runs, oldest first ({filters}: the statuses), and their
+    # events. The lock keeps a concurrent retry from reviving a run whose events are going;
+    # rows another transaction holds are left for the next batch. The statement is prepared,
+    # so its plan may be the generic one, which knows no cut-off: the ORDER BY makes the index
+    # the cheapest way to the oldest rows whatever the estimates, and = ANY(ARRAY(...)) finds
+    # the batch's rows by key (a join could pick a scan of the whole table).
+    "prune_batch": """
+WITH picked AS (
+  SELECT id FROM {workflow_run}
+  WHERE status IN ('succeeded', 'failed', 'cancelled') AND updated_at < {time:cutoff}{filters}
+  ORDER BY updated_at LIMIT :limit FOR UPDATE SKIP LOCKED
+), events AS (
+  DELETE FROM {workflow_event} WHERE workflow_id = ANY(ARRAY(SELECT id FROM picked))
+), runs AS (
+  DELETE FROM {workflow_run} WHERE id = ANY(ARRAY(SELECT id FROM picked)) RETURNING 1
+)
+SELECT COUNT(*) FROM runs""",
+    # A batch of a bulk retry, as retry() changes one run, with its events (:event_type,
+    # :data) and a NOTIFY per type; only runs last changed before the call began (:started).
+    # Locked rows are waited for, then checked again, so a bulk change misses none; the rows
+    # are found by key, as prune_batch's are.
+    "retry_batch": """
+WITH picked AS (
+  SELECT id FROM {workflow_run}
+  WHERE status IN ('failed', 'cancelled') AND deleted_at IS NULL
+    AND updated_at <= {time:started}{filters}
+  LIMIT :limit FOR UPDATE
+), changed AS (
+  UPDATE {workflow_run} SET status = 'pending', attempt = 0, run_at = NOW(), updated_at = NOW()
+  WHERE id = ANY(ARRAY(SELECT id FROM picked)) RETURNING id, type
+), ev AS (
+  INSERT INTO {workflow_event} (workflow_id, event_type, data, created_at)
+  SELECT id, :event_type, {json:data}, NOW() FROM changed
+)
+SELECT (SELECT COUNT(*) FROM changed),
+       (SELECT COUNT(*) FROM (SELECT pg_notify(:channel, type) FROM changed GROUP BY type) AS n)""",
+    # A batch of a bulk cancel, as cancel() changes one run; only runs created before the call
+    # began. Written as OR, each branch the condition of a partial index (minflow_run_claim,
+    # minflow_run_lease): the planner can combine the two instead of walking every run.
+    "cancel_batch": """
+WITH picked AS (
+  SELECT id FROM {workflow_run}
+  WHERE (status = 'pending' OR status = 'leased') AND deleted_at IS NULL
+    AND created_at <= {time:started}{filters}
+  LIMIT :limit FOR UPDATE
+), changed AS (
+  UPDATE {workflow_run} SET status = 'cancelled', updated_at = NOW()
+  WHERE id = ANY(ARRAY(SELECT id FROM picked)) RETURNING id
+), ev AS (
+  INSERT INTO {workflow_event} (workflow_id, event_type, data, created_at)
+  SELECT id, :event_type, {json:data}, NOW() FROM changed
+)
+SELECT COUNT(*) FROM changed""",
 }
 
 _PG_SLOTS = {
@@ -1796,6 +2143,8 @@ _PG_SLOTS = {
     "time": "CAST({} AS timestamptz)",
     "bool": "{}",
     "tiebreak": "id",
+    "greatest": "GREATEST",
+    "startswith": "LIKE {}",
     "filters": "",
     **_event_slots("jsonb_build_object"),
 }
@@ -2725,13 +3074,15 @@ class _Dialect:
         self._adopted: weakref.WeakSet[Any] = weakref.WeakSet()
 
     def compose(self, name: str, **pieces: str) -> str:
-        """Statement ``name`` with run-time pieces in its slots ({filters}, {filter}); each
-        distinct result is rendered once."""
+        """Statement ``name`` with run-time pieces in its slots ({filters}, {filter}); a piece
+        may hold slots itself. Each distinct result is rendered once."""
         key = (name, *sorted(pieces.items()))
         text = self._composed.get(key)
         if text is None:
-            fragments = {**self.fragments, **pieces}
-            text = self._composed[key] = _render(self._templates[name], fragments)
+            rendered = {slot: _render(piece, self.fragments) for slot, piece in pieces.items()}
+            text = self._composed[key] = _render(
+                self._templates[name], {**self.fragments, **rendered}
+            )
         return text
 
     def valid_id(self, run_id: str) -> bool:
@@ -2874,6 +3225,25 @@ class _Dialect:
         DSN of a direct connection for them, when the DSN's own goes through a pooler."""
         return None
 
+    # -- hooks for the operator's bulk actions ---------------------------------------------
+    # One batch each, in a transaction of its own; ``filters`` is the composed {filters}
+    # piece, ``params`` its parameters plus :limit and :cutoff or :started.
+    batch_seconds = 0.0  # how long a batch should take (its size adapts); 0: CHANGE_BATCH runs
+    batch_pause = 0.0  # the pause between two batches, as a multiple of the last one's time
+
+    def prefix_pattern(self, prefix: str) -> str:
+        """The pattern that {startswith:x} matches against text starting with ``prefix``."""
+        raise NotImplementedError
+
+    def prune(self, conn: _Connection, filters: str, params: dict) -> int:
+        """Delete a batch of finished runs and their events; returns how many runs."""
+        raise NotImplementedError
+
+    def change(self, conn: _Connection, action: str, filters: str, params: dict) -> int:
+        """A batch of a bulk ``action`` ("retry", "cancel") with its events (and, for a retry,
+        the wake-up of other processes' workers); returns how many runs changed."""
+        raise NotImplementedError
+
 
 def _row_dicts(rows: Sequence[dict]) -> dict[str, list]:
     return {key: [row[key] for row in rows] for key in rows[0]} if rows else {}
@@ -3014,9 +3384,7 @@ class _SQLiteDialect(_Dialect):
         if cached is None:
             params: dict[str, Any] = {f"t{i}": t for i, t in enumerate(filt.types)}
             for i, prefix in enumerate(filt.prefixes):
-                # GLOB is case-sensitive (LIKE is not, in SQLite); its wildcards are escaped
-                # with brackets so the prefix is matched literally.
-                params[f"g{i}"] = re.sub(r"([*?\[])", r"[\1]", prefix) + "*"
+                params[f"g{i}"] = self.prefix_pattern(prefix)
             params.update((f"c{i}", t) for i, t in enumerate(capped))
             piece = _sqlite_type_filter(len(filt.types), len(filt.prefixes), len(capped))
             if capped:
@@ -3165,6 +3533,41 @@ class _SQLiteDialect(_Dialect):
             return None
 
         return watch
+
+    # A batch holds the write lock that claims and submits wait for, so it is kept short:
+    # 1,000 runs with their events take 60-110 ms on a loaded 2-core machine, a third of it
+    # the FULL-sync commit; about 100 take the 20 ms aimed at. A waiting writer's busy handler
+    # sleeps ever longer between tries for the lock (1, 2, 5, 10, 15 ms ... up to 100): one
+    # that began waiting during a batch tries again within about 15 ms of its end, and a
+    # pause of three batches lets it and a few other writers in. Without the pause the bulk
+    # action wins the lock at each commit and claims wait until it is done.
+    batch_seconds = 0.02
+    batch_pause = 3.0
+
+    def prefix_pattern(self, prefix):
+        # GLOB is case-sensitive (LIKE is not, in SQLite); its wildcards are escaped with
+        # brackets so the prefix is matched literally.
+        return re.sub(r"([*?\[])", r"[\1]", prefix) + "*"
+
+    def prune(self, conn, filters, params):
+        with conn.transaction():
+            ids = [
+                row[0] for row in conn.query(self.compose("prune_pick", filters=filters), params)
+            ]
+            if ids:
+                batch = {"ids": json.dumps(ids)}
+                conn.query(self.sql["prune_events"], batch)
+                conn.query(self.sql["prune_runs"], batch)
+        return len(ids)
+
+    def change(self, conn, action, filters, params):
+        event_type, data = _MANUAL_EVENTS[action]
+        with conn.transaction():
+            rows = conn.query(self.compose(f"{action}_batch", filters=filters), params)
+            if rows:
+                events = [[row[0], event_type, data] for row in rows]
+                conn.query(self.sql["insert_events"], {"events": json.dumps(events)})
+        return len(rows)
 
 
 class _PostgresDialect(_Dialect):
@@ -3435,6 +3838,17 @@ class _PostgresDialect(_Dialect):
             if conn.wait_readable(left) and token in conn.take_notifications():
                 return True
         return False
+
+    def prefix_pattern(self, prefix):
+        return _like_prefix(prefix)
+
+    def prune(self, conn, filters, params):
+        return conn.query(self.compose("prune_batch", filters=filters), params)[0][0]
+
+    def change(self, conn, action, filters, params):
+        event_type, data = _MANUAL_EVENTS[action]
+        params = {**params, "event_type": event_type, "data": data, "channel": self.channel}
+        return conn.query(self.compose(f"{action}_batch", filters=filters), params)[0][0]
 
 
 def _like_prefix(prefix: str) -> str:
@@ -4057,30 +4471,28 @@ class Client:
 
         Raises ``NotFound`` for an unknown id and ``AlreadyComplete`` for a finished run.
         """
-        self._change(run_id, "cancel", "cancelled", AlreadyComplete)
+        self._change(run_id, "cancel", AlreadyComplete)
 
     def retry(self, run_id: str) -> None:
         """Put a failed or cancelled run back to pending now, with its attempt count reset.
 
         Raises ``NotFound`` for an unknown id and ``InvalidState`` for other states.
         """
-        self._change(run_id, "retry", "retried", InvalidState)
+        self._change(run_id, "retry", InvalidState)
         _wakeups.notify(self._dsn.key)
 
-    def _change(self, run_id: str, statement: str, event: str, refusal: type[MinflowError]) -> None:
+    def _change(self, run_id: str, statement: str, refusal: type[MinflowError]) -> None:
         if not self._dialect.valid_id(run_id):
             raise NotFound(f"run {run_id!r} not found")
         with self._pool.connection() as conn, conn.transaction():
             rows = conn.query(self._dialect.sql[statement], {"id": run_id})
             if rows:
-                data = (
-                    json.dumps({"reason": "manual", "attempt": 0}) if event == "retried" else None
-                )
+                event, data = _MANUAL_EVENTS[statement]
                 conn.query(
                     self._dialect.sql["insert_event"],
                     {"id": run_id, "event_type": event, "data": data},
                 )
-                if event == "retried":
+                if statement == "retry":
                     self._dialect.notify(conn, {rows[0][1]})
                 return
             state = conn.query(self._dialect.sql["run_state"], {"id": run_id})
@@ -4275,6 +4687,175 @@ class Client:
             _wakeups.notify(self._dsn.key)
         return fired
 
+    # -- operating: retention, bulk changes, live workers ----------------------------------
+    def prune(
+        self,
+        *,
+        older_than: float | _dt.timedelta,
+        statuses: Iterable[str] = FINISHED_STATUSES,
+        dry_run: bool = False,
+    ) -> int:
+        """Delete finished runs last updated more than ``older_than`` ago, with their events;
+        returns how many runs were deleted.
+
+        ``older_than`` is seconds (> 0) or a timedelta, judged on ``updated_at`` by the
+        database clock. Only runs in ``statuses`` go (default: succeeded, failed, cancelled);
+        pending and leased runs never do, and naming them raises ``InvalidInput``. Runs are
+        deleted in batches of at most 1,000, each its own short transaction, so workers go on
+        claiming meanwhile; if the call fails part way, the batches done stay done.
+        ``dry_run=True`` returns how many would be deleted and writes nothing.
+
+        A deleted run's idempotency key is free again: submitting it creates a new run.
+        """
+        seconds = _check_age("older_than", older_than)
+        chosen = _check_statuses("statuses", statuses, FINISHED_STATUSES, "prune")
+        with self._pool.connection() as conn:
+            return self._prune_on(conn, seconds, chosen, dry_run=dry_run)[0]
+
+    def retry_many(
+        self,
+        *,
+        type: str | None = None,
+        status: str | Iterable[str] | None = None,
+        created_before: _dt.datetime | None = None,
+        created_after: _dt.datetime | None = None,
+        key_prefix: str | None = None,
+        dry_run: bool = False,
+    ) -> int:
+        """Revive every run matching all given filters, as ``retry`` does one; returns how
+        many were revived.
+
+        ``status``: "failed", "cancelled" or both (the default). ``created_after`` (included)
+        and ``created_before`` (excluded) are aware datetimes; ``key_prefix`` matches
+        idempotency keys that start with it, literally. Only runs last changed before the call
+        began are revived, in batches of at most 1,000 per transaction, each with its
+        ``retried`` events; if the call fails part way, running it again continues.
+        ``dry_run=True`` counts the matching runs and writes nothing.
+        """
+        filters = {"created_before": created_before, "created_after": created_after}
+        return self._change_many("retry", dry_run, status, type, key_prefix, **filters)
+
+    def cancel_many(
+        self,
+        *,
+        type: str | None = None,
+        status: str | Iterable[str] | None = None,
+        created_before: _dt.datetime | None = None,
+        created_after: _dt.datetime | None = None,
+        key_prefix: str | None = None,
+        dry_run: bool = False,
+    ) -> int:
+        """Cancel every run matching all given filters, as ``cancel`` does one; returns how
+        many were cancelled.
+
+        ``status``: "pending", "leased" or both (the default); the other filters are those of
+        ``retry_many``. Only runs created before the call began are cancelled, so new submits
+        cannot keep it going.
+        """
+        filters = {"created_before": created_before, "created_after": created_after}
+        return self._change_many("cancel", dry_run, status, type, key_prefix, **filters)
+
+    def workers(self) -> list[WorkerInfo]:
+        """The workers recorded in this database, oldest first.
+
+        Every worker records itself when it starts, renews its entry every heartbeat period
+        (a third of its lease) and removes it when it stops. An entry not renewed for three
+        periods is reported with ``alive=False`` (a killed process, a lost database), and is
+        deleted a day later by any running worker.
+        """
+        out = []
+        for row in self._sql("workers"):
+            last_seen, now = _parse_time(row[10]), _parse_time(row[11])
+            heartbeat = float(row[7])
+            age = (now - last_seen).total_seconds() if now and last_seen else math.inf
+            out.append(
+                WorkerInfo(
+                    id=row[0],
+                    host=row[1],
+                    pid=int(row[2]),
+                    types=_json_strings(row[3]),
+                    prefixes=_json_strings(row[4]),
+                    concurrency=int(row[5]),
+                    running=int(row[6]),
+                    heartbeat_interval=heartbeat,
+                    version=row[8],
+                    started_at=_parse_time(row[9]),
+                    last_seen_at=last_seen,
+                    alive=age <= WORKER_DEAD_AFTER * heartbeat,
+                )
+            )
+        return out
+
+    def _change_many(
+        self,
+        action: str,
+        dry_run: bool,
+        status: str | Iterable[str] | None,
+        run_type: str | None,
+        key_prefix: str | None,
+        **moments: _dt.datetime | None,
+    ) -> int:
+        """retry_many or cancel_many (``action``); ``moments``: created_before/after."""
+        allowed = ("failed", "cancelled") if action == "retry" else ("pending", "leased")
+        statuses = _check_statuses("status", status, allowed, f"a bulk {action}")
+        params: dict[str, Any] = {}
+        if run_type is not None:
+            params["type"] = _check_type(run_type)
+        for name, moment in moments.items():
+            if moment is not None:
+                params[name] = _check_moment(name, moment)
+        if key_prefix is not None:
+            prefix = _check_text("key_prefix", key_prefix, max_length=1000)
+            params["key_prefix"] = self._dialect.prefix_pattern(prefix)
+        filters = "".join(piece for name, piece in _BULK_FILTERS.items() if name in params)
+        filters += _status_filter(len(statuses))
+        params.update({f"status{i}": value for i, value in enumerate(statuses)})
+        with self._pool.connection() as conn:
+            if dry_run:
+                count = self._dialect.compose(f"count_{action}", filters=filters)
+                return int(conn.query(count, params)[0][0])
+            params["started"] = conn.query(self._dialect.sql["now"])[0][0]
+
+            def batch(size: int) -> int:
+                return self._dialect.change(conn, action, filters, {**params, "limit": size})
+
+            # A batch may come back short while matching runs remain (PostgreSQL drops a row
+            # that changed while it waited for its lock), so only an empty batch ends it.
+            total, _ = self._batches(batch, until_empty=True)
+        if action == "retry" and total:
+            _wakeups.notify(self._dsn.key)
+        return total
+
+    def _batches(
+        self,
+        batch: Callable[[int], int],
+        *,
+        until_empty: bool = False,
+        budget: float | None = None,
+        sleep: Callable[[float], Any] = time.sleep,
+    ) -> tuple[int, bool]:
+        """Run ``batch(size)`` until it changes fewer than ``size`` runs (``until_empty``:
+        none) or ``budget`` seconds have passed, pausing in between as the dialect asks;
+        ``sleep(seconds)`` returning true stops early. Returns the total and whether more may
+        be left."""
+        target = self._dialect.batch_seconds
+        size = CHANGE_BATCH // 10 if target else CHANGE_BATCH
+        total, deadline = 0, math.inf if budget is None else time.monotonic() + budget
+        while True:
+            started = time.monotonic()
+            count = batch(size)
+            took = time.monotonic() - started
+            total += count
+            if count == 0 or (count < size and not until_empty):
+                return total, False
+            if target:
+                # Towards the size that takes ``target`` seconds, at most doubling; not below a
+                # tenth, where the commit's fixed cost would dominate.
+                factor = min(2.0, target / max(took, 1e-4))
+                size = min(CHANGE_BATCH, max(CHANGE_BATCH // 10, int(size * factor)))
+            if time.monotonic() >= deadline or sleep(self._dialect.batch_pause * took):
+                return total, True
+
     # -- internal interface used by the Worker, RunContext, the HTTP layer and the CLI -----
     # Underscored because users must not depend on it. These methods are all those callers use
     # of a Client: its DSN, dialect and pool stay private to it.
@@ -4400,6 +4981,48 @@ class Client:
         """Undo ``_subscribe``."""
         _wakeups.unregister(self._dsn.key, wake)
 
+    # For retention and the worker registry (Worker, on its housekeeper's connection).
+
+    def _prune_on(
+        self,
+        conn: _Connection,
+        seconds: float,
+        statuses: Sequence[str] = FINISHED_STATUSES,
+        *,
+        dry_run: bool = False,
+        budget: float | None = None,
+        sleep: Callable[[float], Any] = time.sleep,
+    ) -> tuple[int, bool]:
+        """``prune`` on ``conn`` (arguments checked) for at most about ``budget`` seconds;
+        returns (runs deleted, or that would be with ``dry_run``; whether more may be left)."""
+        filters = _status_filter(len(statuses))
+        params: dict[str, Any] = {f"status{i}": value for i, value in enumerate(statuses)}
+        # One cut-off for the whole call: runs finishing meanwhile cannot keep it going.
+        ago = {"seconds": -seconds}
+        params["cutoff"] = conn.query(self._dialect.sql["clock_offset"], ago)[0][0]
+        if dry_run:
+            count = self._dialect.compose("count_prunable", filters=filters)
+            return int(conn.query(count, params)[0][0]), False
+
+        def batch(size: int) -> int:
+            return self._dialect.prune(conn, filters, {**params, "limit": size})
+
+        return self._batches(batch, budget=budget, sleep=sleep)
+
+    def _register_worker(self, conn: _Connection, entry: dict, *, first: bool) -> None:
+        """Write a worker's entry (``first``: afresh, else renewed), and delete the entries of
+        workers dead for a day."""
+        sql = self._dialect.sql
+        with conn.transaction():
+            seen = {"id": entry["id"], "running": entry["running"]}
+            if first or not conn.query(sql["worker_seen"], seen):
+                conn.query(sql["register_worker"], entry)
+            conn.query(sql["forget_dead_workers"], {"seconds": -WORKER_FORGET_AFTER})
+
+    def _forget_worker(self, conn: _Connection, worker_id: str) -> None:
+        """Delete a stopping worker's entry."""
+        conn.query(self._dialect.sql["forget_worker"], {"id": worker_id})
+
 
 # ---------------------------------------------------------------------------------------------
 # App: a Client with a handler registry (the seed's "Workflow")
@@ -4523,6 +5146,11 @@ _METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
         "Expired leases rescued by this worker's sweep, by new status.",
         ("worker_id", "status"),
     ),
+    "workflow_run_pruned_total": (
+        "counter",
+        "Finished runs deleted by this worker's retention (Worker(retention=...)).",
+        ("worker_id",),
+    ),
     "workflow_worker_poll_cycle_total": ("counter", "Database polls for work.", ("worker_id",)),
     "workflow_worker_poll_errors_total": (
         "counter",
@@ -4571,9 +5199,16 @@ _METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     ),
     "workflow_run_oldest_pending_age_seconds": (
         "gauge",
-        "Seconds the oldest due pending run of each type has been waiting past its run_at "
-        "(0 when none is due), database-wide at scrape time.",
+        "Seconds the oldest due pending run of each type has been waiting since it became due "
+        "(its run_at, or its creation if later; 0 when none is due), database-wide at scrape "
+        "time.",
         ("workflow_type",),
+    ),
+    "workflow_workers_alive": (
+        "gauge",
+        "Workers whose registry entry was renewed within three heartbeat periods, "
+        "database-wide at scrape time.",
+        (),
     ),
     "workflow_database_up": (
         "gauge",
@@ -4903,6 +5538,10 @@ async def _awaited(ctx: RunContext, awaitable: Any) -> Any:
 
 
 _worker_numbers = iter(range(1, 1 << 62))
+# A retention pass deletes batches for about this long (ticks and heartbeats wait meanwhile);
+# with a backlog left, the next pass comes after the pause.
+_PRUNE_PASS_SECONDS = 0.5
+_PRUNE_BACKLOG_PAUSE = 0.5
 
 
 class Worker:
@@ -4918,7 +5557,11 @@ class Worker:
     often a run may ``Retry`` before each further request counts as a failed attempt; on
     shutdown, running handlers get ``shutdown_timeout`` seconds to finish. ``listen_dsn``
     (PostgreSQL): a direct connection for LISTEN wake-ups, when the app's DSN goes through a
-    pooler such as PgBouncer.
+    pooler such as PgBouncer. ``retention`` (seconds or a timedelta; default None: keep everything) deletes
+    finished runs last updated longer ago than that, as ``Client.prune`` does, checking at least
+    every min(retention, 60 s).
+
+    While it runs, the worker records itself in the database (see ``Client.workers``).
     """
 
     def __init__(
@@ -4937,6 +5580,7 @@ class Worker:
         tick_interval: float = DEFAULT_TICK_INTERVAL,
         listen_dsn: str | None = None,
         max_snoozes: int = DEFAULT_MAX_SNOOZES,
+        retention: float | _dt.timedelta | None = None,
     ):
         if not isinstance(app, App):
             raise InvalidInput(f"Worker needs a minflow.App, got {type(app).__name__}")
@@ -4959,6 +5603,7 @@ class Worker:
         self.poll_interval = float(poll_interval)
         self.shutdown_timeout = float(shutdown_timeout)
         self.tick_interval = float(tick_interval)
+        self.retention = None if retention is None else _check_age("retention", retention)
         number = next(_worker_numbers)
         default_id = f"{socket.gethostname() or 'unknown'}-{os.getpid()}"
         self.worker_id = worker_id or (default_id if number == 1 else f"{default_id}-{number}")
@@ -5701,7 +6346,7 @@ class Worker:
                     extra={"worker_id": self.worker_id},
                 )
 
-    # -- housekeeping: heartbeats, rescue, schedules ---------------------------------------
+    # -- housekeeping: heartbeats, rescue, schedules, retention, the registry -------------
     def _rescue(self, conn: _Connection) -> int:
         rows = self.app._rescue(conn)
         for run_id, run_type, status, attempt, leased_by in rows:
@@ -5720,9 +6365,13 @@ class Worker:
         conn: _Connection | None = None
         beat_every = self.lease / 3
         now = time.monotonic()
-        due = {"beat": now + beat_every, "rescue": now + RESCUE_INTERVAL}
+        # The first beat, at once, records the worker in the registry.
+        due = {"beat": now, "rescue": now + RESCUE_INTERVAL}
         if self.schedules and self._ticking:  # a deadline nobody advances would spin the wait
             due["tick"] = now + self.tick_interval
+        if self.retention is not None:
+            due["prune"] = now + min(self.retention, PRUNE_CHECK_INTERVAL)
+        registered = False
         delay = 0.1
         while not stop.is_set():
             try:
@@ -5733,6 +6382,10 @@ class Worker:
                     due["beat"] = now + beat_every
                     if self._extend(conn):
                         self._outage.ok()
+                    self._register(conn, first=not registered)
+                    registered = True
+                if "prune" in due and now >= due["prune"]:
+                    due["prune"] = time.monotonic() + self._prune(conn, stop)
                 if now >= due["rescue"]:
                     due["rescue"] = now + RESCUE_INTERVAL
                     self._rescue(conn)
@@ -5763,6 +6416,8 @@ class Worker:
                 self._wake.set()
                 break
         if conn is not None:
+            with contextlib.suppress(MinflowError):
+                self.app._forget_worker(conn, self.worker_id)
             conn.close()
 
     def _tick(self, conn: _Connection) -> None:
@@ -5778,6 +6433,38 @@ class Worker:
                 self.worker_id,
                 exc,
             )
+
+    def _register(self, conn: _Connection, first: bool) -> None:
+        entry = {
+            "id": self.worker_id,
+            "host": socket.gethostname() or "unknown",
+            "pid": os.getpid(),
+            "type_list": json.dumps(sorted(self._claimed_types())),
+            "prefix_list": json.dumps(list(self._prefixes)),
+            "concurrency": self.concurrency,
+            "running": len(self._active),
+            "heartbeat_interval": self.lease / 3,
+            "version": __version__,
+        }
+        self.app._register_worker(conn, entry, first=first)
+
+    def _prune(self, conn: _Connection, stop: threading.Event) -> float:
+        """One retention pass of a few batches; returns the seconds until the next one: soon
+        while a backlog remains, so heartbeats and ticks keep their pace and the backlog still
+        drains at thousands of runs a second."""
+        retention = self.retention or 0.0  # set: a prune is due only then
+        deleted, more = self.app._prune_on(
+            conn, retention, budget=_PRUNE_PASS_SECONDS, sleep=stop.wait
+        )
+        if deleted:
+            self.metrics.inc("workflow_run_pruned_total", deleted, worker_id=self.worker_id)
+            _worker_log.info(
+                "%s: pruned %d finished runs last updated over %s ago",
+                self.worker_id,
+                deleted,
+                _fmt_duration(retention),
+            )
+        return _PRUNE_BACKLOG_PAUSE if more else min(retention, PRUNE_CHECK_INTERVAL)
 
     def _extend(self, conn: _Connection) -> bool:
         """Extend the leases of running handlers; False when none runs (nothing written)."""
@@ -6304,6 +6991,79 @@ def _r_schedule_delete(req: _Request) -> tuple[int, Any]:
     return 200, {"status": "deleted"}
 
 
+# Durations in a body: a number of seconds, or text in a form whose every match is between
+# 1 ms and 100 years (the document can state that; the command line's form is looser).
+_BODY_DURATION = (
+    "^([1-9][0-9]{0,11}ms|[1-9][0-9]{0,8}s|[1-9][0-9]{0,6}m|[1-9][0-9]{0,4}h|[1-9][0-9]{0,3}d)$"
+)
+
+
+def _body_duration(body: dict, name: str) -> float:
+    """A required duration field: seconds, or text such as ``"7d"`` (see _BODY_DURATION)."""
+    value = _optional(body, name, None)
+    if value is None:
+        raise _HTTPError(400, f"{name} is required")
+    if isinstance(value, str):
+        if not re.fullmatch(_BODY_DURATION, value):
+            raise _HTTPError(
+                400, f'{name} must be seconds or a duration such as "90s", "15m", "2h", "7d"'
+            )
+        return _parse_duration(value, name)
+    return value  # the Client checks numbers
+
+
+def _body_flag(body: dict, name: str) -> bool:
+    """An optional boolean field (null or absent: false)."""
+    value = body.get(name)
+    if value is not None and not isinstance(value, bool):
+        raise _HTTPError(400, f"{name} must be true or false")
+    return bool(value)
+
+
+def _r_prune(req: _Request) -> tuple[int, Any]:
+    body = req.json_object(("older_than", "statuses", "dry_run"))
+    dry_run = _body_flag(body, "dry_run")
+    count = req.client.prune(
+        older_than=_body_duration(body, "older_than"),
+        statuses=_optional(body, "statuses", FINISHED_STATUSES),
+        dry_run=dry_run,
+    )
+    return 200, {"count": count, "dry_run": dry_run}
+
+
+_BULK_FIELDS = ("type", "status", "created_before", "created_after", "key_prefix", "dry_run")
+
+
+def _bulk_route(method: str) -> Callable[[_Request], tuple[int, Any]]:
+    """A route applying ``Client.<method>`` (retry_many, cancel_many) to the body's filter."""
+
+    def route(req: _Request) -> tuple[int, Any]:
+        body = req.json_object(_BULK_FIELDS)
+        dry_run = _body_flag(body, "dry_run")
+        times = {
+            name: None if body.get(name) is None else _parse_rfc3339(body[name], name)
+            for name in ("created_before", "created_after")
+        }
+        count = getattr(req.client, method)(
+            type=body.get("type"),
+            status=body.get("status"),
+            key_prefix=body.get("key_prefix"),
+            dry_run=dry_run,
+            **times,
+        )
+        return 200, {"count": count, "dry_run": dry_run}
+
+    return route
+
+
+_r_retry_many = _bulk_route("retry_many")
+_r_cancel_many = _bulk_route("cancel_many")
+
+
+def _r_workers(req: _Request) -> tuple[int, Any]:
+    return 200, [entry.to_json() for entry in req.client.workers()]
+
+
 # -- the route table --------------------------------------------------------------------------
 # Each route carries what the OpenAPI document says about it, so a new route is one row.
 
@@ -6323,6 +7083,12 @@ def _status_is(word: str) -> dict:
 
 
 _CREATED = {"type": "object", "properties": {"id": {"type": "string"}}, "required": ["id"]}
+# What prune and the bulk changes answer: how many runs (with dry_run: would be) changed.
+_COUNTED = {
+    "type": "object",
+    "properties": {"count": {"type": "integer", "minimum": 0}, "dry_run": {"type": "boolean"}},
+    "required": ["count", "dry_run"],
+}
 # What the Client accepts: non-blank text without NUL; filters may also be empty (no filter).
 # Blank is Python's str.isspace(), spelled out: the \s of JSON Schema's regular expressions
 # lacks U+001C-U+001F and U+0085, and has U+FEFF.
@@ -6385,6 +7151,13 @@ _API_ROUTES: list[_Route] = [
     ("DELETE", _SCHEDULE, _Operation(_r_schedule_delete, "deleteSchedule", "Delete a schedule", _status_is("deleted"), (404, 503))),
     ("PATCH", f"{_SCHEDULE}/pause", _Operation(_r_pause, "pauseSchedule", "Pause a schedule", _status_is("paused"), (404, 503))),
     ("PATCH", f"{_SCHEDULE}/resume", _Operation(_r_resume, "resumeSchedule", "Resume a schedule from now", _status_is("resumed"), (404, 503))),
+    ("POST", f"{_API}/prune", _Operation(_r_prune, "pruneRuns", "Delete finished runs last updated longer ago than older_than, with their events", _COUNTED, (400, 413, 503),
+        body=("PruneRequest", {"older_than": "7d", "statuses": ["succeeded"], "dry_run": True}))),
+    ("POST", f"{_RUNS}/retry", _Operation(_r_retry_many, "retryRuns", "Retry every failed or cancelled run matching the filter", _COUNTED, (400, 413, 503),
+        body=("RetryFilter", {"type": "billing.invoice.v1", "status": "failed", "created_after": "2030-01-31T00:00:00Z"}))),
+    ("POST", f"{_RUNS}/cancel", _Operation(_r_cancel_many, "cancelRuns", "Cancel every pending or running run matching the filter", _COUNTED, (400, 413, 503),
+        body=("CancelFilter", {"key_prefix": "import-2030-01-", "dry_run": True}))),
+    ("GET", f"{_API}/workers", _Operation(_r_workers, "listWorkers", "Workers recorded in the database, oldest first (dead ones for a day)", _array_of("WorkerInfo"), (503,))),
 ]  # fmt: skip
 # A worker's --metrics-port listener.
 _METRICS_ROUTES: list[_Route] = [r for r in _API_ROUTES if r[1] in ("/healthz", "/metrics")]
@@ -6392,14 +7165,16 @@ _PUBLIC_PATHS = frozenset(path for _, path, operation in _API_ROUTES if operatio
 
 
 def _compile_routes(routes: list[_Route]) -> list[tuple[str, re.Pattern, Callable]]:
-    return [
-        (
-            method,
-            re.compile("^" + re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>[^/]+)", re.escape(p)) + "$"),
-            operation.fn,
-        )
-        for method, p, operation in routes
-    ]
+    # A concrete path takes precedence over a templated one that would match it too (as in
+    # OpenAPI): /workflows/{id} does not match /workflows/retry.
+    literal = {p for _, p, _ in routes if "{" not in p}
+    compiled = []
+    for method, p, operation in routes:
+        body = re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>[^/]+)", re.escape(p))
+        shadowed = sorted(path for path in literal if path != p and re.fullmatch(body, path))
+        guard = "(?!(?:" + "|".join(map(re.escape, shadowed)) + ")$)" if shadowed else ""
+        compiled.append((method, re.compile("^" + guard + body + "$"), operation.fn))
+    return compiled
 
 
 # -- metrics at scrape time -------------------------------------------------------------------
@@ -6407,7 +7182,7 @@ def _compile_routes(routes: list[_Route]) -> list[tuple[str, re.Pattern, Callabl
 
 def _queue_snapshot(client: Client) -> list[tuple[str, str, int, float | None]]:
     """Pending and leased runs by type and status, with how long the oldest due pending run
-    has waited past its run_at (None: none is due), from one aggregate query."""
+    has waited since it became due (None: none is due), from one aggregate query."""
     out = []
     for run_type, status, count, oldest, now in client._sql("queue_snapshot"):
         since, clock = _parse_time(oldest), _parse_time(now)
@@ -6438,6 +7213,13 @@ def _render_metrics(client: Client, worker: Worker | None = None) -> str:
     except MinflowError as exc:
         _http_log.warning("metrics: queue query failed: %s", exc)
         rows, up = [], 0.0
+    alive = 0
+    if up:
+        try:
+            alive = sum(entry.alive for entry in client.workers())
+        except MinflowError as exc:
+            _http_log.warning("metrics: worker registry query failed: %s", exc)
+            up = 0.0
     for run_type, status, count, waited in rows:
         depth[(("workflow_type", run_type), ("status", status))] = float(count)
         if status == "pending":
@@ -6445,6 +7227,7 @@ def _render_metrics(client: Client, worker: Worker | None = None) -> str:
     if up:
         extra["workflow_run_queue_depth"] = depth
         extra["workflow_run_oldest_pending_age_seconds"] = age
+        extra["workflow_workers_alive"] = {(): float(alive)}
     extra["workflow_database_up"] = {(): up}
     registry = worker.metrics if worker is not None else _Metrics()
     return registry.render(extra)
@@ -7126,6 +7909,23 @@ def _openapi_schemas() -> dict:
             "additionalProperties": False,
         }
 
+    def statuses(allowed: Sequence[str]) -> dict:
+        """One status or a list of them (default: all of ``allowed``)."""
+        one = {"type": "string", "enum": list(allowed)}
+        return {"oneOf": [one, {"type": "array", "items": one, "minItems": 1}]}
+
+    def bulk_filter(allowed: Sequence[str]) -> dict:
+        """The filter of a bulk change: every given field must match."""
+        return request(
+            [],
+            type=nullable(_NAME_TEXT),
+            status=nullable(statuses(allowed)),
+            created_before=nullable({**when, "description": "Created before (excluded)."}),
+            created_after=nullable({**when, "description": "Created at or after."}),
+            key_prefix=nullable({**_NAME_TEXT, "maxLength": 1000, "description": "Literal."}),
+            dry_run=nullable({"type": "boolean", "description": "Count only; default false."}),
+        )
+
     return {
         # What a request may carry as a payload: what the Client stores on both dialects.
         "Value": {
@@ -7207,6 +8007,35 @@ def _openapi_schemas() -> dict:
                 ]
             },
         },
+        "WorkerInfo": model(
+            WorkerInfo,
+            id=text,
+            host=text,
+            pid=integer,
+            types={"type": "array", "items": text},
+            prefixes={"type": "array", "items": text},
+            concurrency=integer,
+            running=integer,
+            heartbeat_interval={"type": "number", "description": "Seconds between renewals."},
+            version=text,
+            started_at=nullable(when),
+            last_seen_at=nullable(when),
+            alive={"type": "boolean", "description": "Renewed within 3 heartbeat intervals."},
+        ),
+        "PruneRequest": request(
+            ["older_than"],
+            older_than={
+                "oneOf": [
+                    {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_DELAY},
+                    {"type": "string", "pattern": _BODY_DURATION},
+                ],
+                "description": 'Seconds, or a duration such as "90s", "15m", "2h", "7d".',
+            },
+            statuses=nullable(statuses(FINISHED_STATUSES)),
+            dry_run=nullable({"type": "boolean", "description": "Count only; default false."}),
+        ),
+        "RetryFilter": bulk_filter(("failed", "cancelled")),
+        "CancelFilter": bulk_filter(("pending", "leased")),
         "ScheduleRequest": request(
             ["type", "cron"],
             type=_NAME_TEXT,
@@ -7293,20 +8122,12 @@ def _load_app(spec: str) -> App:
 
 # -- options ----------------------------------------------------------------------------------
 
-_DURATION = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h|d)?\s*")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-
 
 def _duration_arg(text: str) -> float:
-    match = _DURATION.fullmatch(text)
-    if not match:
-        raise argparse.ArgumentTypeError(
-            f"expected a duration such as 90, 90s, 5m, 2h or 1d: {text!r}"
-        )
-    seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2) or "s"]
-    if seconds > MAX_DELAY:
-        raise argparse.ArgumentTypeError(f"at most 100 years, got {text!r}")
-    return seconds
+    try:
+        return _parse_duration(text)
+    except InvalidInput as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("duration: ")) from None
 
 
 def _backoff_arg(text: str) -> Callable[[int], float]:
@@ -7381,6 +8202,7 @@ _WORKER_OPTIONS = (
     _Option("--shutdown-timeout", "shutdown_timeout", float, DEFAULT_SHUTDOWN_TIMEOUT, f"seconds running handlers get after SIGTERM (default {DEFAULT_SHUTDOWN_TIMEOUT:g})"),
     _Option("--backoff", "backoff", _backoff_arg, None, "retry delay for handlers without their own: seed (default: attempt² minutes + up to 10%%), fixed:5s, or exponential:1s:10m (1 s doubling per attempt up to 10 min, less up to 10%% jitter)"),
     _Option("--max-snoozes", "max_snoozes", int, DEFAULT_MAX_SNOOZES, f"Retry requests per run before each counts as a failed attempt (default {DEFAULT_MAX_SNOOZES})"),
+    _Option("--retention", "retention", _duration_arg, None, "delete finished runs last updated longer ago than this, e.g. 7d (default: keep everything)"),
     _Option("--metrics-port", None, _port_arg, None, "serve Prometheus /metrics (and /healthz) on this port"),
     _Option("--metrics-host", None, None, DEFAULT_HTTP_HOST, f"address for --metrics-port (default {DEFAULT_HTTP_HOST})"),
 )  # fmt: skip
@@ -7671,20 +8493,129 @@ def _change_command(
     return change
 
 
-_cmd_cancel = _change_command("cancel", "run_id", "cancelled")
-_cmd_retry = _change_command(
-    "retry", "run_id", "pending", "retrying {id} (pending again, attempts reset)"
+_BULK_OPTIONS = ("type", "status", "created_before", "created_after", "key_prefix")
+
+
+def _bulk_command(
+    method: str, verb: str, single: Callable[[argparse.Namespace], int]
+) -> Callable[[argparse.Namespace], int]:
+    """The cancel or retry command: one run by id, or with ``--all`` every run matching the
+    filters through ``Client.<method>``, confirmed on a terminal unless ``--yes``."""
+
+    def change(args: argparse.Namespace) -> int:
+        filters = {name: getattr(args, name) for name in _BULK_OPTIONS}
+        given = [f"--{n.replace('_', '-')}" for n, v in filters.items() if v is not None]
+        if not args.all:
+            if args.run_id is None:
+                raise _UsageError(f"give a RUN_ID, or --all (with filters) to {verb} many runs")
+            if given or args.yes or args.dry_run:
+                raise _UsageError(f"{', '.join(given) or '--yes/--dry-run'} only go with --all")
+            return single(args)
+        if args.run_id is not None:
+            raise _UsageError("give a RUN_ID or --all, not both")
+        with Client(args.dsn) as client:
+            bulk = getattr(client, method)
+            count = bulk(dry_run=True, **filters)
+            if count and not args.dry_run and not args.yes:
+                _confirm(f"{verb} {count:,} runs ({_describe(filters)})?", verb)
+            if count and not args.dry_run:
+                count = bulk(**filters)
+        if args.json:
+            _print_json({"count": count, "dry_run": args.dry_run})
+        else:
+            done = "would be " if args.dry_run else ""
+            print(f"{count:,} runs {done}{'retried' if verb == 'retry' else 'cancelled'}")
+        return 0
+
+    return change
+
+
+def _describe(filters: dict[str, Any]) -> str:
+    parts = []
+    for name, value in filters.items():
+        if isinstance(value, list):
+            value = ", ".join(value)
+        elif isinstance(value, _dt.datetime):
+            value = _fmt_time(value) + " UTC"
+        if value is not None:
+            parts.append(f"{name.replace('_', ' ')} {value}")
+    return "; ".join(parts) or "every one in a state that allows it"
+
+
+def _confirm(question: str, verb: str) -> None:
+    """Ask on the terminal; refuse when there is none (a script must say --yes)."""
+    if not sys.stdin.isatty():
+        raise _UsageError(f"{question.rstrip('?')}: not on a terminal, so pass --yes to {verb}")
+    sys.stderr.write(f"{question} [y/N] ")
+    sys.stderr.flush()
+    if sys.stdin.readline().strip().lower() not in ("y", "yes"):
+        raise MinflowError("not confirmed; nothing changed")
+
+
+_cmd_cancel = _bulk_command(
+    "cancel_many", "cancel", _change_command("cancel", "run_id", "cancelled")
 )
+_cmd_retry = _bulk_command(
+    "retry_many",
+    "retry",
+    _change_command("retry", "run_id", "pending", "retrying {id} (pending again, attempts reset)"),
+)
+
+
+def _cmd_prune(args: argparse.Namespace) -> int:
+    statuses = list(dict.fromkeys(args.status or FINISHED_STATUSES))
+    with Client(args.dsn) as client:
+        count = client.prune(older_than=args.older_than, statuses=statuses, dry_run=args.dry_run)
+    if args.json:
+        _print_json({"count": count, "dry_run": args.dry_run})
+    else:
+        print(
+            f"{count:,} runs ({', '.join(statuses)}) last updated over "
+            f"{_fmt_duration(args.older_than)} ago "
+            f"{'would be deleted' if args.dry_run else 'deleted'}, with their events"
+        )
+    return 0
+
+
+def _cmd_workers(args: argparse.Namespace) -> int:
+    with Client(args.dsn) as client:
+        entries = client.workers()
+    if args.json:
+        _print_json([entry.to_json() for entry in entries])
+    elif not entries:
+        print("no workers recorded")
+    else:
+        _print_table(
+            ("ID", "HOST", "PID", "STATE", "RUNNING", "TYPES", "STARTED (UTC)", "LAST SEEN (UTC)"),
+            [
+                (
+                    w.id,
+                    w.host,
+                    w.pid,
+                    "alive" if w.alive else "dead",
+                    f"{w.running}/{w.concurrency}",
+                    ",".join([*w.types, *(p + "*" for p in w.prefixes)]) or "-",
+                    _fmt_time(w.started_at),
+                    _fmt_time(w.last_seen_at),
+                )
+                for w in entries
+            ],
+        )
+    return 0
 
 
 def _cmd_stats(args: argparse.Namespace) -> int:
     with _existing_client(args.dsn) as client:
         counts = client.stats()
-        ages = (
-            {} if args.json else {t: w for t, _, _, w in _queue_snapshot(client) if w is not None}
-        )
+        ages = {t: w for t, _, _, w in _queue_snapshot(client) if w is not None}
     if args.json:
-        _print_json(counts)
+        # Beside each type's status counts, as in the table's last column.
+        _print_json(
+            {
+                run_type: {**by_status, "oldest_due_pending_seconds": ages.get(run_type)}
+                for run_type, by_status in counts.items()
+            }
+        )
         return 0
     if not counts:
         print("no runs")
@@ -7857,6 +8788,8 @@ examples:
   minflow worker myjobs:app --concurrency 8 --metrics-port 9100
   minflow list --status failed --json
   minflow show RUN_ID
+  minflow retry --all --status failed --type billing.invoice.v1
+  minflow prune --older-than 30d --dry-run
   minflow schedule add reports.daily.v1 --cron '0 6 * * *' --timezone Europe/Berlin
   minflow serve --port 8080
 
@@ -8005,12 +8938,68 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     sub.add_argument("--offset", type=int, default=0, help="skip this many (default 0)")
 
-    for name, text, func in (
-        ("show", "show a run and its event timeline", _cmd_show),
-        ("cancel", "cancel a pending or running run", _cmd_cancel),
-        ("retry", "put a failed or cancelled run back to pending", _cmd_retry),
+    command(commands, "show", "show a run and its event timeline", _cmd_show).add_argument(
+        "run_id", metavar="RUN_ID"
+    )
+    for name, text, func, allowed in (
+        ("cancel", "cancel a pending or running run", _cmd_cancel, ("pending", "leased")),
+        (
+            "retry",
+            "put a failed or cancelled run back to pending",
+            _cmd_retry,
+            ("failed", "cancelled"),
+        ),
     ):
-        command(commands, name, text, func).add_argument("run_id", metavar="RUN_ID")
+        sub = command(commands, name, f"{text}, or with --all every run matching the filters", func)
+        sub.add_argument("run_id", metavar="RUN_ID", nargs="?")
+        sub.add_argument(
+            "--all", action="store_true", help=f"{name} every run matching the filters"
+        )
+        sub.add_argument("--type", default=None, help="only runs of this exact type")
+        sub.add_argument(
+            "--status",
+            action="append",
+            choices=allowed,
+            help=f"only runs in this status (repeatable; default: {' and '.join(allowed)})",
+        )
+        for flag, when in (
+            ("--created-before", "before (excluded)"),
+            ("--created-after", "at or after"),
+        ):
+            sub.add_argument(
+                flag,
+                type=_time_arg,
+                default=None,
+                help=f"only runs created {when} this RFC 3339 time",
+            )
+        sub.add_argument(
+            "--key-prefix", default=None, help="only runs whose idempotency key starts with this"
+        )
+        sub.add_argument(
+            "--dry-run", action="store_true", help="print how many runs match; change nothing"
+        )
+        sub.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+
+    sub = command(
+        commands,
+        "prune",
+        "delete finished runs (and their events) last updated longer ago than --older-than",
+        _cmd_prune,
+    )
+    sub.add_argument(
+        "--older-than", type=_duration_arg, required=True, help="age, e.g. 30s, 15m, 2h, 7d"
+    )
+    sub.add_argument(
+        "--status",
+        action="append",
+        choices=FINISHED_STATUSES,
+        help="only runs in this status (repeatable; default: succeeded, failed and cancelled)",
+    )
+    sub.add_argument(
+        "--dry-run", action="store_true", help="print how many would go; delete nothing"
+    )
+
+    command(commands, "workers", "workers recorded in the database, alive and dead", _cmd_workers)
 
     command(
         commands,
