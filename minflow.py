@@ -7883,6 +7883,9 @@ def _openapi_schemas() -> dict:
     """The document's component schemas: the read models, the request bodies and errors."""
     nullable = lambda schema: {"oneOf": [schema, {"type": "null"}]}  # noqa: E731
     when = {"type": "string", "format": "date-time"}
+    # A start time the Client accepts lies between 1970 and 100 years ahead; these years stay
+    # inside that whatever the offset (and the upper one only widens as time passes).
+    start = {**when, "pattern": r"^(197[1-9]|19[89]\d|20\d\d|21[01]\d|212[0-4])-"}
     text = {"type": "string"}
     integer = {"type": "integer"}
     anything = {"description": "Any JSON value."}
@@ -7990,8 +7993,8 @@ def _openapi_schemas() -> dict:
                 priority=nullable({**int32, "description": "Lower runs first; default 100."}),
                 idempotency_key=nullable({**_FILTER_TEXT, "maxLength": 1000}),
                 max_attempts=nullable({**int32, "minimum": 1, "description": "Default 3."}),
-                run_after=nullable({**when, "description": "Earliest start, with a zone."}),
-                run_at=nullable({**when, "description": "Alias of run_after."}),
+                run_after=nullable({**start, "description": "Earliest start, with a zone."}),
+                run_at=nullable({**start, "description": "Alias of run_after."}),
                 run_in=nullable({"type": "number", "minimum": 0, "maximum": MAX_DELAY}),
             ),
             # At most one of run_after, run_at and run_in (null counts as absent).

@@ -139,8 +139,8 @@ def test_prune_goes_in_bounded_batches_each_its_own_transaction(client):
     )
     recorder = Statements(client)
     assert client.prune(older_than=3600) == 2500
-    assert client.list(limit=10) == [] and event_count(client) == 0
     begins = [sql for sql, _, _ in recorder.seen if sql == client._dialect.sql["begin"]]
+    assert client.list(limit=10) == [] and event_count(client) == 0
     every_status = minflow._status_filter(3)
     if client.dialect == "postgres":
         # One statement per batch, autocommitted: 1,000 + 1,000 + 500.
