@@ -13,6 +13,13 @@ def test_readme_has_runnable_blocks():
     assert len(BLOCKS) >= 3
 
 
+def test_readme_blocks_stay_in_their_directory():
+    """The blocks run in a temporary directory: a three-slash SQLite DSN is an absolute path,
+    which would write outside it (and keep state between runs)."""
+    absolute = [dsn for block in BLOCKS for dsn in re.findall(r"sqlite3?:///[^\"']*", block)]
+    assert absolute == []
+
+
 def test_readme_blocks_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MINFLOW_DSN", raising=False)
