@@ -3615,7 +3615,8 @@ class _PostgresDialect(_Dialect):
     def _ssl_context(self, dsn: _DSN) -> Any:
         mode = dsn.sslmode
         if mode in ("disable", "allow"):
-            return None
+            # False, not None: pg8000 reads None as "TLS whenever the server offers it".
+            return False
         import ssl
 
         root, cert, key = dsn.ssl_files
@@ -3669,7 +3670,7 @@ class _PostgresDialect(_Dialect):
                 # sslmode=prefer: fall back to plain text only when the server has no TLS.
                 if dsn.sslmode != "prefer" or "SSL" not in str(exc):
                     raise
-                raw = self._driver.Connection(**kwargs)
+                raw = self._driver.Connection(ssl_context=False, **kwargs)
         except self._errors.DatabaseError as exc:
             raise _translate_pg(exc) from exc
         except (self._errors.InterfaceError, OSError) as exc:
