@@ -645,7 +645,8 @@ def versions() -> str:
     from importlib import metadata
 
     found = []
-    for dist in ("minflow", "pg8000", "procrastinate", "psycopg", "pgqueuer", "asyncpg", "huey"):
+    names = ("minflow", "pg8000", "procrastinate", "psycopg", "psycopg-pool", "pgqueuer")
+    for dist in (*names, "asyncpg", "uvloop", "huey"):
         with contextlib.suppress(metadata.PackageNotFoundError):
             found.append(f"{dist} {metadata.version(dist)}")
     return ", ".join(found)

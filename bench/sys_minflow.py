@@ -174,9 +174,13 @@ def latency_inprocess(target, n: int, interval: float, setting: dict) -> list[fl
     worker = app.worker(**setting).start()
     try:
         time.sleep(0.5)  # an idle worker, not one still starting
-        for _ in range(n):
+        start = time.monotonic()
+        for i in range(n):
+            # The same schedule as the peers' in-process producers: a submit every interval.
+            pause = start + i * interval - time.monotonic()
+            if pause > 0:
+                time.sleep(pause)
             app.submit("noop", {"t": time.time()})
-            time.sleep(interval)
         if not finished.wait(60):
             raise TimeoutError(f"only {len(delays)} of {n} handlers started")
     finally:
