@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 PEERS_VENV ?= .venv-peers
 PEERS_STAMP := $(PEERS_VENV)/.installed
 
-.PHONY: demo test bench bench-peers bench-soak lint clean
+.PHONY: demo test bench bench-quick bench-peers bench-soak lint clean
 
 # The demo needs nothing beyond the standard library: SQLite is built into Python.
 demo:
@@ -24,12 +24,23 @@ TEST_WORKERS ?= 3
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
+BENCH_PYTEST = -m pytest -q -s -p no:cacheprovider bench
+
+# minflow alone: S1-S3 at its defaults and over the concurrency sweep, S4, S5, import time and
+# idle memory.
 bench: $(STAMP)
-	$(BIN)/python -m pytest -q -s -p no:cacheprovider bench --timeout 900 -m "not peers and not soak" $(PYTEST_ARGS)
+	$(BIN)/python $(BENCH_PYTEST) --timeout 1800 -m "not peers and not soak" $(PYTEST_ARGS)
+
+# A/B work on one change (under 3 minutes): minflow alone, its defaults beside 100 handler
+# slots, fewer runs; the same tables. Each BENCH_* variable set in the environment wins.
+bench-quick: $(STAMP)
+	BENCH_RUNS=$${BENCH_RUNS:-3000} BENCH_SWEEP=$${BENCH_SWEEP:-100} \
+	BENCH_S3_SUBMITS=$${BENCH_S3_SUBMITS:-100} BENCH_IDLE_SECONDS=$${BENCH_IDLE_SECONDS:-3} \
+	$(BIN)/python $(BENCH_PYTEST) --timeout 600 -m "quick and not peers" $(PYTEST_ARGS)
 
 # S6: ten minutes per backend (BENCH_SOAK_SECONDS to change it).
 bench-soak: $(STAMP)
-	$(BIN)/python -m pytest -q -s -p no:cacheprovider bench --timeout 3600 -m soak $(PYTEST_ARGS)
+	$(BIN)/python $(BENCH_PYTEST) --timeout 3600 -m soak $(PYTEST_ARGS)
 
 $(PEERS_STAMP): pyproject.toml bench/peers-requirements.txt
 	@$(PYTHON) -m venv $(PEERS_VENV) || { echo "error: '$(PYTHON) -m venv' failed; on Debian/Ubuntu run: apt-get install python3-venv" >&2; exit 1; }
@@ -37,8 +48,9 @@ $(PEERS_STAMP): pyproject.toml bench/peers-requirements.txt
 	$(PEERS_VENV)/bin/python -m pip install --quiet -e '.[dev]' -r bench/peers-requirements.txt
 	@touch $@
 
+# Every system at its own defaults and at its best over the sweep (BENCH_SYSTEMS to pick some).
 bench-peers: $(PEERS_STAMP)
-	$(PEERS_VENV)/bin/python -m pytest -q -s -p no:cacheprovider bench --timeout 3600 -m peers $(PYTEST_ARGS)
+	$(PEERS_VENV)/bin/python $(BENCH_PYTEST) --timeout 7200 -m peers $(PYTEST_ARGS)
 
 # mypy: an application module written like the README's examples, checked strictly against
 # minflow's annotations (minflow's own code is not reported there).

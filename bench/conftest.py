@@ -14,6 +14,7 @@ _REPORT = Report()
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "peers: compares minflow with other queues (bench-peers)")
     config.addinivalue_line("markers", "soak: the 10-minute soak (bench-soak)")
+    config.addinivalue_line("markers", "quick: also part of the short A/B run (bench-quick)")
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ producer, enqueue_bulk, done_count, serve, latency_inprocess). Imports only in t
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import signal
 import threading
@@ -16,6 +17,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from huey import SqliteHuey
+from huey.consumer import Consumer
 
 import harness
 
@@ -23,17 +25,33 @@ NAME = "huey"
 BACKENDS = ("sqlite",)
 SCENARIOS = frozenset({"S1", "S2", "S3"})
 
-# huey has no LISTEN/NOTIFY for SQLite: idle workers poll, backing off geometrically. These are
-# the values of its consumer docs' "very short polling interval" example (-b 1.1 -m 1.0), with
-# the default first delay.
-POLL = {"initial_delay": 0.1, "backoff": 1.1, "max_delay": 1.0}
+# minflow's SQLite wake-up polls PRAGMA data_version every 5 ms; huey can poll its queue as
+# often, which is what its latency waits on (its default waits 0.1 s after an empty poll).
+FAST_POLL = {"initial_delay": 0.005, "backoff": 1.0, "max_delay": 0.005}
 
 SETTINGS = (
-    "huey: SqliteHuey defaults (WAL, synchronous left at SQLite's FULL, 5 s busy timeout, one "
-    "connection per process); consumer with N thread workers (-k thread -w N), polling as its "
-    "docs' short-interval example (first delay 0.1 s, backoff 1.1, max 1 s); the no-op returns "
-    "None, so no result is stored"
+    "SqliteHuey at its defaults (WAL, synchronous left at SQLite's FULL, 5 s busy timeout, one "
+    "connection per process; the no-op returns None, so no result is stored); defaults: "
+    "`create_consumer()` with every option at its default (one worker thread; after an empty "
+    "poll it waits 0.1 s, backing off by 1.15x up to 10 s); the sweep sets the number of worker "
+    "threads (-k thread -w N), each with that polling and with a poll every 5 ms (-d 0.005 -b 1 "
+    "-m 0.005, as often as minflow's SQLite wake-up polls); bulk submits are `map()` (huey has "
+    "no batch enqueue: one transaction per job)"
 )
+
+DEFAULTS: dict = {}
+
+
+def sweep(concurrencies) -> list[dict]:
+    """One thread-worker consumer per concurrency, polling at its default and every 5 ms."""
+    return [{"workers": n, **poll} for n in concurrencies for poll in ({}, FAST_POLL)]
+
+
+def describe(setting: dict) -> str:
+    workers = setting.get("workers", inspect.signature(Consumer).parameters["workers"].default)
+    text = f"{workers} worker thread" + ("s" if workers != 1 else "")
+    fast = all(setting.get(name) == value for name, value in FAST_POLL.items())
+    return text + (", 5 ms polling" if fast else "")
 
 
 def _path(target: Any) -> str:
@@ -51,8 +69,8 @@ def _make(path: str, handler: Callable[[dict], None] | None = None) -> tuple[Any
     return huey, noop
 
 
-def _consumer(huey: Any, concurrency: int) -> Any:
-    return huey.create_consumer(workers=concurrency, worker_type="thread", **POLL)
+def _consumer(huey: Any, setting: dict) -> Any:
+    return huey.create_consumer(**setting)
 
 
 # huey deletes a task from its table when a worker dequeues it and keeps nothing for a no-op
@@ -125,7 +143,7 @@ release = harness.release_counter
 
 
 def serve(
-    target: Any, concurrency: int, mode: str, out: str | None, ready: Callable[[], None]
+    target: Any, setting: dict, mode: str, out: str | None, ready: Callable[[], None]
 ) -> None:
     """Run huey's consumer until SIGTERM, which its own handler turns into a stop."""
     sink = open(out, "a", buffering=1) if mode == "latency" else None  # noqa: SIM115
@@ -137,7 +155,7 @@ def serve(
                 sink.write(f"{time.time() - payload['t']}\n")
 
         huey, _ = _make(_path(target), handler)
-        consumer = _consumer(huey, concurrency)
+        consumer = _consumer(huey, setting)
         ready()
         try:
             consumer.run()
@@ -148,7 +166,7 @@ def serve(
             sink.close()
 
 
-def latency_inprocess(target: Any, n: int, interval: float, concurrency: int) -> list[float]:
+def latency_inprocess(target: Any, n: int, interval: float, setting: dict) -> list[float]:
     """S3 in one process: the consumer's threads run beside the thread that enqueues.
 
     Consumer.start() installs process signal handlers, so this must run on the main thread;
@@ -172,7 +190,7 @@ def latency_inprocess(target: Any, n: int, interval: float, concurrency: int) ->
 
     path = _path(target)
     huey, noop = _make(path, handler)
-    consumer = _consumer(huey, concurrency)
+    consumer = _consumer(huey, setting)
     signals = [s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s]
     saved = {s: signal.getsignal(s) for s in signals}
     try:

@@ -1,8 +1,14 @@
-"""minflow itself, in the shape every benchmarked system has (see harness.py)."""
+"""minflow itself, in the shape every benchmarked system has (see harness.py).
+
+A setting is a dict of ``minflow.Worker`` keyword arguments and nothing else, so the defaults
+table is whatever ``Worker()`` does today and follows minflow's defaults when they change.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import inspect
+import itertools
 import sqlite3
 import threading
 import time
@@ -14,9 +20,44 @@ NAME = "minflow"
 BACKENDS = ("postgres", "sqlite")
 SCENARIOS = frozenset({"S1", "S2", "S3"})
 SETTINGS = (
-    "minflow defaults (SQLite: WAL, synchronous=FULL; PostgreSQL: LISTEN/NOTIFY wake-ups), "
-    "one worker per process with `concurrency` handler threads, ticker off"
+    "`App.worker(**setting)`, one worker per process; defaults: `Worker()` with every keyword at "
+    "its default (SQLite: WAL, synchronous=FULL; PostgreSQL: LISTEN/NOTIFY wake-ups; the schedule "
+    "ticker on); the sweep changes only the keywords named in its setting"
 )
+
+DEFAULTS: dict = {}
+
+# The Worker keywords the sweep varies, each with the values it tries besides "concurrency"
+# (which takes the harness's concurrencies); the sweep is their product. A keyword this
+# minflow's Worker does not accept is skipped, so an axis can be listed before it exists, e.g.
+#     "prefetch": (0, 16, 64),
+EXTRA_AXES: dict[str, tuple] = {}
+
+
+def _worker_parameters() -> dict[str, inspect.Parameter]:
+    return dict(inspect.signature(minflow.Worker).parameters)
+
+
+def _axes(concurrencies) -> dict[str, tuple]:
+    accepted = _worker_parameters()
+    axes = {"concurrency": tuple(concurrencies), **EXTRA_AXES}
+    return {name: values for name, values in axes.items() if name in accepted}
+
+
+def sweep(concurrencies) -> list[dict]:
+    """Every combination of the axes' values, as Worker keyword arguments."""
+    axes = _axes(concurrencies)
+    return [dict(zip(axes, values, strict=True)) for values in itertools.product(*axes.values())]
+
+
+def describe(setting: dict) -> str:
+    """The swept keywords' values in effect (defaults read from Worker's signature), so ``{}``
+    and ``{"concurrency": 4}`` read alike while 4 is the default."""
+    accepted = _worker_parameters()
+    names = dict.fromkeys([*_axes((1,)), *setting])
+    return ", ".join(
+        f"{name} {setting[name] if name in setting else accepted[name].default}" for name in names
+    )
 
 
 def dsn(target) -> str:
@@ -84,7 +125,7 @@ def _app(target, on_start) -> minflow.App:
     return app
 
 
-def serve(target, concurrency: int, mode: str, out: str | None, ready) -> None:
+def serve(target, setting: dict, mode: str, out: str | None, ready) -> None:
     """A minflow Worker until SIGTERM (which it handles itself: finish in-flight runs, exit)."""
     sink = open(out, "a", buffering=1) if out else None  # noqa: SIM115 - the process's lifetime
     lock = threading.Lock()
@@ -113,13 +154,13 @@ def serve(target, concurrency: int, mode: str, out: str | None, ready) -> None:
 
     app = _app(target, on_start)
     options = {"backoff": lambda attempt: 1.0} if mode == "soak" else {}
-    worker = app.worker(concurrency=concurrency, schedules=False, **options)
+    worker = app.worker(**setting, **options)
     ready()
     worker.run()
     app.close()
 
 
-def latency_inprocess(target, n: int, interval: float, concurrency: int) -> list[float]:
+def latency_inprocess(target, n: int, interval: float, setting: dict) -> list[float]:
     """A Worker thread beside the producer in this process (in-process wake-ups)."""
     delays: list[float] = []
     finished = threading.Event()
@@ -130,12 +171,16 @@ def latency_inprocess(target, n: int, interval: float, concurrency: int) -> list
             finished.set()
 
     app = _app(target, on_start)
-    worker = app.worker(concurrency=concurrency, schedules=False).start()
+    worker = app.worker(**setting).start()
     try:
         time.sleep(0.5)  # an idle worker, not one still starting
-        for _ in range(n):
+        start = time.monotonic()
+        for i in range(n):
+            # The same schedule as the peers' in-process producers: a submit every interval.
+            pause = start + i * interval - time.monotonic()
+            if pause > 0:
+                time.sleep(pause)
             app.submit("noop", {"t": time.time()})
-            time.sleep(interval)
         if not finished.wait(60):
             raise TimeoutError(f"only {len(delays)} of {n} handlers started")
     finally:

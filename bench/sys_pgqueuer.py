@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import signal
 import time
@@ -26,16 +27,41 @@ NAME = "pgqueuer"
 BACKENDS = ("postgres",)
 SCENARIOS = frozenset({"S1", "S2", "S3"})
 
-# Its tuning guide's example pairs max_concurrent_tasks=100 with batch_size=20, and it refuses a
-# batch larger than half the limit; short jobs favour the largest batch allowed.
-MAX_BATCH = 20
-
 SETTINGS = (
-    "pgqueuer: QueueManager on one asyncpg connection (its advice for the consumer), run on "
-    f"uvloop like `pgq run`; max_concurrent_tasks=N, batch_size=min(N//2, {MAX_BATCH}) "
-    "(its tuning example: 20 for 100); durable tables (default) and `pgq autovac` settings; "
-    "other run() options at their defaults (LISTEN/NOTIFY, 30 s polling fallback)"
+    "QueueManager on one asyncpg connection (its advice for the consumer), run on uvloop like "
+    "`pgq run`; defaults: `run()` with every option at its default (batch_size 10, no "
+    "max_concurrent_tasks limit, LISTEN/NOTIFY, 30 s polling fallback); the sweep sets "
+    "max_concurrent_tasks to each concurrency with batch_size 10 and with the largest batch it "
+    "allows (half the limit; a limit of 1 cannot be set), plus the defaults; tables as "
+    "`pgq install` makes them (durable)"
 )
+
+DEFAULTS: dict = {}
+
+
+def _run_defaults() -> dict:
+    parameters = inspect.signature(QueueManager.run).parameters
+    return {name: parameters[name].default for name in ("batch_size", "max_concurrent_tasks")}
+
+
+def sweep(concurrencies) -> list[dict]:
+    """The defaults, then each concurrency as max_concurrent_tasks with batch_size 10 (its
+    default) and half the limit (the largest ``run()`` accepts: it wants a limit of at least twice
+    the batch)."""
+    default_batch = _run_defaults()["batch_size"]
+    settings = [dict(DEFAULTS)]
+    for limit in concurrencies:
+        for batch in sorted({min(default_batch, limit // 2), limit // 2}):
+            if batch >= 1:
+                settings.append({"max_concurrent_tasks": limit, "batch_size": batch})
+    return settings
+
+
+def describe(setting: dict) -> str:
+    values = {**_run_defaults(), **setting}
+    limit = values["max_concurrent_tasks"] or "unlimited"
+    return f"{limit} tasks, batch {values['batch_size']}"
+
 
 # pgqueuer deletes finished jobs from its queue table and logs each outcome in pgqueuer_log,
 # whose rows are kept (the statistics roll-up only marks them aggregated).
@@ -46,27 +72,19 @@ def _dsn(target: Any) -> str:
     return target.dsn
 
 
-def _batch(concurrency: int) -> tuple[int, int]:
-    """(batch_size, max_concurrent_tasks) for a requested concurrency."""
-    batch = max(1, min(concurrency // 2, MAX_BATCH))
-    return batch, max(concurrency, 2 * batch)
-
-
 def _encode(payload: dict) -> bytes:
     return json.dumps(payload).encode()
 
 
 def prepare(target: Any) -> None:
-    """Make an empty queue: drop the ``public`` schema, install pgqueuer, apply its autovac."""
+    """Make an empty queue: drop the ``public`` schema and install pgqueuer's tables."""
     release(target)
 
     async def run() -> None:
         conn = await asyncpg.connect(_dsn(target))
         try:
             await conn.execute("DROP SCHEMA IF EXISTS public CASCADE; CREATE SCHEMA public")
-            queries = Queries(AsyncpgDriver(conn))
-            await queries.install()
-            await queries.optimize_autovacuum()
+            await Queries(AsyncpgDriver(conn)).install()
         finally:
             await conn.close()
 
@@ -127,7 +145,7 @@ def _queue_manager(conn: Any, handler: Callable[[dict], None] | None) -> QueueMa
 
 
 def serve(
-    target: Any, concurrency: int, mode: str, out: str | None, ready: Callable[[], None]
+    target: Any, setting: dict, mode: str, out: str | None, ready: Callable[[], None]
 ) -> None:
     """Run one QueueManager until SIGTERM, which sets its shutdown event (graceful stop)."""
     sink = open(out, "a", buffering=1) if mode == "latency" else None  # noqa: SIM115
@@ -138,7 +156,7 @@ def serve(
             def handler(payload: dict) -> None:
                 sink.write(f"{time.time() - payload['t']}\n")
 
-        uvloop.run(_serve(_dsn(target), concurrency, handler, ready))
+        uvloop.run(_serve(_dsn(target), setting, handler, ready))
     finally:
         if sink is not None:
             sink.close()
@@ -146,7 +164,7 @@ def serve(
 
 async def _serve(
     dsn: str,
-    concurrency: int,
+    setting: dict,
     handler: Callable[[dict], None] | None,
     ready: Callable[[], None],
 ) -> None:
@@ -155,19 +173,18 @@ async def _serve(
         qm = _queue_manager(conn, handler)
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, qm.shutdown.set)
-        batch, limit = _batch(concurrency)
         ready()
-        await qm.run(batch_size=batch, max_concurrent_tasks=limit)
+        await qm.run(**setting)
     finally:
         await conn.close()
 
 
-def latency_inprocess(target: Any, n: int, interval: float, concurrency: int) -> list[float]:
+def latency_inprocess(target: Any, n: int, interval: float, setting: dict) -> list[float]:
     """S3 in one event loop: the QueueManager runs as a task beside the code that enqueues."""
-    return uvloop.run(_latency(_dsn(target), n, interval, concurrency))
+    return uvloop.run(_latency(_dsn(target), n, interval, setting))
 
 
-async def _latency(dsn: str, n: int, interval: float, concurrency: int) -> list[float]:
+async def _latency(dsn: str, n: int, interval: float, setting: dict) -> list[float]:
     delays: list[float] = []
     warm = asyncio.Event()
     done = asyncio.Event()
@@ -188,8 +205,7 @@ async def _latency(dsn: str, n: int, interval: float, concurrency: int) -> list[
     try:
         qm = _queue_manager(consumer_conn, handler)
         queries = Queries(AsyncpgDriver(producer_conn))
-        batch, limit = _batch(concurrency)
-        worker = asyncio.create_task(qm.run(batch_size=batch, max_concurrent_tasks=limit))
+        worker = asyncio.create_task(qm.run(**setting))
         try:
             # One job through the whole path proves the worker is listening before timing.
             await queries.enqueue("noop", _encode({"t": time.time(), "warmup": True}))

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import procrastinate
+import procrastinate.worker
 import psycopg
+import psycopg_pool
 
 import harness
 
@@ -27,11 +30,42 @@ SCENARIOS = frozenset({"S1", "S2", "S3"})
 POOL_CAP = 20
 
 SETTINGS = (
-    "procrastinate: async task; worker(concurrency=N) with LISTEN/NOTIFY and its other defaults "
-    f"(polling fallback 5 s, finished jobs kept); PsycopgConnector pool max_size=min(N+1, "
-    f"{POOL_CAP}) as its docs advise for short jobs (capped for max_connections); producers "
-    "defer through its synchronous connector (SyncPsycopgConnector, one connection)"
+    "async task (its docs reserve worker concurrency for async tasks), LISTEN/NOTIFY, polling "
+    "fallback 5 s, finished jobs kept; defaults: `run_worker_async()` with every option at its "
+    "default (concurrency 1) on `PsycopgConnector(conninfo=...)` (psycopg_pool's default of 4 "
+    f"connections); the sweep sets concurrency N with a pool of min(N+1, {POOL_CAP}) connections "
+    "where that exceeds the default, as its docs advise for short jobs (capped for "
+    "max_connections); producers defer through `SyncPsycopgConnector(conninfo=...)`"
 )
+
+DEFAULTS: dict = {}
+
+
+def _default_concurrency() -> int:
+    return inspect.signature(procrastinate.worker.Worker).parameters["concurrency"].default
+
+
+def _default_pool() -> int:
+    return inspect.signature(psycopg_pool.AsyncConnectionPool).parameters["min_size"].default
+
+
+def sweep(concurrencies) -> list[dict]:
+    """Worker concurrency N, with the pool its docs advise (N+1, capped) when the default is
+    smaller."""
+    settings = []
+    for concurrency in concurrencies:
+        setting = {"concurrency": concurrency}
+        size = min(concurrency + 1, POOL_CAP)
+        if size > _default_pool():
+            setting["pool"] = size
+        settings.append(setting)
+    return settings
+
+
+def describe(setting: dict) -> str:
+    concurrency = setting.get("concurrency", _default_concurrency())
+    return f"concurrency {concurrency}, pool {setting.get('pool', _default_pool())}"
+
 
 _COUNT_SQL = "SELECT count(*) FROM procrastinate_jobs WHERE status = 'succeeded'"
 
@@ -53,13 +87,19 @@ def _make_app(connector: Any, handler: Callable[[dict], None] | None = None) -> 
 
 
 def _sync_app(dsn: str) -> Any:
-    return _make_app(procrastinate.SyncPsycopgConnector(conninfo=dsn, min_size=1, max_size=1))
+    return _make_app(procrastinate.SyncPsycopgConnector(conninfo=dsn))
 
 
-def _worker_app(dsn: str, concurrency: int, handler: Callable[[dict], None] | None) -> Any:
-    size = max(1, min(concurrency + 1, POOL_CAP))
-    connector = procrastinate.PsycopgConnector(conninfo=dsn, min_size=min(4, size), max_size=size)
-    return _make_app(connector, handler)
+def _worker_app(dsn: str, setting: dict, handler: Callable[[dict], None] | None) -> Any:
+    pool = {}
+    if "pool" in setting:
+        size = setting["pool"]
+        pool = {"min_size": min(_default_pool(), size), "max_size": size}
+    return _make_app(procrastinate.PsycopgConnector(conninfo=dsn, **pool), handler)
+
+
+def _worker_options(setting: dict) -> dict:
+    return {name: value for name, value in setting.items() if name != "pool"}
 
 
 def prepare(target: Any) -> None:
@@ -101,7 +141,7 @@ release = harness.release_counter
 
 
 def serve(
-    target: Any, concurrency: int, mode: str, out: str | None, ready: Callable[[], None]
+    target: Any, setting: dict, mode: str, out: str | None, ready: Callable[[], None]
 ) -> None:
     """Run one procrastinate worker until SIGTERM (its own handler stops it gracefully)."""
     sink = open(out, "a", buffering=1) if mode == "latency" else None  # noqa: SIM115
@@ -112,7 +152,7 @@ def serve(
             def handler(payload: dict) -> None:
                 sink.write(f"{time.time() - payload['t']}\n")
 
-        asyncio.run(_serve(_dsn(target), concurrency, handler, ready))
+        asyncio.run(_serve(_dsn(target), setting, handler, ready))
     finally:
         if sink is not None:
             sink.close()
@@ -120,22 +160,22 @@ def serve(
 
 async def _serve(
     dsn: str,
-    concurrency: int,
+    setting: dict,
     handler: Callable[[dict], None] | None,
     ready: Callable[[], None],
 ) -> None:
-    app = _worker_app(dsn, concurrency, handler)
+    app = _worker_app(dsn, setting, handler)
     async with app.open_async():
         ready()
-        await app.run_worker_async(concurrency=concurrency, install_signal_handlers=True)
+        await app.run_worker_async(**_worker_options(setting))
 
 
-def latency_inprocess(target: Any, n: int, interval: float, concurrency: int) -> list[float]:
+def latency_inprocess(target: Any, n: int, interval: float, setting: dict) -> list[float]:
     """S3 in one event loop: the worker runs as a task beside the code that defers the jobs."""
-    return asyncio.run(_latency(_dsn(target), n, interval, concurrency))
+    return asyncio.run(_latency(_dsn(target), n, interval, setting))
 
 
-async def _latency(dsn: str, n: int, interval: float, concurrency: int) -> list[float]:
+async def _latency(dsn: str, n: int, interval: float, setting: dict) -> list[float]:
     delays: list[float] = []
     warm = asyncio.Event()
     done = asyncio.Event()
@@ -150,11 +190,11 @@ async def _latency(dsn: str, n: int, interval: float, concurrency: int) -> list[
         if len(delays) >= n:
             done.set()
 
-    app = _worker_app(dsn, concurrency, handler)
+    app = _worker_app(dsn, setting, handler)
     task = app.tasks["noop"]
     async with app.open_async():
         worker = asyncio.create_task(
-            app.run_worker_async(concurrency=concurrency, install_signal_handlers=False)
+            app.run_worker_async(**_worker_options(setting), install_signal_handlers=False)
         )
         try:
             # One job through the whole path proves the worker is listening before timing.

@@ -1,16 +1,19 @@
-"""The PostgreSQL ceiling: a hand-written pg8000 claim/complete loop on minflow's own schema.
+"""The PostgreSQL ceiling: hand-written pg8000 statements on minflow's own schema.
 
-It claims 100 due runs in one ``UPDATE ... WHERE id IN (SELECT ... FOR UPDATE SKIP LOCKED)``,
-runs the no-op, and marks the 100 succeeded in one ``UPDATE``, each statement its own
-transaction (committed with the server's durable defaults). No events, no heartbeats, no
-retries, no NOTIFY: what is left is the least work a durable queue on this table can do, so the
-gap to it is the price of everything else. One of the benchmark's system modules (the interface
-every ``bench/sys_*.py`` exposes); it only serves S2.
+S2: a loop claims 100 due runs in one ``UPDATE ... WHERE id IN (SELECT ... FOR UPDATE SKIP
+LOCKED)``, runs the no-op, and marks the 100 succeeded in one ``UPDATE``, each statement its own
+transaction (committed with the server's durable defaults). S1: one prepared ``INSERT`` per run,
+each its own transaction, and all runs in one ``INSERT ... SELECT FROM unnest(...)``. No events,
+no heartbeats, no retries, no NOTIFY: what is left is the least work a durable queue on this
+table can do, so the gap to it is the price of everything else. One of the benchmark's system
+modules (the interface every ``bench/sys_*.py`` exposes); it has no S3 (no wake-ups) and no
+settings.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import threading
@@ -26,17 +29,30 @@ import minflow
 
 NAME = "raw pg8000"
 BACKENDS = ("postgres",)
-SCENARIOS = frozenset({"S2"})
+SCENARIOS = frozenset({"S1", "S2"})
 
 BATCH = 100
 IDLE_SLEEP = 0.01  # seconds between claims that found nothing
 LEASE = "30 seconds"
 
 SETTINGS = (
-    f"raw pg8000: one connection and loop per worker process (concurrency ignored: the no-op "
-    f"needs none) claiming {BATCH} runs per UPDATE ... FOR UPDATE SKIP LOCKED and completing "
-    "them in one UPDATE, prepared statements, autocommit; minflow's schema and indexes"
+    f"one connection and loop per worker process claiming {BATCH} runs per UPDATE ... FOR UPDATE "
+    "SKIP LOCKED and completing them in one UPDATE; submits: one INSERT per transaction, and one "
+    "INSERT ... SELECT FROM unnest for the bulk; prepared statements, autocommit, time-ordered "
+    "ids like minflow's; minflow's schema and indexes"
 )
+
+DEFAULTS: dict = {}
+
+
+def sweep(concurrencies) -> list[dict]:
+    """Nothing to tune: one loop per process, the no-op needs no concurrency."""
+    return [{}]
+
+
+def describe(setting: dict) -> str:
+    return f"{BATCH}/stmt"
+
 
 _CLAIM = f"""
 UPDATE workflow_run SET status = 'leased', attempt = attempt + 1, leased_by = :worker,
@@ -96,17 +112,38 @@ def prepare(target: Any) -> None:
         client.migrate()
 
 
+_INSERT = """
+INSERT INTO workflow_run (id, type, payload, run_at, created_at, updated_at)
+VALUES (CAST(:id AS uuid), 'noop', CAST(:payload AS jsonb), NOW(), NOW(), NOW())"""
+
+_INSERT_MANY = """
+INSERT INTO workflow_run (id, type, payload, run_at, created_at, updated_at)
+SELECT id, 'noop', payload, NOW(), NOW(), NOW()
+FROM unnest(CAST(:ids AS uuid[]), CAST(:payloads AS jsonb[])) AS j(id, payload)"""
+
+
 @contextlib.contextmanager
 def producer(target: Any) -> Iterator[Callable[[dict], None]]:
-    """Yield ``submit(payload)`` through ``minflow.Client.submit`` (the ceiling measures S2 only)."""
-    with minflow.Client(_dsn(target)) as client:
-        yield lambda payload: client.submit("noop", payload)
+    """Yield ``submit(payload)``: one prepared INSERT, its own transaction."""
+    conn = _connect(_dsn(target))
+    try:
+        insert = conn.prepare(_INSERT)
+        yield lambda payload: insert.run(id=harness.time_ordered_id(), payload=json.dumps(payload))
+    finally:
+        conn.close()
 
 
 def enqueue_bulk(target: Any, payloads: list[dict]) -> None:
-    """Fill the queue with ``minflow.Client.submit_many`` (one statement)."""
-    with minflow.Client(_dsn(target)) as client:
-        client.submit_many([minflow.Job("noop", p) for p in payloads])
+    """Every payload in one INSERT ... SELECT FROM unnest (one statement, one transaction)."""
+    conn = _connect(_dsn(target))
+    try:
+        conn.run(
+            _INSERT_MANY,
+            ids=[harness.time_ordered_id() for _ in payloads],
+            payloads=[json.dumps(p) for p in payloads],
+        )
+    finally:
+        conn.close()
 
 
 def _count(target: Any, sql: str) -> int:
@@ -137,9 +174,9 @@ def _loop(dsn: str, stop: threading.Event, handler: Callable[[Any], None] | None
 
 
 def serve(
-    target: Any, concurrency: int, mode: str, out: str | None, ready: Callable[[], None]
+    target: Any, setting: dict, mode: str, out: str | None, ready: Callable[[], None]
 ) -> None:
-    """Run the claim/complete loop until SIGTERM; ``concurrency`` is ignored (one loop)."""
+    """Run the claim/complete loop until SIGTERM (``setting`` is always empty)."""
     stop = threading.Event()
     sink = open(out, "a", buffering=1) if mode == "latency" else None  # noqa: SIM115
     try:
@@ -157,9 +194,9 @@ def serve(
             sink.close()
 
 
-def latency_inprocess(target: Any, n: int, interval: float, concurrency: int) -> list[float]:
-    """Not measured: the ceiling has no wake-up mechanism to compare (SCENARIOS is S2 only)."""
-    raise NotImplementedError("the raw ceilings only take part in S2")
+def latency_inprocess(target: Any, n: int, interval: float, setting: dict) -> list[float]:
+    """Not measured: the ceiling has no wake-up mechanism to compare (no S3 in SCENARIOS)."""
+    raise NotImplementedError("the raw ceilings take part in S1 and S2 only")
 
 
 def done_count(target: Any) -> int:
@@ -171,5 +208,6 @@ def remaining(target: Any) -> int:
     """Runs not finished yet, counted through the partial indexes."""
     return _count(
         target,
-        "SELECT (SELECT count(*) FROM workflow_run WHERE status = 'pending' AND deleted_at IS NULL) + (SELECT count(*) FROM workflow_run WHERE status = 'leased')",
+        "SELECT (SELECT count(*) FROM workflow_run WHERE status = 'pending' AND deleted_at IS NULL)"
+        " + (SELECT count(*) FROM workflow_run WHERE status = 'leased')",
     )

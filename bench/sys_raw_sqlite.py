@@ -1,11 +1,12 @@
-"""The SQLite ceiling: a hand-written stdlib sqlite3 claim/complete loop on minflow's own schema.
+"""The SQLite ceiling: hand-written stdlib sqlite3 statements on minflow's own schema.
 
-It claims 100 due runs in one ``UPDATE ... RETURNING``, runs the no-op, and marks the 100
+S2: a loop claims 100 due runs in one ``UPDATE ... RETURNING``, runs the no-op, and marks the 100
 succeeded in one ``UPDATE``, each in its own ``BEGIN IMMEDIATE`` transaction, with the durability
-minflow uses by default (WAL, synchronous FULL). No events, no heartbeats, no retries: what is
-left is the least work a durable queue on this table can do, so the gap to it is the price of
-everything else. One of the benchmark's system modules (the interface every ``bench/sys_*.py``
-exposes); it only serves S2.
+minflow uses by default (WAL, synchronous FULL). S1: one ``INSERT`` per transaction, and all runs
+in one transaction. No events, no heartbeats, no retries: what is left is the least work a
+durable queue on this table can do, so the gap to it is the price of everything else. One of the
+benchmark's system modules (the interface every ``bench/sys_*.py`` exposes); it has no S3 (no
+wake-ups) and no settings.
 """
 
 from __future__ import annotations
@@ -25,18 +26,30 @@ import minflow
 
 NAME = "raw sqlite3"
 BACKENDS = ("sqlite",)
-SCENARIOS = frozenset({"S2"})
+SCENARIOS = frozenset({"S1", "S2"})
 
 BATCH = 100
 IDLE_SLEEP = 0.01  # seconds between claims that found nothing
 BUSY_TIMEOUT_MS = minflow.SQLITE_BUSY_TIMEOUT_MS
 
 SETTINGS = (
-    f"raw sqlite3: one loop per worker process (concurrency ignored: the no-op needs none) "
-    f"claiming {BATCH} runs per UPDATE ... RETURNING and completing them in one UPDATE, each in "
-    f"BEGIN IMMEDIATE; WAL, synchronous=FULL and busy_timeout={BUSY_TIMEOUT_MS} ms like "
-    "minflow's defaults; minflow's schema and indexes"
+    f"one loop per worker process claiming {BATCH} runs per UPDATE ... RETURNING and completing "
+    "them in one UPDATE, each in BEGIN IMMEDIATE; submits: one INSERT per transaction, and one "
+    f"transaction for the bulk; WAL, synchronous=FULL and busy_timeout={BUSY_TIMEOUT_MS} ms like "
+    "minflow's defaults; time-ordered ids like minflow's; minflow's schema and indexes"
 )
+
+DEFAULTS: dict = {}
+
+
+def sweep(concurrencies) -> list[dict]:
+    """Nothing to tune: one loop per process, the no-op needs no concurrency."""
+    return [{}]
+
+
+def describe(setting: dict) -> str:
+    return f"{BATCH}/txn"
+
 
 _NOW = "strftime('%Y-%m-%d %H:%M:%f', 'now')"
 
@@ -82,17 +95,32 @@ def prepare(target: Any) -> None:
         client.migrate()
 
 
+_INSERT = f"""
+INSERT INTO workflow_run (id, type, payload, run_at, created_at, updated_at)
+VALUES (?, 'noop', ?, {_NOW}, {_NOW}, {_NOW})"""
+
+
 @contextlib.contextmanager
 def producer(target: Any) -> Iterator[Callable[[dict], None]]:
-    """Yield ``submit(payload)`` through ``minflow.Client.submit`` (the ceiling measures S2 only)."""
-    with minflow.Client(_minflow_dsn(target)) as client:
-        yield lambda payload: client.submit("noop", payload)
+    """Yield ``submit(payload)``: one INSERT, its own transaction (autocommit)."""
+    conn = _connect(_path(target))
+    try:
+        yield lambda payload: conn.execute(
+            _INSERT, (harness.time_ordered_id(), json.dumps(payload))
+        )
+    finally:
+        conn.close()
 
 
 def enqueue_bulk(target: Any, payloads: list[dict]) -> None:
-    """Fill the queue with ``minflow.Client.submit_many`` (one transaction)."""
-    with minflow.Client(_minflow_dsn(target)) as client:
-        client.submit_many([minflow.Job("noop", p) for p in payloads])
+    """Every payload inserted in one ``BEGIN IMMEDIATE`` transaction."""
+    conn = _connect(_path(target))
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.executemany(_INSERT, [(harness.time_ordered_id(), json.dumps(p)) for p in payloads])
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
 
 
 def done_count(target: Any) -> int:
@@ -143,9 +171,9 @@ def _loop(path: str, stop: threading.Event, handler: Callable[[Any], None] | Non
 
 
 def serve(
-    target: Any, concurrency: int, mode: str, out: str | None, ready: Callable[[], None]
+    target: Any, setting: dict, mode: str, out: str | None, ready: Callable[[], None]
 ) -> None:
-    """Run the claim/complete loop until SIGTERM; ``concurrency`` is ignored (one loop)."""
+    """Run the claim/complete loop until SIGTERM (``setting`` is always empty)."""
     stop = threading.Event()
     sink = open(out, "a", buffering=1) if mode == "latency" else None  # noqa: SIM115
     try:
@@ -163,6 +191,6 @@ def serve(
             sink.close()
 
 
-def latency_inprocess(target: Any, n: int, interval: float, concurrency: int) -> list[float]:
-    """Not measured: the ceiling has no wake-up mechanism to compare (SCENARIOS is S2 only)."""
-    raise NotImplementedError("the raw ceilings only take part in S2")
+def latency_inprocess(target: Any, n: int, interval: float, setting: dict) -> list[float]:
+    """Not measured: the ceiling has no wake-up mechanism to compare (no S3 in SCENARIOS)."""
+    raise NotImplementedError("the raw ceilings take part in S1 and S2 only")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import sys_minflow as mod
-from harness import drop_target, fresh_target, load_average, workers
+from harness import ALONE_TABLE, drop_target, fresh_target, load_average, workers
 
 pytestmark = pytest.mark.soak
 
@@ -46,7 +46,7 @@ def test_s6_soak(backend, workdir, report):
     interval = SECONDS / SAMPLES
     try:
         with (
-            workers(mod.__name__, target, 1, 10, mode="soak") as go,
+            workers(mod.__name__, target, 1, {"concurrency": 10}, mode="soak") as go,
             mod.producer(target) as submit,
         ):
             go()
@@ -78,7 +78,7 @@ def test_s6_soak(backend, workdir, report):
         print("  " + " ".join(f"{k:>9}" for k in keys))
         for sample in samples:
             print("  " + " ".join(f"{sample[k]!s:>9}" for k in keys))
-        report.add("S6 soak, submitted", backend, mod, sent / SECONDS, "runs/s")
+        report.add("S6 soak, submitted", backend, mod, sent / SECONDS, "runs/s", table=ALONE_TABLE)
         settled = samples[SAMPLES // 4 :]  # after a warm-up quarter
         first, last = settled[0], settled[-1]
         assert last["rss_kib"] <= first["rss_kib"] * 1.25 + 4096, "worker memory keeps growing"

@@ -1,12 +1,14 @@
 """One benchmark worker process: ``python bench/worker.py MODULE BACKEND DSN [options]``.
 
-It imports the system's ``sys_*`` module, lets it build and connect its worker, prints "ready",
+It imports the system's ``sys_*`` module, lets it build and connect its worker with ``--setting``
+(a JSON object only that module interprets; ``{}`` is the system's defaults), prints "ready",
 waits for "go" on stdin (so start-up never counts), and processes jobs until SIGTERM.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from harness import Target, load
@@ -17,7 +19,7 @@ def main() -> None:
     parser.add_argument("module")
     parser.add_argument("backend", choices=("postgres", "sqlite"))
     parser.add_argument("dsn")
-    parser.add_argument("--concurrency", type=int, default=10)
+    parser.add_argument("--setting", type=json.loads, default={})
     parser.add_argument("--mode", choices=("drain", "latency", "record", "soak"), default="drain")
     parser.add_argument("--out")
     args = parser.parse_args()
@@ -28,7 +30,7 @@ def main() -> None:
         if sys.stdin.readline().strip() != "go":
             sys.exit(0)  # the harness gave up before starting: leave quietly
 
-    mod.serve(Target(args.backend, args.dsn), args.concurrency, args.mode, args.out, ready)
+    mod.serve(Target(args.backend, args.dsn), args.setting, args.mode, args.out, ready)
 
 
 if __name__ == "__main__":
