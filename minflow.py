@@ -8517,7 +8517,7 @@ def _bulk_command(
             return single(args)
         if args.run_id is not None:
             raise _UsageError("give a RUN_ID or --all, not both")
-        with Client(args.dsn) as client:
+        with _existing_client(args.dsn) as client:
             bulk = getattr(client, method)
             count = bulk(dry_run=True, **filters)
             if count and not args.dry_run and not args.yes:
@@ -8568,7 +8568,7 @@ _cmd_retry = _bulk_command(
 
 def _cmd_prune(args: argparse.Namespace) -> int:
     statuses = list(dict.fromkeys(args.status or FINISHED_STATUSES))
-    with Client(args.dsn) as client:
+    with _existing_client(args.dsn) as client:
         count = client.prune(older_than=args.older_than, statuses=statuses, dry_run=args.dry_run)
     if args.json:
         _print_json({"count": count, "dry_run": args.dry_run})
@@ -8582,7 +8582,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
 
 
 def _cmd_workers(args: argparse.Namespace) -> int:
-    with Client(args.dsn) as client:
+    with _existing_client(args.dsn) as client:
         entries = client.workers()
     if args.json:
         _print_json([entry.to_json() for entry in entries])

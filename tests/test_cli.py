@@ -390,6 +390,10 @@ INSPECTING = [
     ["schedule", "list"],
     ["schedule", "show", "01a2320c-3fe1-7a17-aa8f-abbadefd1042"],
     ["schedule", "pause", "01a2320c-3fe1-7a17-aa8f-abbadefd1042"],
+    ["workers"],
+    ["prune", "--older-than", "7d"],
+    ["retry", "--all", "--yes"],
+    ["cancel", "--all", "--yes"],
 ]
 
 
