@@ -1655,6 +1655,13 @@ _SQLITE_SQL: dict[str, str] = {
     "database": "PRAGMA database_list",
     # Can the database take writes (read-only? a standby?): a file that opens can.
     "health": "SELECT 0, 0",
+    # Runs finished (succeeded, or failed for good) per minute since :since, from their events
+    # by idx_workflow_event_type; each minute as 'YYYY-MM-DD HH:MM:00' (times are UTC text).
+    "throughput": (
+        "SELECT substr(created_at, 1, 16) || ':00', event_type, COUNT(*) FROM {workflow_event} "
+        "WHERE event_type IN ('succeeded', 'failed') AND created_at >= :since "
+        "GROUP BY substr(created_at, 1, 16), event_type"
+    ),
     # IMMEDIATE takes the write lock up front: a deferred transaction that reads then writes
     # fails with SQLITE_BUSY without waiting for busy_timeout.
     "begin": "BEGIN IMMEDIATE",
@@ -2044,6 +2051,13 @@ RETURNING r.id""",
     # Can the database take writes? transaction_read_only is on on a standby and on a primary
     # demoted by a failover (default_transaction_read_only); no table is read.
     "health": "SELECT current_setting('transaction_read_only') = 'on', pg_is_in_recovery()",
+    # Runs finished (succeeded, or failed for good) per minute since :since, from their events
+    # by idx_workflow_event_type.
+    "throughput": (
+        "SELECT date_trunc('minute', created_at), event_type, COUNT(*) FROM {workflow_event} "
+        "WHERE event_type IN ('succeeded', 'failed') AND created_at >= {time:since} "
+        "GROUP BY 1, 2"
+    ),
     # An empty query: a round trip that makes pg8000 read the notifications waiting for it.
     "poll": "",
     # Is any schedule due? The literal `enabled` test lets the planner match the partial index
@@ -7064,6 +7078,34 @@ def _r_workers(req: _Request) -> tuple[int, Any]:
     return 200, [entry.to_json() for entry in req.client.workers()]
 
 
+def _r_stats(req: _Request) -> tuple[int, Any]:
+    return 200, _stats_document(*_queue_stats(req.client))
+
+
+_THROUGHPUT_MINUTES = 1440  # the most minutes one request may ask for: a day
+
+
+def _r_throughput(req: _Request) -> tuple[int, Any]:
+    minutes = req.int_param("minutes", 60)
+    if not 1 <= minutes <= _THROUGHPUT_MINUTES:
+        raise _HTTPError(400, f"minutes must be 1 to {_THROUGHPUT_MINUTES}, got {minutes}")
+    client = req.client
+    with client._pool.connection() as conn:
+        # Minutes of the database clock, the last one the current (partial) minute.
+        now = client._db_now(conn)
+        first = now.replace(second=0, microsecond=0) - _dt.timedelta(minutes=minutes - 1)
+        rows = conn.query(client._dialect.sql["throughput"], {"since": first})
+    counts = {
+        first + _dt.timedelta(minutes=i): {"succeeded": 0, "failed": 0} for i in range(minutes)
+    }
+    for minute, event_type, count in rows:
+        bucket = counts.get(_parse_time(minute))  # type: ignore[arg-type]
+        if bucket is not None:  # None: stamped after the clock was read
+            bucket[event_type] = int(count)
+    per_minute = [{"minute": _json_value(m), **bucket} for m, bucket in counts.items()]
+    return 200, {"minutes": minutes, "per_minute": per_minute}
+
+
 # -- the route table --------------------------------------------------------------------------
 # Each route carries what the OpenAPI document says about it, so a new route is one row.
 
@@ -7158,6 +7200,9 @@ _API_ROUTES: list[_Route] = [
     ("POST", f"{_RUNS}/cancel", _Operation(_r_cancel_many, "cancelRuns", "Cancel every pending or running run matching the filter", _COUNTED, (400, 413, 503),
         body=("CancelFilter", {"key_prefix": "import-2030-01-", "dry_run": True}))),
     ("GET", f"{_API}/workers", _Operation(_r_workers, "listWorkers", "Workers recorded in the database, oldest first (dead ones for a day)", _array_of("WorkerInfo"), (503,))),
+    ("GET", f"{_API}/stats", _Operation(_r_stats, "queueStats", "Run counts by type and status, with how long each type's oldest due pending run has waited", _ref("Stats"), (503,))),
+    ("GET", f"{_API}/throughput", _Operation(_r_throughput, "throughput", "Runs finished (succeeded, or failed for good) per minute by the database clock, oldest first; the last minute is the current one", _ref("Throughput"), (400, 503),
+        query=(("minutes", {"type": "integer", "minimum": 1, "maximum": _THROUGHPUT_MINUTES, "description": "How many minutes; default 60."}),))),
 ]  # fmt: skip
 # A worker's --metrics-port listener.
 _METRICS_ROUTES: list[_Route] = [r for r in _API_ROUTES if r[1] in ("/healthz", "/metrics")]
@@ -7189,6 +7234,22 @@ def _queue_snapshot(client: Client) -> list[tuple[str, str, int, float | None]]:
         waited = max(0.0, (clock - since).total_seconds()) if since and clock else None
         out.append((run_type, status, int(count), waited))
     return out
+
+
+def _queue_stats(client: Client) -> tuple[dict[str, dict[str, int]], dict[str, float]]:
+    """Run counts by type and status, and per type how long its oldest due pending run has
+    waited (only types with one due)."""
+    counts = client.stats()
+    return counts, {t: waited for t, _, _, waited in _queue_snapshot(client) if waited is not None}
+
+
+def _stats_document(counts: dict[str, dict[str, int]], ages: dict[str, float]) -> dict:
+    """What ``GET /api/v1/stats`` and ``stats --json`` show: beside each type's status counts,
+    its oldest due age as the table's last column shows it."""
+    return {
+        run_type: {**by_status, "oldest_due_pending_seconds": ages.get(run_type)}
+        for run_type, by_status in counts.items()
+    }
 
 
 def _render_metrics(client: Client, worker: Worker | None = None) -> str:
@@ -8037,6 +8098,29 @@ def _openapi_schemas() -> dict:
             statuses=nullable(statuses(FINISHED_STATUSES)),
             dry_run=nullable({"type": "boolean", "description": "Count only; default false."}),
         ),
+        "Stats": {
+            "type": "object",
+            "description": "By run type: the count of each status present, and how many seconds "
+            "the oldest due pending run has waited since it became due (null: none is due).",
+            "additionalProperties": request(
+                ["oldest_due_pending_seconds"],
+                **{status: {"type": "integer", "minimum": 1} for status in RUN_STATUSES},
+                oldest_due_pending_seconds=nullable({"type": "number", "minimum": 0}),
+            ),
+        },
+        "Throughput": request(
+            ["minutes", "per_minute"],
+            minutes=integer,
+            per_minute={
+                "type": "array",
+                "items": request(
+                    ["minute", "succeeded", "failed"],
+                    minute={**when, "description": "The minute's start."},
+                    succeeded={"type": "integer", "minimum": 0},
+                    failed={"type": "integer", "minimum": 0},
+                ),
+            },
+        ),
         "RetryFilter": bulk_filter(("failed", "cancelled")),
         "CancelFilter": bulk_filter(("pending", "leased")),
         "ScheduleRequest": request(
@@ -8609,16 +8693,9 @@ def _cmd_workers(args: argparse.Namespace) -> int:
 
 def _cmd_stats(args: argparse.Namespace) -> int:
     with _existing_client(args.dsn) as client:
-        counts = client.stats()
-        ages = {t: w for t, _, _, w in _queue_snapshot(client) if w is not None}
+        counts, ages = _queue_stats(client)
     if args.json:
-        # Beside each type's status counts, as in the table's last column.
-        _print_json(
-            {
-                run_type: {**by_status, "oldest_due_pending_seconds": ages.get(run_type)}
-                for run_type, by_status in counts.items()
-            }
-        )
+        _print_json(_stats_document(counts, ages))
         return 0
     if not counts:
         print("no runs")
