@@ -46,6 +46,7 @@ __all__ = [
 
 import argparse
 import asyncio
+import base64
 import builtins
 import collections
 import contextlib
@@ -54,6 +55,7 @@ import datetime as _dt
 import email.utils
 import errno
 import functools
+import hashlib
 import heapq
 import hmac
 import http.server
@@ -1655,6 +1657,13 @@ _SQLITE_SQL: dict[str, str] = {
     "database": "PRAGMA database_list",
     # Can the database take writes (read-only? a standby?): a file that opens can.
     "health": "SELECT 0, 0",
+    # Runs finished (succeeded, or failed for good) per minute since :since, from their events
+    # by idx_workflow_event_type; each minute as 'YYYY-MM-DD HH:MM:00' (times are UTC text).
+    "throughput": (
+        "SELECT substr(created_at, 1, 16) || ':00', event_type, COUNT(*) FROM {workflow_event} "
+        "WHERE event_type IN ('succeeded', 'failed') AND created_at >= :since "
+        "GROUP BY substr(created_at, 1, 16), event_type"
+    ),
     # IMMEDIATE takes the write lock up front: a deferred transaction that reads then writes
     # fails with SQLITE_BUSY without waiting for busy_timeout.
     "begin": "BEGIN IMMEDIATE",
@@ -2044,6 +2053,13 @@ RETURNING r.id""",
     # Can the database take writes? transaction_read_only is on on a standby and on a primary
     # demoted by a failover (default_transaction_read_only); no table is read.
     "health": "SELECT current_setting('transaction_read_only') = 'on', pg_is_in_recovery()",
+    # Runs finished (succeeded, or failed for good) per minute since :since, from their events
+    # by idx_workflow_event_type.
+    "throughput": (
+        "SELECT date_trunc('minute', created_at), event_type, COUNT(*) FROM {workflow_event} "
+        "WHERE event_type IN ('succeeded', 'failed') AND created_at >= {time:since} "
+        "GROUP BY 1, 2"
+    ),
     # An empty query: a round trip that makes pg8000 read the notifications waiting for it.
     "poll": "",
     # Is any schedule due? The literal `enabled` test lets the planner match the partial index
@@ -6765,10 +6781,11 @@ class _HTTPError(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class _Text:
-    """A non-JSON response body."""
+    """A non-JSON response body, with headers of its own."""
 
     text: str
     content_type: str = _METRICS_CONTENT_TYPE
+    headers: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -7065,6 +7082,968 @@ def _r_workers(req: _Request) -> tuple[int, Any]:
     return 200, [entry.to_json() for entry in req.client.workers()]
 
 
+def _r_stats(req: _Request) -> tuple[int, Any]:
+    return 200, _stats_document(*_queue_stats(req.client))
+
+
+_THROUGHPUT_MINUTES = 1440  # the most minutes one request may ask for: a day
+
+
+def _r_throughput(req: _Request) -> tuple[int, Any]:
+    minutes = req.int_param("minutes", 60)
+    if not 1 <= minutes <= _THROUGHPUT_MINUTES:
+        raise _HTTPError(400, f"minutes must be 1 to {_THROUGHPUT_MINUTES}, got {minutes}")
+    client = req.client
+    with client._pool.connection() as conn:
+        # Minutes of the database clock, the last one the current (partial) minute.
+        now = client._db_now(conn)
+        first = now.replace(second=0, microsecond=0) - _dt.timedelta(minutes=minutes - 1)
+        rows = conn.query(client._dialect.sql["throughput"], {"since": first})
+    counts = {
+        first + _dt.timedelta(minutes=i): {"succeeded": 0, "failed": 0} for i in range(minutes)
+    }
+    for minute, event_type, count in rows:
+        bucket = counts.get(_parse_time(minute))  # type: ignore[arg-type]
+        if bucket is not None:  # None: stamped after the clock was read
+            bucket[event_type] = int(count)
+    per_minute = [{"minute": _json_value(m), **bucket} for m, bucket in counts.items()]
+    return 200, {"minutes": minutes, "per_minute": per_minute}
+
+
+# -- the dashboard ----------------------------------------------------------------------------
+# GET /ui: one page with its style and script inline, which uses the REST API above and makes
+# no other request (it works offline). Its Content-Security-Policy allows exactly that style and
+# that script (by their SHA-256) and requests to this server: markup that reached the page by
+# mistake could run nothing. The script inserts what the server sends as text, never as HTML.
+
+# The page's style, its markup (a <section> per view, dialogs for the key and confirmations)
+# and its script, as served.
+_UI_STYLE = r"""
+:root {
+  color-scheme: light dark;
+  --fg: #1b1f24; --muted: #59636e; --bg: #fff; --alt: #f4f5f7; --line: #d5d9de;
+  --accent: #0a58a8; --on-accent: #fff;
+  --pending: #0a58a8; --pending-bg: #e2edfa; --leased: #7a4a00; --leased-bg: #fcefd2;
+  --succeeded: #156229; --succeeded-bg: #dcf2e2; --failed: #a8231b; --failed-bg: #fbe2df;
+  --cancelled: #474f59; --cancelled-bg: #e9ebee;
+}
+@media (prefers-color-scheme: dark) {
+  :root {
+    --fg: #e4e7eb; --muted: #a3acb6; --bg: #15181c; --alt: #1e2227; --line: #343a42;
+    --accent: #6aa8ec; --on-accent: #0d1117;
+    --pending: #8dbdf3; --pending-bg: #15304f; --leased: #f2c66d; --leased-bg: #3d2d09;
+    --succeeded: #7fd494; --succeeded-bg: #143620; --failed: #f59a92; --failed-bg: #4a1a16;
+    --cancelled: #c3c9d0; --cancelled-bg: #2c3138;
+  }
+}
+* { box-sizing: border-box; }
+body { margin: 0; font: 13px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif;
+  color: var(--fg); background: var(--bg); }
+header { display: flex; flex-wrap: wrap; align-items: center; gap: .4rem 1.25rem;
+  padding: .45rem 1rem; border-bottom: 1px solid var(--line); background: var(--alt); }
+header h1 { font-size: 15px; margin: 0; }
+nav { display: flex; flex-wrap: wrap; gap: .25rem; }
+nav a { color: var(--fg); text-decoration: none; padding: .2rem .5rem; border-radius: 3px; }
+nav a:hover { background: var(--line); }
+nav a[aria-current="page"] { background: var(--accent); color: var(--on-accent); }
+.tools { margin-left: auto; display: flex; flex-wrap: wrap; align-items: center; gap: .5rem; }
+main { padding: .5rem 1rem 2rem; }
+h2 { font-size: 14px; margin: 1rem 0 .35rem; }
+h3 { font-size: 13px; margin: .8rem 0 .3rem; }
+a { color: var(--accent); }
+table { border-collapse: collapse; }
+table.wide { width: 100%; }
+th, td { padding: .2rem .55rem; border-bottom: 1px solid var(--line); text-align: left;
+  white-space: nowrap; vertical-align: top; }
+thead th { font-weight: 600; color: var(--muted); background: var(--alt); }
+tbody th { font-weight: normal; }
+tfoot td, tfoot th { font-weight: 600; }
+.n { text-align: right; font-variant-numeric: tabular-nums; }
+.scroll { overflow-x: auto; }
+.clip { max-width: 18rem; overflow: hidden; text-overflow: ellipsis; }
+.mono, pre, code { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace;
+  font-size: 12px; }
+.muted { color: var(--muted); }
+.st { display: inline-block; padding: 0 .4em; border-radius: 3px; font-size: 12px;
+  font-weight: 600; border: 1px solid currentColor; }
+.st-pending { color: var(--pending); background: var(--pending-bg); }
+.st-leased, .st-retried, .st-paused { color: var(--leased); background: var(--leased-bg); }
+.st-succeeded, .st-alive, .st-active { color: var(--succeeded); background: var(--succeeded-bg); }
+.st-failed, .st-dead { color: var(--failed); background: var(--failed-bg); }
+.st-cancelled, .st-other { color: var(--cancelled); background: var(--cancelled-bg); }
+pre { white-space: pre-wrap; overflow-wrap: anywhere; background: var(--alt); margin: 0;
+  border: 1px solid var(--line); border-radius: 3px; padding: .45rem .6rem; max-height: 24rem;
+  overflow: auto; }
+.bar { display: flex; flex-wrap: wrap; gap: .5rem .75rem; align-items: flex-end;
+  margin: .4rem 0; }
+fieldset { border: 1px solid var(--line); border-radius: 4px; margin: 0 0 1rem;
+  padding: .4rem .8rem .7rem; max-width: 60rem; }
+legend { font-weight: 600; padding: 0 .3rem; }
+label { display: flex; flex-direction: column; gap: 2px; font-size: 12px; color: var(--muted); }
+label.check { flex-direction: row; align-items: center; gap: .3rem; color: var(--fg); }
+input, select, button { font: inherit; color: var(--fg); background: var(--bg);
+  border: 1px solid var(--line); border-radius: 3px; padding: .2rem .45rem; }
+input[type="checkbox"] { padding: 0; }
+button { background: var(--alt); cursor: pointer; }
+button:hover:not(:disabled) { border-color: var(--muted); }
+button.primary { background: var(--accent); border-color: var(--accent); color: var(--on-accent); }
+button.danger { color: var(--failed); border-color: var(--failed); }
+button:disabled { opacity: .5; cursor: default; }
+:focus-visible { outline: 2px solid var(--accent); outline-offset: 1px; }
+h2:focus { outline: none; }
+.pager { display: flex; flex-wrap: wrap; align-items: center; gap: .5rem; margin: .4rem 0; }
+.pager .grow { flex: 1; }
+#banner { margin: 0; padding: .4rem 1rem; color: var(--failed); background: var(--failed-bg);
+  border-bottom: 1px solid var(--failed); }
+.note { margin: .4rem 0; min-height: 1.45em; }
+.pager .note { margin: 0; }
+.note.bad { color: var(--failed); }
+.cols { display: grid; grid-template-columns: repeat(auto-fit, minmax(24rem, 1fr)); gap: 0 1.5rem; }
+dl.kv { display: grid; grid-template-columns: max-content 1fr; gap: .1rem 1rem; margin: 0; }
+dl.kv dt { color: var(--muted); }
+dl.kv dd { margin: 0; overflow-wrap: anywhere; }
+ol.tl { list-style: none; margin: 0; padding: 0; }
+ol.tl li { border-left: 2px solid var(--line); padding: 0 0 .5rem .75rem; position: relative; }
+ol.tl li::before { content: ""; position: absolute; left: -5px; top: .45em; width: 8px;
+  height: 8px; border-radius: 50%; background: var(--muted); }
+ol.tl pre { margin-top: .2rem; max-height: 10rem; }
+figure { margin: 0; max-width: 60rem; }
+svg.chart { display: block; width: 100%; height: 120px; background: var(--alt);
+  border: 1px solid var(--line); border-radius: 3px; }
+.chart .ok { fill: var(--succeeded); }
+.chart .bad { fill: var(--failed); }
+.chart .hit { fill: transparent; }
+.chart g:hover .hit { fill: var(--line); }
+.axis { display: flex; justify-content: space-between; color: var(--muted); font-size: 12px; }
+.legend { display: inline-flex; gap: .8rem; margin-left: .8rem; }
+.sw { display: inline-block; width: .8em; height: .8em; margin-right: .25em;
+  vertical-align: -1px; border-radius: 2px; }
+.sw.ok { background: var(--succeeded); }
+.sw.bad { background: var(--failed); }
+dialog { color: var(--fg); background: var(--bg); border: 1px solid var(--line);
+  border-radius: 5px; padding: 1rem 1.2rem; width: min(30rem, calc(100vw - 2rem)); }
+dialog::backdrop { background: rgba(0, 0, 0, .35); }
+dialog h2 { margin-top: 0; }
+dialog input { width: 100%; }
+.buttons { display: flex; flex-wrap: wrap; justify-content: flex-end; gap: .5rem;
+  margin-top: .9rem; }
+.sr { position: absolute; width: 1px; height: 1px; overflow: hidden; clip-path: inset(50%);
+  white-space: nowrap; }
+@media (max-width: 640px) {
+  header, main { padding-left: .5rem; padding-right: .5rem; }
+  .tools { margin-left: 0; }
+  .clip { max-width: 14rem; }
+}
+"""
+
+_UI_BODY = r"""<header>
+<h1>minflow</h1>
+<nav aria-label="Views">
+<a href="#overview" data-view="overview">Overview</a>
+<a href="#runs" data-view="runs">Runs</a>
+<a href="#schedules" data-view="schedules">Schedules</a>
+<a href="#actions" data-view="actions">Bulk actions &amp; prune</a>
+</nav>
+<div class="tools">
+<label class="check">Refresh <select id="every"><option value="0">off</option>
+<option value="2">every 2 s</option><option value="5" selected>every 5 s</option>
+<option value="15">every 15 s</option><option value="60">every minute</option></select></label>
+<span id="updated" class="muted"></span>
+<button type="button" id="key-open">API key</button>
+</div>
+</header>
+<p id="banner" role="alert" hidden></p>
+<noscript><p>The minflow dashboard needs JavaScript.</p></noscript>
+<main>
+<section id="v-overview" hidden>
+<h2 tabindex="-1">Queue <span class="muted">(times in UTC)</span></h2>
+<div class="scroll"><table>
+<thead><tr><th scope="col">Type</th>
+<th scope="col" class="n"><span class="st st-pending">pending</span></th>
+<th scope="col" class="n"><span class="st st-leased">leased</span></th>
+<th scope="col" class="n"><span class="st st-succeeded">succeeded</span></th>
+<th scope="col" class="n"><span class="st st-failed">failed</span></th>
+<th scope="col" class="n"><span class="st st-cancelled">cancelled</span></th>
+<th scope="col" class="n">Oldest due pending</th></tr></thead>
+<tbody id="stats"></tbody><tfoot id="stats-total"></tfoot>
+</table></div>
+<h2>Runs finished per minute, last hour
+<span class="legend"><span><span class="sw ok"></span>succeeded</span>
+<span><span class="sw bad"></span>failed</span></span></h2>
+<figure id="chart"><svg class="chart" aria-hidden="true"></svg>
+<div class="axis"><span>60 min ago</span><span id="chart-peak"></span><span>now</span></div>
+<figcaption id="chart-text" class="muted"></figcaption></figure>
+<h2>Workers <span id="workers-count" class="muted"></span></h2>
+<div class="scroll"><table>
+<thead><tr><th scope="col">Worker</th><th scope="col">Host</th><th scope="col" class="n">PID</th>
+<th scope="col">Handles</th><th scope="col" class="n">Running</th><th scope="col">Started</th>
+<th scope="col">Last seen</th><th scope="col">State</th></tr></thead>
+<tbody id="workers"></tbody></table></div>
+</section>
+
+<section id="v-runs" hidden>
+<h2 tabindex="-1">Runs</h2>
+<form id="filter" class="bar" role="search">
+<label>Type <input name="type" list="types" size="24" autocomplete="off"></label>
+<label>Status <select name="status"><option value="">any</option><option>pending</option>
+<option>leased</option><option>succeeded</option><option>failed</option>
+<option>cancelled</option></select></label>
+<label>Idempotency key <input name="idempotency_key" size="20" autocomplete="off"></label>
+<label>Per page <select name="limit"><option>25</option><option selected>50</option>
+<option>100</option><option>200</option></select></label>
+<button type="submit" class="primary">Apply</button>
+<button type="button" id="filter-reset">Reset</button>
+</form>
+<datalist id="types"></datalist>
+<div class="pager">
+<span id="runs-range"></span>
+<span id="runs-note" class="note grow" role="status"></span>
+<button type="button" id="bulk-retry">Retry matching…</button>
+<button type="button" id="bulk-cancel" class="danger">Cancel matching…</button>
+<button type="button" id="prev">← Newer</button>
+<button type="button" id="next">Older →</button>
+</div>
+<div class="scroll"><table class="wide">
+<thead><tr><th scope="col">Run</th><th scope="col">Type</th><th scope="col">Status</th>
+<th scope="col" class="n">Attempt</th><th scope="col" class="n">Priority</th>
+<th scope="col">Idempotency key</th><th scope="col">Created</th><th scope="col">Updated</th>
+<th scope="col">Last error</th></tr></thead>
+<tbody id="runs"></tbody></table></div>
+</section>
+
+<section id="v-run" hidden>
+<p><a href="#runs" id="run-back">← Runs</a></p>
+<h2 tabindex="-1" id="run-title">Run</h2>
+<div class="pager">
+<button type="button" id="run-retry" class="primary">Retry</button>
+<button type="button" id="run-cancel" class="danger">Cancel run…</button>
+</div>
+<p id="run-note" class="note" role="status"></p>
+<div id="run-body" class="cols"></div>
+</section>
+
+<section id="v-schedules" hidden>
+<h2 tabindex="-1">Schedules</h2>
+<p id="schedules-note" class="note" role="status"></p>
+<div class="scroll"><table>
+<thead><tr><th scope="col">Name</th><th scope="col">Type</th><th scope="col">Cron</th>
+<th scope="col">Timezone</th><th scope="col">Next run</th><th scope="col">Last run</th>
+<th scope="col">State</th><th scope="col">Actions</th></tr></thead>
+<tbody id="schedules"></tbody></table></div>
+</section>
+
+<section id="v-actions" hidden>
+<h2 tabindex="-1">Bulk actions &amp; prune</h2>
+<form id="bulk"><fieldset><legend>Retry or cancel every matching run</legend>
+<div class="bar">
+<label>Action <select name="kind"><option value="retry">retry (failed, cancelled)</option>
+<option value="cancel">cancel (pending, leased)</option></select></label>
+<label>Type <input name="type" list="types" size="22" autocomplete="off"></label>
+<label>Status <select name="status"></select></label>
+<label>Created at or after (your time)
+<input name="created_after" type="datetime-local" step="1"></label>
+<label>Created before (your time)
+<input name="created_before" type="datetime-local" step="1"></label>
+<label>Idempotency key prefix <input name="key_prefix" size="18" autocomplete="off"></label>
+<button type="submit" class="primary">Count and confirm…</button>
+</div>
+<p id="bulk-note" class="note" role="status"></p></fieldset></form>
+<form id="prune"><fieldset><legend>Prune: delete finished runs and their events</legend>
+<div class="bar">
+<label>Last updated more than <input name="older_than" value="30d" size="8" required
+ aria-describedby="prune-hint"></label>
+<span id="prune-hint" class="muted">ago: seconds, or e.g. 90s, 15m, 2h, 7d</span>
+<label class="check"><input type="checkbox" name="statuses" value="succeeded" checked>
+succeeded</label>
+<label class="check"><input type="checkbox" name="statuses" value="failed" checked> failed</label>
+<label class="check"><input type="checkbox" name="statuses" value="cancelled" checked>
+cancelled</label>
+<button type="submit" class="danger">Count and confirm…</button>
+</div>
+<p id="prune-note" class="note" role="status"></p></fieldset></form>
+</section>
+</main>
+
+<dialog id="key-dialog" aria-labelledby="key-title">
+<form id="key-form">
+<h2 id="key-title">API key</h2>
+<p id="key-msg" role="alert"></p>
+<label>API key (kept in this tab only)
+<input id="key-input" type="password" autocomplete="off" required></label>
+<div class="buttons">
+<button type="button" id="key-forget">Forget key</button>
+<button type="button" id="key-close">Close</button>
+<button type="submit" class="primary">Use key</button>
+</div>
+</form>
+</dialog>
+
+<dialog id="confirm-dialog" aria-labelledby="confirm-text">
+<p id="confirm-text"></p>
+<div class="buttons">
+<button type="button" id="confirm-back">Back</button>
+<button type="button" id="confirm-ok" class="primary"></button>
+</div>
+</dialog>
+"""
+
+_UI_SCRIPT = r"""
+"use strict";
+// Every text that comes from the server is put in the page as text (Text nodes, textContent,
+// attribute values set one by one); nothing from the server is ever parsed as HTML.
+(() => {
+const API = location.pathname.replace(/\/ui\/?$/, "") + "/api/v1";
+const KEY = "minflow.api-key"; // sessionStorage: this tab only, gone when it closes
+const CHART_EVERY = 30000; // the per-minute chart scans an hour of events: less often
+const STATUSES = ["pending", "leased", "succeeded", "failed", "cancelled"];
+const BADGES = new Set([...STATUSES, "retried", "alive", "dead", "active", "paused"]);
+const $ = (id) => document.getElementById(id);
+
+function h(tag, attrs, ...kids) {
+  const el = document.createElement(tag);
+  for (const [name, value] of Object.entries(attrs || {})) {
+    if (value === null || value === undefined || value === false) continue;
+    if (name === "on") {
+      for (const [type, fn] of Object.entries(value)) el.addEventListener(type, fn);
+    }
+    else el.setAttribute(name, value === true ? "" : String(value));
+  }
+  for (const kid of kids.flat()) {
+    if (kid !== null && kid !== undefined && kid !== false) el.append(kid); // strings: Text nodes
+  }
+  return el;
+}
+
+function svg(tag, attrs, ...kids) {
+  const el = document.createElementNS("http://www.w3.org/2000/svg", tag);
+  for (const [name, value] of Object.entries(attrs)) el.setAttribute(name, String(value));
+  el.append(...kids);
+  return el;
+}
+
+const badge = (word) => h("span", {class: "st st-" + (BADGES.has(word) ? word : "other")}, word);
+const num = (n) => Number(n).toLocaleString("en-US");
+const plural = (n, word) => num(n) + " " + word + (n === 1 ? "" : "s");
+const json = (value) => JSON.stringify(value === undefined ? null : value, null, 2);
+const link = (hash, ...kids) => h("a", {href: hash}, ...kids);
+const runsLink = (filter) => "#runs?" + new URLSearchParams(filter);
+
+function when(iso) {
+  if (!iso) return "–";
+  const t = new Date(iso);
+  return isNaN(t) ? String(iso) : t.toISOString().slice(0, 19).replace("T", " ");
+}
+
+function age(seconds) {
+  if (seconds === null || seconds === undefined) return "–";
+  const s = Math.floor(seconds);
+  const two = (n) => String(n).padStart(2, "0");
+  if (s >= 86400) return Math.floor(s / 86400) + "d" + two(Math.floor(s % 86400 / 3600)) + "h";
+  if (s >= 3600) return Math.floor(s / 3600) + "h" + two(Math.floor(s % 3600 / 60)) + "m";
+  if (s >= 60) return Math.floor(s / 60) + "m" + two(s % 60) + "s";
+  return s + "s";
+}
+
+// -- the API, with the key ---------------------------------------------------------------------
+class ApiError extends Error {
+  constructor(status, message) { super(message); this.status = status; }
+}
+
+async function api(method, path, body) {
+  const key = sessionStorage.getItem(KEY);
+  const headers = {Accept: "application/json"};
+  // A header carries bytes: send the key's UTF-8 bytes, which is what the server compares.
+  if (key) headers["X-API-Key"] = String.fromCharCode(...new TextEncoder().encode(key));
+  if (body !== undefined) headers["Content-Type"] = "application/json";
+  let response;
+  try {
+    response = await fetch(API + path, {
+      method, headers, body: body === undefined ? undefined : JSON.stringify(body),
+      cache: "no-store", credentials: "omit", redirect: "error",
+    });
+  } catch {
+    throw new ApiError(0, "Cannot reach the minflow server (" + method + " " + path + ").");
+  }
+  let data = null;
+  try { data = await response.json(); } catch { /* not JSON: the status says enough */ }
+  if (response.status === 401) {
+    // Only the key this request sent is wrong; a newer one may have been entered meanwhile.
+    if (sessionStorage.getItem(KEY) === key) {
+      sessionStorage.removeItem(KEY);
+      askKey(key
+        ? "The server did not accept that API key (401). Check it and enter it again."
+        : "This server requires an API key (its MINFLOW_API_KEY). Enter it to continue.");
+    }
+    throw new ApiError(401, "API key needed");
+  }
+  if (!response.ok) {
+    const message = data && typeof data.error === "string" ? data.error : response.statusText;
+    throw new ApiError(response.status, response.status + " " + message);
+  }
+  return data;
+}
+
+let keyWanted = false;
+
+function askKey(message) {
+  keyWanted = true;
+  $("key-msg").textContent = message;
+  const dialog = $("key-dialog");
+  if (dialog.open) return;
+  $("key-input").value = "";
+  dialog.showModal();
+  $("key-input").focus();
+}
+
+$("key-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  // What a header can carry: its ends trimmed, no control characters.
+  const key = $("key-input").value.trim();
+  if (!key || /[\x00-\x1f\x7f]/.test(key)) {
+    $("key-msg").textContent = key ? "An API key cannot contain control characters."
+      : "Enter the API key.";
+    return;
+  }
+  sessionStorage.setItem(KEY, key);
+  $("key-input").value = "";
+  keyWanted = false;
+  $("key-dialog").close();
+  banner(null);
+  refresh();
+});
+$("key-open").addEventListener("click", () => {
+  const dialog = $("key-dialog");
+  $("key-msg").textContent = sessionStorage.getItem(KEY)
+    ? "A key is set for this tab. Enter another one to replace it." : "No key is set.";
+  if (!dialog.open) dialog.showModal();
+  $("key-input").focus();
+});
+$("key-forget").addEventListener("click", () => {
+  sessionStorage.removeItem(KEY);
+  $("key-msg").textContent = "The key is forgotten.";
+  $("key-input").focus();
+});
+$("key-close").addEventListener("click", () => $("key-dialog").close());
+$("key-dialog").addEventListener("close", () => {
+  if (keyWanted) banner("An API key is needed: use the API key button.");
+});
+
+// -- feedback ----------------------------------------------------------------------------------
+function banner(message) {
+  const el = $("banner");
+  if (!message) { el.hidden = true; el.textContent = ""; return; }
+  if (el.textContent !== message) el.textContent = message;
+  el.hidden = false;
+}
+
+function note(id, message, bad) {
+  const el = $(id);
+  el.textContent = message;
+  el.classList.toggle("bad", Boolean(bad));
+}
+
+function confirmBox(text, ok) {
+  return new Promise((resolve) => {
+    const dialog = $("confirm-dialog");
+    $("confirm-text").textContent = text;
+    $("confirm-ok").textContent = ok;
+    dialog.returnValue = "";
+    dialog.addEventListener("close", () => resolve(dialog.returnValue === "ok"), {once: true});
+    dialog.showModal();
+    $("confirm-back").focus();
+  });
+}
+$("confirm-back").addEventListener("click", () => $("confirm-dialog").close(""));
+$("confirm-ok").addEventListener("click", () => $("confirm-dialog").close("ok"));
+
+// An action's errors go to its note; a 401 has already asked for the key.
+async function act(noteId, work) {
+  try {
+    await work();
+  } catch (error) {
+    note(noteId, error.status === 401 ? "Not done: an API key is needed." : error.message, true);
+  }
+  refresh();
+}
+
+// -- rendering: a view's data is drawn again only when it changed, so focus and selection in a
+// table survive the auto-refresh -----------------------------------------------------------------
+const drawn = {};
+
+function draw(name, data, paint) {
+  const text = JSON.stringify(data);
+  if (drawn[name] === text) return;
+  drawn[name] = text;
+  paint(data);
+}
+
+function fill(id, rows, columns, empty) {
+  $(id).replaceChildren(...(rows.length ? rows
+    : [h("tr", {}, h("td", {colspan: columns, class: "muted"}, empty))]));
+}
+
+// -- overview ----------------------------------------------------------------------------------
+let chartAt = 0;
+
+async function loadOverview() {
+  const chartDue = Date.now() - chartAt >= CHART_EVERY;
+  const [stats, workers, throughput] = await Promise.all([
+    api("GET", "/stats"),
+    api("GET", "/workers"),
+    chartDue ? api("GET", "/throughput?minutes=60") : null,
+  ]);
+  draw("stats", stats, paintStats);
+  draw("workers", workers, paintWorkers);
+  if (throughput) {
+    chartAt = Date.now();
+    draw("chart", throughput, paintChart);
+  }
+}
+
+function paintStats(stats) {
+  const types = Object.keys(stats).sort();
+  $("types").replaceChildren(...types.map((type) => h("option", {value: type})));
+  const totals = STATUSES.map(() => 0);
+  let oldest = null;
+  const rows = types.map((type) => {
+    const counts = stats[type];
+    const wait = counts.oldest_due_pending_seconds;
+    if (wait !== null && wait !== undefined && (oldest === null || wait > oldest)) oldest = wait;
+    return h("tr", {},
+      h("th", {scope: "row"}, link(runsLink({type}), type)),
+      STATUSES.map((status, i) => {
+        const n = counts[status] || 0;
+        totals[i] += n;
+        return h("td", {class: "n"}, n ? link(runsLink({type, status}), num(n))
+          : h("span", {class: "muted"}, "0"));
+      }),
+      h("td", {class: "n"}, age(wait)));
+  });
+  fill("stats", rows, 7, "No runs yet.");
+  $("stats-total").replaceChildren(...(types.length > 1 ? [h("tr", {}, h("th", {scope: "row"},
+    "Total"), totals.map((n) => h("td", {class: "n"}, num(n))), h("td", {class: "n"},
+    age(oldest)))] : []));
+}
+
+function paintChart(data) {
+  const minutes = data.per_minute;
+  const width = 600, height = 100, step = width / Math.max(minutes.length, 1);
+  const top = Math.max(0, ...minutes.map((m) => m.succeeded + m.failed));
+  const peak = Math.max(top, 1);
+  let ok = 0, bad = 0;
+  const bars = minutes.map((m, i) => {
+    ok += m.succeeded;
+    bad += m.failed;
+    const x = (i * step).toFixed(1), w = Math.max(step - 1, 1).toFixed(1);
+    const hOk = (m.succeeded / peak) * height, hBad = (m.failed / peak) * height;
+    const label = when(m.minute).slice(11, 16) + " UTC: " + num(m.succeeded) + " succeeded, "
+      + num(m.failed) + " failed";
+    return svg("g", {},
+      svg("title", {}, label),
+      svg("rect", {class: "hit", x, y: 0, width: w, height}),
+      svg("rect", {class: "ok", x, y: (height - hOk).toFixed(1), width: w, height: hOk.toFixed(1)}),
+      svg("rect", {class: "bad", x, y: (height - hOk - hBad).toFixed(1), width: w,
+        height: hBad.toFixed(1)}));
+  });
+  const chart = svg("svg", {class: "chart", viewBox: `0 0 ${width} ${height}`,
+    preserveAspectRatio: "none", role: "img", "aria-labelledby": "chart-text"}, ...bars);
+  $("chart").querySelector("svg").replaceWith(chart);
+  $("chart-peak").textContent = "peak " + plural(top, "run") + " a minute";
+  $("chart-text").textContent = plural(ok + bad, "run") + " finished in the last "
+    + minutes.length + " minutes: " + num(ok) + " succeeded, " + num(bad) + " failed.";
+}
+
+function paintWorkers(workers) {
+  const alive = workers.filter((w) => w.alive).length;
+  $("workers-count").textContent = "(" + num(alive) + " alive"
+    + (workers.length > alive ? ", " + num(workers.length - alive) + " dead" : "") + ")";
+  fill("workers", workers.map((w) => {
+    const handles = [...w.types, ...w.prefixes.map((p) => p + "*")].join(", ") || "every type";
+    return h("tr", {},
+      h("td", {class: "mono"}, w.id), h("td", {}, w.host), h("td", {class: "n"}, String(w.pid)),
+      h("td", {class: "clip", title: handles}, handles),
+      h("td", {class: "n"}, w.running + " / " + w.concurrency),
+      h("td", {}, when(w.started_at)), h("td", {}, when(w.last_seen_at)),
+      h("td", {}, badge(w.alive ? "alive" : "dead")));
+  }), 8, "No workers recorded.");
+}
+
+// -- runs --------------------------------------------------------------------------------------
+const FILTERS = ["type", "status", "idempotency_key"];
+let params = new URLSearchParams();
+
+function whole(text, fallback, low, high) {
+  const n = /^\d{1,9}$/.test(text || "") ? Number(text) : fallback;
+  return Math.min(Math.max(n, low), high);
+}
+
+function runFilter() {
+  const filter = {};
+  for (const name of FILTERS) if (params.get(name)) filter[name] = params.get(name);
+  return filter;
+}
+
+async function loadRuns() {
+  const limit = whole(params.get("limit"), 50, 1, 500);
+  const offset = whole(params.get("offset"), 0, 0, 2147483647);
+  // One more than a page: whether an older page exists.
+  const query = new URLSearchParams({...runFilter(), limit: limit + 1, offset});
+  const runs = await api("GET", "/workflows?" + query);
+  const page = runs.slice(0, limit);
+  draw("runs", page, paintRuns);
+  $("runs-range").textContent = page.length
+    ? "Runs " + num(offset + 1) + "–" + num(offset + page.length) : "No runs match.";
+  $("prev").disabled = offset === 0;
+  $("next").disabled = runs.length <= limit;
+  const status = params.get("status") || "";
+  const keyed = Boolean(params.get("idempotency_key"));
+  for (const [id, allowed] of [["bulk-retry", ["failed", "cancelled"]],
+    ["bulk-cancel", ["pending", "leased"]]]) {
+    const button = $(id);
+    button.disabled = keyed || (status !== "" && !allowed.includes(status));
+    button.title = keyed ? "Bulk actions match a key prefix: see Bulk actions & prune" : "";
+  }
+}
+
+function paintRuns(runs) {
+  fill("runs", runs.map((run) => h("tr", {},
+    h("td", {class: "mono", title: run.id}, link("#run/" + encodeURIComponent(run.id),
+      h("span", {class: "sr"}, "Run "), "…" + run.id.slice(-8))),
+    h("td", {}, run.type), h("td", {}, badge(run.status)),
+    h("td", {class: "n"}, run.attempt + " / " + run.max_attempts),
+    h("td", {class: "n"}, String(run.priority)),
+    h("td", {class: "clip mono", title: run.idempotency_key || null}, run.idempotency_key || ""),
+    h("td", {}, when(run.created_at)), h("td", {}, when(run.updated_at)),
+    h("td", {class: "clip", title: run.last_error || null}, run.last_error || ""))),
+  9, "No runs match.");
+}
+
+function pageTo(offset) {
+  const next = new URLSearchParams(params);
+  if (offset > 0) next.set("offset", offset); else next.delete("offset");
+  location.hash = "#runs?" + next;
+}
+
+$("prev").addEventListener("click", () => {
+  const limit = whole(params.get("limit"), 50, 1, 500);
+  pageTo(Math.max(0, whole(params.get("offset"), 0, 0, 2147483647) - limit));
+});
+$("next").addEventListener("click", () => {
+  const limit = whole(params.get("limit"), 50, 1, 500);
+  pageTo(whole(params.get("offset"), 0, 0, 2147483647) + limit);
+});
+$("filter").addEventListener("submit", (event) => {
+  event.preventDefault();
+  const next = new URLSearchParams();
+  for (const [name, value] of new FormData(event.target)) {
+    if (value && !(name === "limit" && value === "50")) next.set(name, value);
+  }
+  const hash = "#runs?" + next;
+  if (location.hash === hash) refresh(); else location.hash = hash;
+});
+$("filter-reset").addEventListener("click", () => { location.hash = "#runs"; });
+
+// Retry or cancel every run a filter matches: count first (dry run), confirm, then do it.
+async function bulk(action, filter, noteId) {
+  const path = "/workflows/" + action;
+  const {count} = await api("POST", path, {...filter, dry_run: true});
+  const what = Object.entries(filter).map(([k, v]) => k + " " + v).join(", ") || "no filter";
+  if (!count) {
+    note(noteId, "No runs match (" + what + ").");
+    return;
+  }
+  const verb = action === "retry" ? "Retry" : "Cancel";
+  if (!await confirmBox(verb + " " + plural(count, "run") + " (" + what + ")?",
+    verb + " " + plural(count, "run"))) {
+    note(noteId, "Nothing changed.");
+    return;
+  }
+  const done = await api("POST", path, filter);
+  note(noteId, (action === "retry" ? "Retried " : "Cancelled ") + plural(done.count, "run") + ".");
+}
+
+function filterFor() {
+  const filter = {};
+  if (params.get("type")) filter.type = params.get("type");
+  if (params.get("status")) filter.status = params.get("status");
+  return filter;
+}
+
+$("bulk-retry").addEventListener("click",
+  () => act("runs-note", () => bulk("retry", filterFor(), "runs-note")));
+$("bulk-cancel").addEventListener("click",
+  () => act("runs-note", () => bulk("cancel", filterFor(), "runs-note")));
+
+// -- one run -----------------------------------------------------------------------------------
+let runId = "";
+let runStatus = "";
+
+async function loadRun() {
+  const path = "/workflows/" + encodeURIComponent(runId);
+  let run, events;
+  try {
+    [run, events] = await Promise.all([api("GET", path), api("GET", path + "/events")]);
+  } catch (error) {
+    if (error.status !== 404) throw error;
+    runStatus = "";
+    delete drawn.run;
+    $("run-title").replaceChildren("No run ", h("code", {}, runId));
+    $("run-body").replaceChildren();
+    $("run-retry").disabled = $("run-cancel").disabled = true;
+    return;
+  }
+  runStatus = run.status;
+  $("run-retry").disabled = !["failed", "cancelled"].includes(run.status);
+  $("run-cancel").disabled = !["pending", "leased"].includes(run.status);
+  draw("run", [run, events], paintRun);
+}
+
+function paintRun([run, events]) {
+  $("run-title").replaceChildren("Run ", h("code", {}, run.id), " ", badge(run.status));
+  const fields = [
+    ["Type", run.type], ["Attempt", run.attempt + " of " + run.max_attempts],
+    ["Priority", String(run.priority)], ["Idempotency key", run.idempotency_key || "–"],
+    ["Run at", when(run.run_at)], ["Created", when(run.created_at)],
+    ["Updated", when(run.updated_at)], ["Leased by", run.leased_by || "–"],
+    ["Lease until", when(run.lease_until)],
+  ];
+  const timeline = events.map((e) => h("li", {},
+    h("span", {class: "muted"}, when(e.created_at)), " ", badge(e.event_type),
+    e.data === null ? null : h("pre", {}, JSON.stringify(e.data))));
+  $("run-body").replaceChildren(
+    h("div", {},
+      h("h3", {}, "Details"),
+      h("dl", {class: "kv"}, fields.flatMap(([k, v]) => [h("dt", {}, k), h("dd", {}, v)])),
+      run.last_error ? [h("h3", {}, "Last error"), h("pre", {id: "run-error"}, run.last_error)]
+        : null,
+      h("h3", {}, "Payload"), h("pre", {id: "run-payload"}, json(run.payload)),
+      h("h3", {}, "Result"), h("pre", {id: "run-result"}, json(run.result))),
+    h("div", {},
+      h("h3", {}, "Events (" + events.length + ")"),
+      events.length ? h("ol", {class: "tl", id: "run-events"}, timeline)
+        : h("p", {class: "muted"}, "No events.")));
+}
+
+$("run-retry").addEventListener("click", () => act("run-note", async () => {
+  await api("POST", "/workflows/" + encodeURIComponent(runId) + "/retry");
+  note("run-note", "Retried: the run is pending again.");
+}));
+$("run-cancel").addEventListener("click", () => act("run-note", async () => {
+  if (!await confirmBox("Cancel this " + runStatus + " run? A running handler sees "
+    + "is_cancelled(); its outcome is not recorded.", "Cancel run")) return;
+  await api("DELETE", "/workflows/" + encodeURIComponent(runId));
+  note("run-note", "Cancelled.");
+}));
+
+// -- schedules ---------------------------------------------------------------------------------
+async function loadSchedules() {
+  draw("schedules", await api("GET", "/schedules"), paintSchedules);
+}
+
+function paintSchedules(schedules) {
+  fill("schedules", schedules.map((s) => {
+    const name = s.name || "…" + s.id.slice(-8);
+    const path = "/schedules/" + encodeURIComponent(s.id);
+    const toggle = s.enabled ? "pause" : "resume";
+    return h("tr", {},
+      h("td", {}, s.name || h("span", {class: "muted mono"}, "…" + s.id.slice(-8))),
+      h("td", {}, s.type), h("td", {class: "mono"}, s.cron), h("td", {}, s.timezone),
+      h("td", {}, s.enabled ? when(s.next_run_at) : "–"), h("td", {}, when(s.last_run_at)),
+      h("td", {}, badge(s.enabled ? "active" : "paused")),
+      h("td", {},
+        h("button", {type: "button", "aria-label": (s.enabled ? "Pause " : "Resume ") + name,
+          on: {click: () => act("schedules-note", async () => {
+            await api("PATCH", path + "/" + toggle);
+            note("schedules-note", (s.enabled ? "Paused " : "Resumed ") + name + ".");
+          })}}, s.enabled ? "Pause" : "Resume"),
+        " ",
+        h("button", {type: "button", class: "danger", "aria-label": "Delete " + name,
+          on: {click: () => act("schedules-note", async () => {
+            if (!await confirmBox("Delete schedule " + name + "? Runs it already created stay.",
+              "Delete schedule")) return;
+            await api("DELETE", path);
+            note("schedules-note", "Deleted " + name + ".");
+          })}}, "Delete")));
+  }), 8, "No schedules.");
+}
+
+// -- bulk actions and prune --------------------------------------------------------------------
+const BULK_STATUSES = {retry: ["failed", "cancelled"], cancel: ["pending", "leased"]};
+
+function bulkStatuses() {
+  const form = $("bulk");
+  form.status.replaceChildren(h("option", {value: ""}, "any of " +
+    BULK_STATUSES[form.kind.value].join(", ")),
+  ...BULK_STATUSES[form.kind.value].map((s) => h("option", {}, s)));
+}
+$("bulk").kind.addEventListener("change", bulkStatuses);
+bulkStatuses();
+
+$("bulk").addEventListener("submit", (event) => {
+  event.preventDefault();
+  const form = event.target;
+  const filter = {};
+  for (const name of ["type", "status", "key_prefix"]) {
+    if (form[name].value) filter[name] = form[name].value;
+  }
+  for (const name of ["created_after", "created_before"]) {
+    if (form[name].value) filter[name] = new Date(form[name].value).toISOString();
+  }
+  act("bulk-note", () => bulk(form.kind.value, filter, "bulk-note"));
+});
+
+$("prune").addEventListener("submit", (event) => {
+  event.preventDefault();
+  const form = event.target;
+  const text = form.older_than.value.trim();
+  const statuses = [...form.querySelectorAll("[name=statuses]:checked")].map((c) => c.value);
+  if (!statuses.length) {
+    note("prune-note", "Choose at least one status.", true);
+    return;
+  }
+  const body = {older_than: /^\d+(\.\d+)?$/.test(text) ? Number(text) : text, statuses};
+  act("prune-note", async () => {
+    const {count} = await api("POST", "/prune", {...body, dry_run: true});
+    const what = statuses.join(", ") + ", last updated more than " + text + " ago";
+    if (!count) {
+      note("prune-note", "No runs to prune (" + what + ").");
+      return;
+    }
+    if (!await confirmBox("Delete " + plural(count, "run") + " (" + what + ") and their "
+      + "events? This cannot be undone.", "Delete " + plural(count, "run"))) {
+      note("prune-note", "Nothing deleted.");
+      return;
+    }
+    const done = await api("POST", "/prune", body);
+    note("prune-note", "Deleted " + plural(done.count, "run") + ".");
+  });
+});
+
+// -- views and the refresh loop ----------------------------------------------------------------
+const VIEWS = {
+  overview: {title: "Overview", load: loadOverview},
+  runs: {title: "Runs", load: loadRuns},
+  run: {title: "Run", load: loadRun, nav: "runs"},
+  schedules: {title: "Schedules", load: loadSchedules},
+  actions: {title: "Bulk actions & prune", load: async () => {}},
+};
+let view = "overview";
+let busy = false;
+let again = false;
+let timer = 0;
+let took = 0; // how long the last refresh took, in ms
+let first = true;
+
+// One refresh at a time: asked for meanwhile, it follows the one in flight.
+async function refresh() {
+  if (keyWanted) return; // resumed once a key is entered
+  if (busy) {
+    again = true;
+    return;
+  }
+  busy = true;
+  again = false;
+  clearTimeout(timer);
+  const started = performance.now();
+  try {
+    await VIEWS[view].load();
+    $("updated").textContent = "updated " + new Date().toISOString().slice(11, 19) + " UTC"
+      + (Number($("every").value) ? "" : ", paused");
+    if (!keyWanted) banner(null);
+    if (first) performance.mark("minflow-data"); // the first view drawn with data
+    first = false;
+  } catch (error) {
+    if (error.status !== 401) banner(error.message);
+  } finally {
+    took = performance.now() - started;
+    busy = false;
+    if (again) refresh(); else schedule();
+  }
+}
+
+// A slow answer (a large table to count) spaces the refreshes out: at most a fifth of the time
+// is spent waiting for them.
+function schedule() {
+  clearTimeout(timer);
+  const every = Number($("every").value) * 1000;
+  if (every && !keyWanted && !document.hidden) {
+    timer = setTimeout(refresh, Math.max(every, 4 * took));
+  }
+}
+
+$("every").addEventListener("change", () => {
+  if (Number($("every").value)) refresh();
+  else {
+    clearTimeout(timer);
+    $("updated").textContent = "paused";
+  }
+});
+document.addEventListener("visibilitychange", () => {
+  if (!document.hidden && Number($("every").value)) refresh();
+});
+
+function route(moved) {
+  const hash = location.hash.slice(1);
+  const cut = hash.indexOf("?");
+  const name = cut < 0 ? hash : hash.slice(0, cut);
+  params = new URLSearchParams(cut < 0 ? "" : hash.slice(cut + 1));
+  view = "overview";
+  if (name.startsWith("run/")) {
+    view = "run";
+    try { runId = decodeURIComponent(name.slice(4)); } catch { runId = name.slice(4); }
+    note("run-note", "");
+  } else if (Object.hasOwn(VIEWS, name)) view = name;
+  for (const key of Object.keys(VIEWS)) $("v-" + key).hidden = key !== view;
+  const current = VIEWS[view].nav || view;
+  for (const a of document.querySelectorAll("nav a")) {
+    if (a.dataset.view === current) a.setAttribute("aria-current", "page");
+    else a.removeAttribute("aria-current");
+  }
+  document.title = VIEWS[view].title + " · minflow";
+  if (view === "runs") {
+    const form = $("filter");
+    for (const name of FILTERS) form[name].value = params.get(name) || "";
+    form.limit.value = String(whole(params.get("limit"), 50, 1, 500));
+    if (!form.limit.value) form.limit.value = "50";
+    note("runs-note", "");
+  }
+  if (view === "overview") chartAt = 0;
+  if (moved) $("v-" + view).querySelector("h2").focus();
+  refresh();
+}
+
+window.addEventListener("hashchange", () => route(true));
+route(false);
+})();
+"""
+
+
+def _csp_hash(text: str) -> str:
+    return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() + "'"
+
+
+_UI_PAGE = (
+    '<!doctype html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+    '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+    '<title>minflow</title>\n<link rel="icon" href="data:,">\n'
+    f"<style>{_UI_STYLE}</style>\n</head>\n<body>\n{_UI_BODY}"
+    f"<script>{_UI_SCRIPT}</script>\n</body>\n</html>\n"
+)
+_UI_HEADERS = {
+    "Content-Security-Policy": (
+        f"default-src 'none'; script-src {_csp_hash(_UI_SCRIPT)}; "
+        f"style-src {_csp_hash(_UI_STYLE)}; connect-src 'self'; img-src data:; "
+        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+
+
+def _r_ui(req: _Request) -> tuple[int, Any]:
+    return 200, _Text(_UI_PAGE, "text/html; charset=utf-8", _UI_HEADERS)
+
+
 # -- the route table --------------------------------------------------------------------------
 # Each route carries what the OpenAPI document says about it, so a new route is one row.
 
@@ -7111,7 +8090,7 @@ class _Operation:
     fn: Callable[[_Request], tuple[int, Any]]
     id: str  # operationId
     summary: str
-    schema: dict | None  # of the success body; None: text/plain
+    schema: dict | None  # of the success body; None: text (``media``)
     errors: tuple[int, ...] = ()  # error statuses; 401 is added when the server requires a key
     status: int = 200  # on success
     also: tuple[int, ...] = ()  # other success statuses, with the same body
@@ -7119,6 +8098,7 @@ class _Operation:
     query: tuple[tuple[str, dict], ...] = ()  # query parameters and their schemas
     body: tuple[str, dict] | None = None  # the request body's component schema and an example
     links: tuple[str, ...] = ()  # operations that take the id this one answers with
+    media: str = "text/plain"  # of a success body that is not JSON
 
 
 _Route = tuple[str, str, _Operation]
@@ -7159,6 +8139,11 @@ _API_ROUTES: list[_Route] = [
     ("POST", f"{_RUNS}/cancel", _Operation(_r_cancel_many, "cancelRuns", "Cancel every pending or running run matching the filter", _COUNTED, (400, 413, 503),
         body=("CancelFilter", {"key_prefix": "import-2030-01-", "dry_run": True}))),
     ("GET", f"{_API}/workers", _Operation(_r_workers, "listWorkers", "Workers recorded in the database, oldest first (dead ones for a day)", _array_of("WorkerInfo"), (503,))),
+    ("GET", f"{_API}/stats", _Operation(_r_stats, "queueStats", "Run counts by type and status, with how long each type's oldest due pending run has waited", _ref("Stats"), (503,))),
+    ("GET", f"{_API}/throughput", _Operation(_r_throughput, "throughput", "Runs finished (succeeded, or failed for good) per minute by the database clock, oldest first; the last minute is the current one", _ref("Throughput"), (400, 503),
+        query=(("minutes", {"type": "integer", "minimum": 1, "maximum": _THROUGHPUT_MINUTES, "description": "How many minutes; default 60."}),))),
+    ("GET", "/ui", _Operation(_r_ui, "dashboard", "The web dashboard (HTML); the page needs no API key, the requests it makes send one", None, public=True, media="text/html")),
+    ("GET", "/ui/", _Operation(_r_ui, "dashboardSlash", "The web dashboard, as /ui", None, public=True, media="text/html")),
 ]  # fmt: skip
 # A worker's --metrics-port listener.
 _METRICS_ROUTES: list[_Route] = [r for r in _API_ROUTES if r[1] in ("/healthz", "/metrics")]
@@ -7190,6 +8175,22 @@ def _queue_snapshot(client: Client) -> list[tuple[str, str, int, float | None]]:
         waited = max(0.0, (clock - since).total_seconds()) if since and clock else None
         out.append((run_type, status, int(count), waited))
     return out
+
+
+def _queue_stats(client: Client) -> tuple[dict[str, dict[str, int]], dict[str, float]]:
+    """Run counts by type and status, and per type how long its oldest due pending run has
+    waited (only types with one due)."""
+    counts = client.stats()
+    return counts, {t: waited for t, _, _, waited in _queue_snapshot(client) if waited is not None}
+
+
+def _stats_document(counts: dict[str, dict[str, int]], ages: dict[str, float]) -> dict:
+    """What ``GET /api/v1/stats`` and ``stats --json`` show: beside each type's status counts,
+    its oldest due age as the table's last column shows it."""
+    return {
+        run_type: {**by_status, "oldest_due_pending_seconds": ages.get(run_type)}
+        for run_type, by_status in counts.items()
+    }
 
 
 def _render_metrics(client: Client, worker: Worker | None = None) -> str:
@@ -7505,6 +8506,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def _send(self, status: int, body: Any, headers: dict[str, str]) -> None:
         if isinstance(body, _Text):
             data, content_type = body.text.encode("utf-8"), body.content_type
+            headers = {**body.headers, **headers}
         else:
             data, content_type = _json_bytes(body), "application/json"
         # Writing gets its own time limit, so a client that stops reading cannot hold the thread.
@@ -7842,7 +8844,7 @@ def _openapi_operation(path: str, op: _Operation, secured: bool) -> dict:
     """One route of the table as an OpenAPI operation of a server that requires an API key
     (``secured``) or not."""
     text = {"type": "string"}
-    media = "text/plain" if op.schema is None else "application/json"
+    media = op.media if op.schema is None else "application/json"
     success: dict[str, Any] = {
         "description": op.summary,
         "content": {media: {"schema": op.schema or text}},
@@ -8037,6 +9039,29 @@ def _openapi_schemas() -> dict:
             },
             statuses=nullable(statuses(FINISHED_STATUSES)),
             dry_run=nullable({"type": "boolean", "description": "Count only; default false."}),
+        ),
+        "Stats": {
+            "type": "object",
+            "description": "By run type: the count of each status present, and how many seconds "
+            "the oldest due pending run has waited since it became due (null: none is due).",
+            "additionalProperties": request(
+                ["oldest_due_pending_seconds"],
+                **{status: {"type": "integer", "minimum": 1} for status in RUN_STATUSES},
+                oldest_due_pending_seconds=nullable({"type": "number", "minimum": 0}),
+            ),
+        },
+        "Throughput": request(
+            ["minutes", "per_minute"],
+            minutes=integer,
+            per_minute={
+                "type": "array",
+                "items": request(
+                    ["minute", "succeeded", "failed"],
+                    minute={**when, "description": "The minute's start."},
+                    succeeded={"type": "integer", "minimum": 0},
+                    failed={"type": "integer", "minimum": 0},
+                ),
+            },
         ),
         "RetryFilter": bulk_filter(("failed", "cancelled")),
         "CancelFilter": bulk_filter(("pending", "leased")),
@@ -8610,16 +9635,9 @@ def _cmd_workers(args: argparse.Namespace) -> int:
 
 def _cmd_stats(args: argparse.Namespace) -> int:
     with _existing_client(args.dsn) as client:
-        counts = client.stats()
-        ages = {t: w for t, _, _, w in _queue_snapshot(client) if w is not None}
+        counts, ages = _queue_stats(client)
     if args.json:
-        # Beside each type's status counts, as in the table's last column.
-        _print_json(
-            {
-                run_type: {**by_status, "oldest_due_pending_seconds": ages.get(run_type)}
-                for run_type, by_status in counts.items()
-            }
-        )
+        _print_json(_stats_document(counts, ages))
         return 0
     if not counts:
         print("no runs")

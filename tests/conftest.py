@@ -277,12 +277,12 @@ def tcp_proxy():
         yield start
 
 
-@pytest.fixture
-def browser():
+@contextlib.contextmanager
+def chromium_session():
     """A selenium ``webdriver.Chrome`` on headless Debian chromium with a fresh profile.
 
-    Quit at teardown, and any process still using its profile killed by pid. Skipped when
-    chromium, chromedriver or selenium is missing; failed instead with MINFLOW_REQUIRE_BROWSER=1.
+    Quit on exit, and any process still using its profile killed by pid. Skips the test when
+    chromium, chromedriver or selenium is missing; fails it instead with MINFLOW_REQUIRE_BROWSER=1.
     """
     paths = zip(("chromium", "chromedriver"), infra.chromium_paths(), strict=True)
     absent = [name for name, path in paths if not path]
@@ -305,6 +305,13 @@ def browser():
             infra.stop_chromium(chrome, profile)
     finally:
         shutil.rmtree(profile, ignore_errors=True)
+
+
+@pytest.fixture
+def browser():
+    """A browser of its own for one test (see ``chromium_session``)."""
+    with chromium_session() as chrome:
+        yield chrome
 
 
 def db(client, statement: str, **params) -> list:

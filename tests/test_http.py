@@ -419,7 +419,7 @@ def test_openapi_document_validates_and_matches_routes(sqlite_client):
         assert ("security" in document) == secured
         assert ("securitySchemes" in document["components"]) == secured
         for (_, path), operation in operations.items():
-            public = path == "/healthz"
+            public = path in ("/healthz", "/ui", "/ui/")
             assert ("401" in operation["responses"]) == (secured and not public), path
             assert ("security" in operation) == (secured and public), path
     assert documents[False]["components"] == {"schemas": documents[True]["components"]["schemas"]}
