@@ -56,7 +56,7 @@ def stalled(port: int, count: int, data: bytes):
 
 
 def test_slow_heads_take_no_thread_and_get_408(sqlite_client):
-    api = Api(sqlite_client, threads=2, request_timeout=1.0)
+    api = Api(sqlite_client, threads=2, request_timeout=3.0)
     # Five clients that stop halfway through the request line: with two handler threads, they
     # used to take both and leave everyone else a 503 for the whole time limit.
     try:
@@ -64,12 +64,12 @@ def test_slow_heads_take_no_thread_and_get_408(sqlite_client):
             started = time.monotonic()
             for _ in range(5):
                 assert api.call("GET", "/healthz")[::2] == (200, {"status": "ok"})
-            assert time.monotonic() - started < 1.0  # all before the slow ones' deadline
+            assert time.monotonic() - started < 3.0  # all before the slow ones' deadline
             # At the deadline each slow client is told why it is cut off.
             for sock in slow:
                 status, body = read_answer(sock)
                 assert status == 408 and "time limit" in body["error"]
-            assert time.monotonic() - started < 5.0
+            assert time.monotonic() - started < 8.0
     finally:
         api.close()
 
