@@ -645,7 +645,9 @@ def test_non_ascii_types_and_schemas_keep_the_listen_connection(schema, caplog):
     require_pg()
     name = f"{schema} {uuid.uuid4().hex[:6]}"
     target = PgSchema()
-    target.name, target.dsn = name, with_query(PG_DSN, schema=quote(name, safe=""))
+    tag = f"listen-{uuid.uuid4().hex[:8]}"
+    target.name = name
+    target.dsn = with_query(PG_DSN, schema=quote(name, safe=""), application_name=tag)
     app = minflow.App(target.dsn)
     try:
         app.migrate()
@@ -653,9 +655,14 @@ def test_non_ascii_types_and_schemas_keep_the_listen_connection(schema, caplog):
         app.handler("email.envoyé.v1")(lambda run: seen.append(run.payload))
         worker = minflow.Worker(app, poll_interval=60, schedules=False).start()
         try:
+            # The listening connection runs LISTEN, then reads its own test notification with
+            # an empty statement; no other connection of this worker sends either.
             listen = f"LISTEN {minflow._quote_ident(app._dialect.channel)}"
-            count = "SELECT COUNT(*) FROM pg_stat_activity WHERE query = :q"
-            wait_for(lambda: db(app, count, q=listen)[0][0] == 1, 10, 0.01, "the LISTEN")
+            count = (
+                "SELECT COUNT(*) FROM pg_stat_activity "
+                "WHERE application_name = :tag AND query IN (:q, '')"
+            )
+            wait_for(lambda: db(app, count, tag=tag, q=listen)[0][0] == 1, 10, 0.01, "the LISTEN")
             # From another process: only the NOTIFY can wake this worker in time.
             script = (
                 "import sys, time, minflow\n"
