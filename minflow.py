@@ -5450,6 +5450,8 @@ class RunContext:
         self.snoozes = snoozes
         self.worker_id = worker.worker_id
         self._worker = worker
+        # The execution's state, shared with the Worker that runs it (it sets and reads these
+        # four; a handler sees only the attributes above):
         self._lost = False  # sticky: set once the lease is known to be gone (or time ran out)
         self._done = False  # the worker has this execution's outcome (or gave up on it)
         self._thread: int | None = None  # the thread running a sync handler
