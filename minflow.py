@@ -9413,6 +9413,22 @@ def _print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
 
 
+def _print_listing(
+    args: argparse.Namespace,
+    entries: Sequence[Any],
+    empty: str,
+    headers: Sequence[str],
+    row: Callable[[Any], Sequence[Any]],
+) -> None:
+    """A list command's output: JSON objects with --json, else ``empty`` or a table."""
+    if args.json:
+        _print_json([entry.to_json() for entry in entries])
+    elif not entries:
+        print(empty)
+    else:
+        _print_table(headers, [row(entry) for entry in entries])
+
+
 def _cmd_submit(args: argparse.Namespace) -> int:
     payload = _json_arg(args.payload, "PAYLOAD_JSON")
     with Client(args.dsn) as client:
@@ -9444,26 +9460,21 @@ def _cmd_list(args: argparse.Namespace) -> int:
             limit=args.limit,
             offset=args.offset,
         )
-    if args.json:
-        _print_json([run.to_json() for run in runs])
-    elif not runs:
-        print("no runs")
-    else:
-        _print_table(
-            ("ID", "TYPE", "STATUS", "ATTEMPT", "PRIORITY", "RUN_AT (UTC)", "CREATED (UTC)"),
-            [
-                (
-                    r.id,
-                    r.type,
-                    r.status,
-                    f"{r.attempt}/{r.max_attempts}",
-                    r.priority,
-                    _fmt_time(r.run_at),
-                    _fmt_time(r.created_at),
-                )
-                for r in runs
-            ],
-        )
+    _print_listing(
+        args,
+        runs,
+        "no runs",
+        ("ID", "TYPE", "STATUS", "ATTEMPT", "PRIORITY", "RUN_AT (UTC)", "CREATED (UTC)"),
+        lambda r: (
+            r.id,
+            r.type,
+            r.status,
+            f"{r.attempt}/{r.max_attempts}",
+            r.priority,
+            _fmt_time(r.run_at),
+            _fmt_time(r.created_at),
+        ),
+    )
     return 0
 
 
@@ -9611,27 +9622,22 @@ def _cmd_prune(args: argparse.Namespace) -> int:
 def _cmd_workers(args: argparse.Namespace) -> int:
     with _existing_client(args.dsn) as client:
         entries = client.workers()
-    if args.json:
-        _print_json([entry.to_json() for entry in entries])
-    elif not entries:
-        print("no workers recorded")
-    else:
-        _print_table(
-            ("ID", "HOST", "PID", "STATE", "RUNNING", "TYPES", "STARTED (UTC)", "LAST SEEN (UTC)"),
-            [
-                (
-                    w.id,
-                    w.host,
-                    w.pid,
-                    "alive" if w.alive else "dead",
-                    f"{w.running}/{w.concurrency}",
-                    ",".join([*w.types, *(p + "*" for p in w.prefixes)]) or "-",
-                    _fmt_time(w.started_at),
-                    _fmt_time(w.last_seen_at),
-                )
-                for w in entries
-            ],
-        )
+    _print_listing(
+        args,
+        entries,
+        "no workers recorded",
+        ("ID", "HOST", "PID", "STATE", "RUNNING", "TYPES", "STARTED (UTC)", "LAST SEEN (UTC)"),
+        lambda w: (
+            w.id,
+            w.host,
+            w.pid,
+            "alive" if w.alive else "dead",
+            f"{w.running}/{w.concurrency}",
+            ",".join([*w.types, *(p + "*" for p in w.prefixes)]) or "-",
+            _fmt_time(w.started_at),
+            _fmt_time(w.last_seen_at),
+        ),
+    )
     return 0
 
 
@@ -9680,27 +9686,22 @@ def _cmd_schedule_add(args: argparse.Namespace) -> int:
 def _cmd_schedule_list(args: argparse.Namespace) -> int:
     with _existing_client(args.dsn) as client:
         schedules = client.schedules()
-    if args.json:
-        _print_json([s.to_json() for s in schedules])
-    elif not schedules:
-        print("no schedules")
-    else:
-        _print_table(
-            ("ID", "NAME", "TYPE", "CRON", "TIMEZONE", "STATE", "NEXT RUN (UTC)", "LAST RUN (UTC)"),
-            [
-                (
-                    s.id,
-                    s.name or "-",
-                    s.type,
-                    s.cron,
-                    s.timezone,
-                    "active" if s.enabled else "paused",
-                    _fmt_time(s.next_run_at),
-                    _fmt_time(s.last_run_at),
-                )
-                for s in schedules
-            ],
-        )
+    _print_listing(
+        args,
+        schedules,
+        "no schedules",
+        ("ID", "NAME", "TYPE", "CRON", "TIMEZONE", "STATE", "NEXT RUN (UTC)", "LAST RUN (UTC)"),
+        lambda s: (
+            s.id,
+            s.name or "-",
+            s.type,
+            s.cron,
+            s.timezone,
+            "active" if s.enabled else "paused",
+            _fmt_time(s.next_run_at),
+            _fmt_time(s.last_run_at),
+        ),
+    )
     return 0
 
 
