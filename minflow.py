@@ -44,47 +44,91 @@ __all__ = [
     "main",
 ]
 
-import argparse
-import asyncio
-import base64
 import builtins
 import collections
 import contextlib
-import dataclasses
 import datetime as _dt
-import email.utils
 import errno
 import functools
-import hashlib
 import heapq
-import hmac
-import http.server
 import importlib
-import inspect
 import io
 import itertools
-import json
 import logging
 import math
 import os
-import queue
-import random
 import re
-import select
-import selectors
-import signal
-import socket
-import socketserver
-import sqlite3
 import sys
 import threading
 import time
-import traceback
-import uuid
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
+
+# minflow is imported by command-line tools and web apps, often vendored, and each start of
+# those pays for every module imported above: http.server, asyncio and argparse alone used to
+# triple the cost of `import minflow`. So the modules below are imported where first used, by
+# a stand-in that takes their name here; type checkers read the real imports.
+if TYPE_CHECKING:
+    import argparse
+    import asyncio
+    import base64
+    import email.utils
+    import hashlib
+    import hmac
+    import http.server
+    import inspect
+    import json
+    import queue
+    import random
+    import select
+    import selectors
+    import signal
+    import socket
+    import socketserver
+    import sqlite3
+    import traceback
+    import uuid
+
+
+class _Deferred:
+    """A stand-in for a module not imported yet: the first attribute read imports the module
+    (``email.utils`` stands in for ``email`` with its ``utils``) and puts it in the stand-in's
+    place among minflow's globals, so later uses read the module itself."""
+
+    def __init__(self, module: str):
+        self._module = module
+
+    def __getattr__(self, name: str) -> Any:
+        top = __import__(self._module)  # the top-level package, its submodule imported
+        globals()[self._module.partition(".")[0]] = top
+        return getattr(top, name)
+
+    def __repr__(self) -> str:
+        return f"<module {self._module!r}, imported on first use>"
+
+
+if not TYPE_CHECKING:
+    argparse = _Deferred("argparse")
+    asyncio = _Deferred("asyncio")
+    base64 = _Deferred("base64")
+    email = _Deferred("email.utils")
+    hashlib = _Deferred("hashlib")
+    hmac = _Deferred("hmac")
+    http = _Deferred("http.server")
+    inspect = _Deferred("inspect")
+    json = _Deferred("json")
+    queue = _Deferred("queue")
+    random = _Deferred("random")
+    select = _Deferred("select")
+    selectors = _Deferred("selectors")
+    signal = _Deferred("signal")
+    socket = _Deferred("socket")
+    socketserver = _Deferred("socketserver")
+    sqlite3 = _Deferred("sqlite3")
+    traceback = _Deferred("traceback")
+    uuid = _Deferred("uuid")
 
 log = logging.getLogger("minflow")
 log.addHandler(logging.NullHandler())
@@ -485,8 +529,137 @@ def _exponential_backoff(base: float, cap: float) -> Callable[[int], float]:
 # Public value types
 # ---------------------------------------------------------------------------------------------
 
+# The value types are classes like frozen (or plain) dataclasses, with the same constructor,
+# repr, equality, hash and immutability, made by _dataclass below: the dataclasses module and
+# the code it generates for each class at definition cost more than the rest of `import
+# minflow` (see the Header). Type checkers read them as the dataclasses they behave like.
 
-@dataclasses.dataclass(frozen=True)
+
+class _Field:
+    """A field's default with options, as ``dataclasses.field`` takes them."""
+
+    def __init__(
+        self, *, default: Any = None, default_factory: Callable[[], Any] | None = None, repr=True
+    ):
+        self.default, self.default_factory, self.repr = default, default_factory, repr
+
+
+_NO_DEFAULT = object()
+_FROM_FACTORY = object()  # the default of a field whose default_factory makes its value
+
+
+def _dataclass_init(cls: type) -> Callable[..., None]:
+    """``cls.__init__``, written as dataclasses writes it: the fields in order as parameters,
+    each stored in the instance's ``__dict__`` (which a frozen class allows)."""
+    scope: dict[str, Any] = {"_FROM_FACTORY": _FROM_FACTORY}
+    params, body = [], []
+    for name in cls._fields:  # type: ignore[attr-defined]
+        default = cls._defaults.get(name, _NO_DEFAULT)  # type: ignore[attr-defined]
+        if isinstance(default, _Field) and default.default_factory is not None:
+            scope[f"_factory_{name}"] = default.default_factory
+            params.append(f"{name}=_FROM_FACTORY")
+            body.append(f" d[{name!r}] = _factory_{name}() if {name} is _FROM_FACTORY else {name}")
+            continue
+        if default is _NO_DEFAULT:
+            params.append(name)
+        else:
+            scope[f"_default_{name}"] = default.default if isinstance(default, _Field) else default
+            params.append(f"{name}=_default_{name}")
+        body.append(f" d[{name!r}] = {name}")
+    exec(f"def __init__(self, {', '.join(params)}):\n d = self.__dict__\n" + "\n".join(body), scope)
+    init = scope["__init__"]
+    init.__qualname__ = f"{cls.__qualname__}.__init__"
+    return init  # type: ignore[no-any-return]
+
+
+def _dataclass_repr(self: Any) -> str:
+    shown = ", ".join(f"{name}={getattr(self, name)!r}" for name in type(self)._shown)
+    return f"{type(self).__qualname__}({shown})"
+
+
+def _dataclass_eq(self: Any, other: Any) -> Any:
+    if other.__class__ is not self.__class__:
+        return NotImplemented
+    return _dataclass_values(self) == _dataclass_values(other)
+
+
+def _dataclass_values(self: Any) -> tuple:
+    return tuple(getattr(self, name) for name in self._fields)
+
+
+def _dataclass_hash(self: Any) -> int:
+    return hash(_dataclass_values(self))
+
+
+def _frozen_setattr(self: Any, name: str, value: Any) -> None:
+    raise AttributeError(f"cannot assign to field {name!r}")
+
+
+def _frozen_delattr(self: Any, name: str) -> None:
+    raise AttributeError(f"cannot delete field {name!r}")
+
+
+def _runtime_dataclass(cls: type | None = None, /, *, frozen: bool = False, eq: bool = True) -> Any:
+    """``dataclasses.dataclass`` as minflow uses it: fields are the class's own annotations,
+    their defaults its class attributes or ``_field(...)``."""
+
+    def make(cls: type) -> type:
+        fields = tuple(cls.__dict__.get("__annotations__", {}))
+        defaults = {name: cls.__dict__[name] for name in fields if name in cls.__dict__}
+        for name, default in defaults.items():
+            if isinstance(default, _Field):  # the class attribute is the plain default, if any
+                if default.default_factory is None:
+                    setattr(cls, name, default.default)
+                else:
+                    delattr(cls, name)
+        shown = tuple(
+            n for n in fields if not isinstance(defaults.get(n), _Field) or defaults[n].repr
+        )
+
+        def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+            # The first instance writes the real __init__: no code is generated at import.
+            cls.__init__ = _dataclass_init(cls)  # type: ignore[misc]
+            cls.__init__(self, *args, **kwargs)
+
+        attributes: dict[str, Any] = {
+            "_fields": fields,
+            "_defaults": defaults,
+            "_shown": shown,
+            "__match_args__": fields,
+            "__init__": __init__,
+            "__repr__": _dataclass_repr,
+        }
+        if eq:
+            attributes["__eq__"] = _dataclass_eq
+            attributes["__hash__"] = _dataclass_hash if frozen else None
+        if frozen:
+            attributes["__setattr__"] = _frozen_setattr
+            attributes["__delattr__"] = _frozen_delattr
+        for name, value in attributes.items():
+            setattr(cls, name, value)
+        return cls
+
+    return make if cls is None else make(cls)
+
+
+if TYPE_CHECKING:
+    from dataclasses import dataclass as _dataclass
+    from dataclasses import field as _field
+else:
+    _dataclass, _field = _runtime_dataclass, _Field
+
+
+def _fields(cls_or_record: Any) -> tuple[str, ...]:
+    """The field names of a ``_dataclass`` class or instance, in order."""
+    return cls_or_record._fields  # type: ignore[no-any-return]
+
+
+def _replace(record: Any, **changes: Any) -> Any:
+    """A copy of ``record`` with some fields changed, like ``dataclasses.replace``."""
+    return type(record)(**{**{name: getattr(record, name) for name in _fields(record)}, **changes})
+
+
+@_dataclass(frozen=True)
 class Job:
     """One run to submit with ``Client.submit_many``; the fields mirror ``Client.submit``."""
 
@@ -536,10 +709,10 @@ class _Record:
 
     def to_json(self) -> dict:
         """A JSON-ready dict: snake_case keys, times as RFC 3339 UTC text, JSON values as is."""
-        return {k: _json_value(v) for k, v in dataclasses.asdict(self).items()}  # type: ignore[call-overload]
+        return {name: _json_value(getattr(self, name)) for name in _fields(self)}
 
 
-@dataclasses.dataclass(frozen=True)
+@_dataclass(frozen=True)
 class Run(_Record):
     """A run as stored (the seed's read model). Times are aware UTC; payload/result decoded JSON.
 
@@ -563,7 +736,7 @@ class Run(_Record):
     updated_at: _dt.datetime | None
 
 
-@dataclasses.dataclass(frozen=True)
+@_dataclass(frozen=True)
 class Event(_Record):
     """One entry of a run's audit trail (``workflow_event``)."""
 
@@ -574,7 +747,7 @@ class Event(_Record):
     created_at: _dt.datetime | None
 
 
-@dataclasses.dataclass(frozen=True)
+@_dataclass(frozen=True)
 class Schedule(_Record):
     """A cron schedule (``workflow_schedule``); ``cron`` is the seed's ``schedule`` column."""
 
@@ -592,7 +765,7 @@ class Schedule(_Record):
     created_at: _dt.datetime | None = None
 
 
-@dataclasses.dataclass(frozen=True)
+@_dataclass(frozen=True)
 class WorkerInfo(_Record):
     """A worker as it records itself in ``minflow_worker`` (see ``Client.workers``).
 
@@ -702,7 +875,7 @@ _DSN_FLAGS = {"yes": True, "true": True, "1": True, "no": False, "false": False,
 _SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 
 
-@dataclasses.dataclass(frozen=True)
+@_dataclass(frozen=True)
 class _DSN:
     """A parsed connection string. ``key`` names the database for in-process wake-ups."""
 
@@ -716,7 +889,7 @@ class _DSN:
     host: str = "localhost"
     port: int = 5432
     user: str = "postgres"
-    password: str | None = dataclasses.field(default=None, repr=False)  # never in logs
+    password: str | None = _field(default=None, repr=False)  # never in logs
     database: str | None = None
     unix_sock: str | None = None
     search_path: tuple[str, ...] = (DEFAULT_SCHEMA,)
@@ -1412,7 +1585,7 @@ def _outcome_event(kind: str, status: str, **columns: Any) -> tuple[str, str | N
 # (Client.cancel, Client.retry) and for many (cancel_many, retry_many) alike.
 _MANUAL_EVENTS: dict[str, tuple[str, str | None]] = {
     "cancel": ("cancelled", None),
-    "retry": ("retried", json.dumps({"reason": "manual", "attempt": 0})),
+    "retry": ("retried", '{"reason": "manual", "attempt": 0}'),
 }
 
 
@@ -2300,7 +2473,7 @@ class _StatementMode:
             )
 
 
-@dataclasses.dataclass
+@_dataclass
 class _PgStatement:
     """A statement as one connection runs it: $n placeholders, and once prepared its name."""
 
@@ -2703,7 +2876,7 @@ class _Pool:
 # wake-ups. Code above the seam never asks which dialect it talks to.
 
 
-@dataclasses.dataclass
+@_dataclass
 class _Completion:
     """A finished execution's outcome, as the worker reports it back (kind: _SUCCEEDED...)."""
 
@@ -2717,7 +2890,7 @@ class _Completion:
     started: float = 0.0  # monotonic, for the duration metric
 
 
-@dataclasses.dataclass
+@_dataclass
 class _Filter:
     """Which runs a worker may claim: exact types and/or literal prefixes, except the capped
     types, which come with their room (how many more of each may start now, maybe 0)."""
@@ -5053,7 +5226,7 @@ class Client:
 _HandlerFn = TypeVar("_HandlerFn", bound="Callable[[RunContext], Any]")
 
 
-@dataclasses.dataclass(frozen=True)
+@_dataclass(frozen=True)
 class _Policy:
     """How the worker treats one type's runs besides calling its handler (see App.handler)."""
 
@@ -6317,7 +6490,7 @@ class Worker:
         if not self._caps:
             return filt
         assert self._uncapped is not None
-        return dataclasses.replace(
+        return _replace(
             self._uncapped,
             capped=tuple(
                 (t, max(0, cap - self._capped_running[t])) for t, cap in self._caps.items()
@@ -6779,16 +6952,16 @@ class _HTTPError(Exception):
         self.headers = headers or {}
 
 
-@dataclasses.dataclass(frozen=True)
+@_dataclass(frozen=True)
 class _Text:
     """A non-JSON response body, with headers of its own."""
 
     text: str
     content_type: str = _METRICS_CONTENT_TYPE
-    headers: dict[str, str] = dataclasses.field(default_factory=dict)
+    headers: dict[str, str] = _field(default_factory=dict)
 
 
-@dataclasses.dataclass
+@_dataclass
 class _Request:
     """What a route function sees."""
 
@@ -8029,19 +8202,23 @@ _UI_PAGE = (
     f"<style>{_UI_STYLE}</style>\n</head>\n<body>\n{_UI_BODY}"
     f"<script>{_UI_SCRIPT}</script>\n</body>\n</html>\n"
 )
-_UI_HEADERS = {
-    "Content-Security-Policy": (
-        f"default-src 'none'; script-src {_csp_hash(_UI_SCRIPT)}; "
-        f"style-src {_csp_hash(_UI_STYLE)}; connect-src 'self'; img-src data:; "
-        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
-    ),
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
-}
+
+
+@functools.cache  # the hashes need hashlib, imported on first use (see the Header)
+def _ui_headers() -> dict[str, str]:
+    return {
+        "Content-Security-Policy": (
+            f"default-src 'none'; script-src {_csp_hash(_UI_SCRIPT)}; "
+            f"style-src {_csp_hash(_UI_STYLE)}; connect-src 'self'; img-src data:; "
+            "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+        ),
+        "X-Content-Type-Options": "nosniff",
+        "Referrer-Policy": "no-referrer",
+    }
 
 
 def _r_ui(req: _Request) -> tuple[int, Any]:
-    return 200, _Text(_UI_PAGE, "text/html; charset=utf-8", _UI_HEADERS)
+    return 200, _Text(_UI_PAGE, "text/html; charset=utf-8", _ui_headers())
 
 
 # -- the route table --------------------------------------------------------------------------
@@ -8083,7 +8260,7 @@ _NAME_TEXT = {
 _FILTER_TEXT = {**_NAME_TEXT, "minLength": 0, "pattern": f"^({_NON_BLANK})?$"}
 
 
-@dataclasses.dataclass(frozen=True)
+@_dataclass(frozen=True)
 class _Operation:
     """What a route runs, and how the OpenAPI document describes it."""
 
@@ -8294,7 +8471,7 @@ def _log_access(
     )
 
 
-@dataclasses.dataclass(eq=False)
+@_dataclass(eq=False)
 class _Pending:
     """A connection the accept loop holds: its head still arriving (``reply`` is None), or the
     loop's own answer being written (the bytes left) and then what follows discarded (b"")."""
@@ -8303,7 +8480,7 @@ class _Pending:
     address: Any
     accepted: float  # time.monotonic()
     deadline: float  # for the whole request; once answered, for the discarding
-    head: bytearray = dataclasses.field(default_factory=bytearray)
+    head: bytearray = _field(default_factory=bytearray)
     reply: bytes | None = None
 
     def request_line(self) -> str:
@@ -8341,9 +8518,10 @@ class _DeadlineReader(io.RawIOBase):
         return self._sock.recv_into(buffer)
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
+class _Handler:
     """One request on a connection whose head the accept loop has read (HTTP/1.0 semantics: the
-    connection closes after it)."""
+    connection closes after it). Its base, http.server.BaseHTTPRequestHandler, is added by
+    ``_http_classes`` when the first server is made."""
 
     server: _Server
     protocol_version = "HTTP/1.0"
@@ -8533,13 +8711,19 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         _http_log.info("%s: %s", self.client_address[0], format % args)
 
 
-class _Server(http.server.HTTPServer):
+class _Server:
     """The HTTP server. ``serve_forever`` runs the accept loop, which reads request heads and
     holds at most ``pending`` connections doing so (a new one drops the oldest); each complete
     head gets one of at most ``threads`` handler threads, or an immediate 503 when all are busy.
-    Connections are only ever handled this way (``handle_request`` is not supported)."""
+    Connections are only ever handled this way (``handle_request`` is not supported).
+
+    ``_Server(...)`` makes an instance of its subclass on http.server.HTTPServer, which
+    ``_http_classes`` builds when the first server is made."""
 
     request_queue_size = 128
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> _Server:
+        return super().__new__(_http_classes()[1] if cls is _Server else cls)
 
     def __init__(
         self,
@@ -8576,7 +8760,7 @@ class _Server(http.server.HTTPServer):
         self._stopped.set()
         if ":" in host:
             self.address_family = socket.AF_INET6
-        super().__init__((host, port), _Handler)
+        super().__init__((host, port), _http_classes()[0])
 
     def server_bind(self) -> None:
         # HTTPServer.server_bind also resolves the host's FQDN, a DNS lookup that can stall
@@ -8653,10 +8837,12 @@ class _Server(http.server.HTTPServer):
                 continue
             sock.setblocking(False)
             now = time.monotonic()
-            self._admit(_Pending(sock, address, now, now + self.request_timeout))
+            self._admit(
+                _Pending(sock, address, now, now + self.request_timeout), selectors.EVENT_READ
+            )
         return False
 
-    def _admit(self, conn: _Pending, events: int = selectors.EVENT_READ) -> None:
+    def _admit(self, conn: _Pending, events: int) -> None:
         if len(self._pending) >= self._max_pending:
             self._push_out(next(iter(self._pending)), f"more than {self._max_pending} pending")
         self._pending[conn] = None
@@ -8759,7 +8945,7 @@ class _Server(http.server.HTTPServer):
     def _handle(self, conn: _Pending) -> None:
         """A handler thread: one request, then the connection is closed and the slot freed."""
         try:
-            _Handler(conn, conn.address, self)
+            self.RequestHandlerClass(conn, conn.address, self)
         except Exception:
             self.handle_error(conn.sock, conn.address)
         finally:
@@ -8795,6 +8981,19 @@ class _Server(http.server.HTTPServer):
             _http_log.info("%s: connection error: %s", client_address[0], exc)
         else:
             _http_log.exception("%s: request handling failed", client_address[0])
+
+
+@functools.cache
+def _http_classes() -> tuple[type[_Handler], type[_Server]]:
+    """_Handler and _Server on their http.server bases (imported here, on first use)."""
+
+    class Handler(_Handler, http.server.BaseHTTPRequestHandler):
+        pass
+
+    class Server(_Server, http.server.HTTPServer):
+        pass
+
+    return Handler, Server
 
 
 def _start_server(server: _Server, poll_interval: float = 0.5) -> threading.Thread:
@@ -8897,7 +9096,7 @@ def _openapi_schemas() -> dict:
 
     def model(cls: type, **properties: dict) -> dict:
         """A response object: every field of the dataclass, nothing else."""
-        names = [f.name for f in dataclasses.fields(cls)]
+        names = list(_fields(cls))
         if list(properties) != names:
             raise TypeError(f"{cls.__name__} has the fields {names}, its schema {list(properties)}")
         return {
@@ -9192,7 +9391,7 @@ def _time_arg(text: str) -> _dt.datetime:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-@dataclasses.dataclass(frozen=True)
+@_dataclass(frozen=True)
 class _Option:
     """A command-line option. ``kwarg``: the keyword argument its value is passed as (None: the
     command reads it itself, as ``args.<flag name>``). ``parse`` turns its text into the value
