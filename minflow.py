@@ -54,7 +54,6 @@ import heapq
 import importlib
 import io
 import itertools
-import logging
 import math
 import os
 import re
@@ -67,9 +66,10 @@ from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 # minflow is imported by command-line tools and web apps, often vendored, and each start of
-# those pays for every module imported above: http.server, asyncio and argparse alone used to
-# triple the cost of `import minflow`. So the modules below are imported where first used, by
-# a stand-in that takes their name here; type checkers read the real imports.
+# those pays for every module imported above: http.server, asyncio, argparse and logging alone
+# used to triple the cost of `import minflow`. So the modules below, and minflow's loggers, are
+# made where first used, by a stand-in that takes their name here; type checkers read the real
+# imports.
 if TYPE_CHECKING:
     import argparse
     import asyncio
@@ -80,6 +80,7 @@ if TYPE_CHECKING:
     import http.server
     import inspect
     import json
+    import logging
     import queue
     import random
     import select
@@ -93,47 +94,71 @@ if TYPE_CHECKING:
 
 
 class _Deferred:
-    """A stand-in for a module not imported yet: the first attribute read imports the module
-    (``email.utils`` stands in for ``email`` with its ``utils``) and puts it in the stand-in's
-    place among minflow's globals, so later uses read the module itself."""
+    """A stand-in for a global that minflow makes on first use: the first attribute read calls
+    ``make`` and puts its value in the stand-in's place among minflow's globals, as ``name``,
+    so later uses read the value itself."""
 
-    def __init__(self, module: str):
-        self._module = module
+    def __init__(self, name: str, make: Callable[[], Any]):
+        self._name, self._make = name, make
 
-    def __getattr__(self, name: str) -> Any:
-        top = __import__(self._module)  # the top-level package, its submodule imported
-        globals()[self._module.partition(".")[0]] = top
-        return getattr(top, name)
+    def __getattr__(self, attr: str) -> Any:
+        value = self._make()
+        globals()[self._name] = value
+        return getattr(value, attr)
 
     def __repr__(self) -> str:
-        return f"<module {self._module!r}, imported on first use>"
+        return f"<{self._name}, made on first use>"
+
+
+def _module(name: str) -> Any:
+    """A stand-in for module ``name`` (``email.utils``: for the email package, utils imported)."""
+    return _Deferred(name.partition(".")[0], lambda: __import__(name))
+
+
+def _logger(binding: str, name: str) -> Any:
+    """A stand-in for ``logging.getLogger(name)``, bound to the global ``binding``."""
+
+    def make() -> logging.Logger:
+        _library_logger()
+        return logging.getLogger(name)
+
+    return _Deferred(binding, make)
+
+
+@functools.cache
+def _library_logger() -> logging.Logger:
+    """The "minflow" logger, given once the NullHandler a library adds: showing its records is
+    the application's decision (only ``main()`` configures handlers)."""
+    logger = logging.getLogger("minflow")
+    logger.addHandler(logging.NullHandler())
+    return logger
 
 
 if not TYPE_CHECKING:
-    argparse = _Deferred("argparse")
-    asyncio = _Deferred("asyncio")
-    base64 = _Deferred("base64")
-    email = _Deferred("email.utils")
-    hashlib = _Deferred("hashlib")
-    hmac = _Deferred("hmac")
-    http = _Deferred("http.server")
-    inspect = _Deferred("inspect")
-    json = _Deferred("json")
-    queue = _Deferred("queue")
-    random = _Deferred("random")
-    select = _Deferred("select")
-    selectors = _Deferred("selectors")
-    signal = _Deferred("signal")
-    socket = _Deferred("socket")
-    socketserver = _Deferred("socketserver")
-    sqlite3 = _Deferred("sqlite3")
-    traceback = _Deferred("traceback")
-    uuid = _Deferred("uuid")
+    argparse = _module("argparse")
+    asyncio = _module("asyncio")
+    base64 = _module("base64")
+    email = _module("email.utils")
+    hashlib = _module("hashlib")
+    hmac = _module("hmac")
+    http = _module("http.server")
+    inspect = _module("inspect")
+    json = _module("json")
+    logging = _module("logging")
+    queue = _module("queue")
+    random = _module("random")
+    select = _module("select")
+    selectors = _module("selectors")
+    signal = _module("signal")
+    socket = _module("socket")
+    socketserver = _module("socketserver")
+    sqlite3 = _module("sqlite3")
+    traceback = _module("traceback")
+    uuid = _module("uuid")
 
-log = logging.getLogger("minflow")
-log.addHandler(logging.NullHandler())
-_worker_log = logging.getLogger("minflow.worker")
-_ticker_log = logging.getLogger("minflow.ticker")
+log = _logger("log", "minflow")
+_worker_log = _logger("_worker_log", "minflow.worker")
+_ticker_log = _logger("_ticker_log", "minflow.ticker")
 
 UTC = _dt.timezone.utc
 
@@ -6934,7 +6959,7 @@ class _Deadlines:
 # bounded numbers of handler threads and of connections still sending their head.
 # The same server with two routes is a worker's --metrics-port listener.
 
-_http_log = logging.getLogger("minflow.http")
+_http_log = _logger("_http_log", "minflow.http")
 
 _DRAIN_LIMIT = 16 << 20  # an oversized body up to this size is read and dropped, so the 413 arrives
 _API = "/api/v1"
@@ -10021,26 +10046,29 @@ error), 2 invalid arguments or input.
 """
 
 
-class _JsonLogFormatter(logging.Formatter):
+def _json_log_formatter() -> logging.Formatter:
     """``--log-format json``: one JSON object per record, with the run fields it carries."""
 
-    FIELDS = ("run_id", "type", "attempt", "worker_id", "outcome", "duration")
+    class JsonLogFormatter(logging.Formatter):
+        FIELDS = ("run_id", "type", "attempt", "worker_id", "outcome", "duration")
 
-    def format(self, record: logging.LogRecord) -> str:
-        moment = _dt.datetime.fromtimestamp(record.created, UTC)
-        entry = {
-            "time": moment.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        for name in self.FIELDS:
-            value = record.__dict__.get(name)
-            if value is not None:
-                entry[name] = value
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False, default=str)
+        def format(self, record: logging.LogRecord) -> str:
+            moment = _dt.datetime.fromtimestamp(record.created, UTC)
+            entry = {
+                "time": moment.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+                "level": record.levelname,
+                "logger": record.name,
+                "message": record.getMessage(),
+            }
+            for name in self.FIELDS:
+                value = record.__dict__.get(name)
+                if value is not None:
+                    entry[name] = value
+            if record.exc_info:
+                entry["exception"] = self.formatException(record.exc_info)
+            return json.dumps(entry, ensure_ascii=False, default=str)
+
+    return JsonLogFormatter()
 
 
 def _global_options(parser: argparse.ArgumentParser, prefix: str = "") -> None:
@@ -10312,7 +10340,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     handler = logging.StreamHandler()
     handler.setFormatter(
-        _JsonLogFormatter()
+        _json_log_formatter()
         if args.log_format == "json"
         else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     )
