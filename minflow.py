@@ -62,15 +62,17 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 # minflow is imported by command-line tools and web apps, often vendored, and each start of
 # those pays for every module imported above: http.server, asyncio, argparse and logging alone
 # used to triple the cost of `import minflow`. So the modules below, and minflow's loggers, are
 # made where first used, by a stand-in that takes their name here; type checkers read the real
-# imports.
+# imports. typing is one of them, whose TYPE_CHECKING is True only for type checkers.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any, NamedTuple, TypeVar
+
     import argparse
     import asyncio
     import base64
@@ -155,6 +157,24 @@ if not TYPE_CHECKING:
     sqlite3 = _module("sqlite3")
     traceback = _module("traceback")
     uuid = _module("uuid")
+
+    class _NamedTupleType(type):
+        """What ``class C(NamedTuple)`` makes, as typing.NamedTuple makes it: a
+        collections.namedtuple whose fields are the class's annotations, its attributes their
+        defaults (minflow's named tuples have no methods)."""
+
+        def __new__(mcs, name: str, bases: tuple, namespace: dict) -> type:
+            if not bases:  # NamedTuple itself
+                return super().__new__(mcs, name, bases, namespace)
+            fields = tuple(namespace.get("__annotations__", ()))
+            defaults = [namespace[field] for field in fields if field in namespace]
+            made = collections.namedtuple(name, fields, defaults=defaults, module=__name__)
+            made.__doc__ = namespace.get("__doc__")
+            return made
+
+    class NamedTuple(metaclass=_NamedTupleType):
+        pass
+
 
 log = _logger("log", "minflow")
 _worker_log = _logger("_worker_log", "minflow.worker")
@@ -5248,7 +5268,8 @@ class Client:
 
 # What @app.handler accepts, and returns unchanged: a type checker keeps the function's own
 # signature (and rejects a function that cannot take a RunContext).
-_HandlerFn = TypeVar("_HandlerFn", bound="Callable[[RunContext], Any]")
+if TYPE_CHECKING:
+    _HandlerFn = TypeVar("_HandlerFn", bound="Callable[[RunContext], Any]")
 
 
 @_dataclass(frozen=True)
