@@ -64,11 +64,13 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
-# minflow is imported by command-line tools and web apps, often vendored, and each start of
-# those pays for every module imported above: http.server, asyncio, argparse and logging alone
-# used to triple the cost of `import minflow`. So the modules below, and minflow's loggers, are
-# made where first used, by a stand-in that takes their name here; type checkers read the real
-# imports. typing is one of them, whose TYPE_CHECKING is True only for type checkers.
+# Why most imports are deferred: minflow is imported by command-line tools and web apps, often
+# vendored, and every start of those pays for what `import minflow` does. Imported here,
+# http.server, asyncio, argparse, logging, dataclasses and typing were most of that cost, and
+# most processes never use them. So the modules below, minflow's loggers and its
+# regular expressions are globals whose first use makes them (a _Deferred stand-in replaces
+# itself with the real value); type checkers read the real imports, and typing's TYPE_CHECKING
+# is replaced by a constant of the same name, which type checkers take as true.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any, NamedTuple, TypeVar
@@ -125,6 +127,12 @@ def _logger(binding: str, name: str) -> Any:
         return logging.getLogger(name)
 
     return _Deferred(binding, make)
+
+
+def _regex(binding: str, pattern: str, flags: int = 0) -> Any:
+    """A stand-in for ``re.compile(pattern, flags)``, bound to the global ``binding``: compiling
+    all of minflow's patterns took longer than defining all its classes, and a process uses few."""
+    return _Deferred(binding, lambda: re.compile(pattern, flags))
 
 
 @functools.cache
@@ -389,9 +397,10 @@ def _is_uuid(value: str) -> bool:
     return True
 
 
-_GO_TIME = re.compile(
+_GO_TIME = _regex(
+    "_GO_TIME",
     r"^(\d{4}-\d{2}-\d{2})[T ](\d{2}:\d{2}:\d{2})(?:\.(\d+))?"
-    r"\s*(Z|[+-]\d{2}(?::?\d{2})?)?(?:\s+[A-Za-z][A-Za-z0-9+-]*)?(?:\s+m=[+-][\d.]+)?$"
+    r"\s*(Z|[+-]\d{2}(?::?\d{2})?)?(?:\s+[A-Za-z][A-Za-z0-9+-]*)?(?:\s+m=[+-][\d.]+)?$",
 )
 _unparsed_warned: set[str] = set()
 
@@ -522,7 +531,7 @@ def _json_strings(text: Any) -> tuple[str, ...]:
     return tuple(v for v in value if isinstance(v, str)) if isinstance(value, list) else ()
 
 
-_DURATION = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h|d)?\s*")
+_DURATION = _regex("_DURATION", r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h|d)?\s*")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
@@ -900,7 +909,7 @@ _SQLITE_FIXED = {
     "foreign_keys": ("1", "on", "true", "yes"),
     "synchronous": ("2", "full", "3", "extra"),
 }
-_PRAGMA = re.compile(r"\s*(\w+)\s*(?:\(\s*([^()]*?)\s*\)|=\s*(.*?))?\s*")
+_PRAGMA = _regex("_PRAGMA", r"\s*(\w+)\s*(?:\(\s*([^()]*?)\s*\)|=\s*(.*?))?\s*")
 _warned_dsns: set[str] = set()
 _PG_OPTIONS = {
     "schema",
@@ -1109,7 +1118,7 @@ def _parse_pg_url(text: str) -> _DSN:
     )
 
 
-_KEYWORD = re.compile(r"\s*([A-Za-z_]+)\s*=\s*('((?:[^'\\]|\\.)*)'|[^\s']*)")
+_KEYWORD = _regex("_KEYWORD", r"\s*([A-Za-z_]+)\s*=\s*('((?:[^'\\]|\\.)*)'|[^\s']*)")
 
 
 def _parse_pg_keywords(text: str) -> _DSN:
@@ -1531,7 +1540,7 @@ _TABLES = (
     "minflow_migration",
     "minflow_worker",
 )
-_SLOT = re.compile(r"\{(\w+)(?::([\w.]+))?\}")
+_SLOT = _regex("_SLOT", r"\{(\w+)(?::([\w.]+))?\}")
 
 
 def _table_slots(schema: str | None) -> dict[str, str]:
@@ -1562,7 +1571,7 @@ def _render(template: str, fragments: dict[str, str]) -> str:
 # Quoted text, quoted identifiers and comments are copied unchanged, except that the format
 # styles need a literal % doubled: outside quotes for every driver, inside them too for psycopg
 # and psycopg2, which read % wherever it stands.
-_PARAM_TOKEN = re.compile(r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|--[^\n]*|::|:(\w+)|%")
+_PARAM_TOKEN = _regex("_PARAM_TOKEN", r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|--[^\n]*|::|:(\w+)|%")
 _PARAMSTYLES = ("named", "pyformat", "format", "qmark", "numeric")
 _RESTYLED: dict[tuple[str, str, bool], tuple[str, tuple[str, ...]]] = {}
 
@@ -2816,7 +2825,9 @@ def _pg_array(values: list) -> str:
     return "{" + ",".join(parts) + "}"
 
 
-_PG_NETWORK = re.compile(r"network|connection|closed|timed? ?out|socket|EOF|read|write|SSL", re.I)
+_PG_NETWORK = _regex(
+    "_PG_NETWORK", r"network|connection|closed|timed? ?out|socket|EOF|read|write|SSL", re.I
+)
 _PG_UNAVAILABLE = ("08", "53", "57", "58")  # connection, resources, operator intervention, system
 
 
@@ -4155,9 +4166,9 @@ _CRON_FIELDS: tuple[tuple[str, int, int, tuple[str, ...], bool], ...] = (
     ("month", 1, 12, _MONTHS, False),
     ("day of week", 0, 6, _WEEKDAYS, True),
 )
-_CRON_TERM = re.compile(r"^(?:([*?])|([0-9A-Za-z]+)(?:-([0-9A-Za-z]+))?)(?:/([0-9]+))?$")
+_CRON_TERM = _regex("_CRON_TERM", r"^(?:([*?])|([0-9A-Za-z]+)(?:-([0-9A-Za-z]+))?)(?:/([0-9]+))?$")
 # The Go parser accepts "TZ=Zone expr" and "CRON_TZ=Zone expr", overriding the timezone column.
-_CRON_TZ_PREFIX = re.compile(r"^(?:CRON_)?TZ=(\S+) (.*)$")
+_CRON_TZ_PREFIX = _regex("_CRON_TZ_PREFIX", r"^(?:CRON_)?TZ=(\S+) (.*)$")
 _cron_cache: dict[tuple[Any, Any], tuple[str, _dt.tzinfo]] = {}
 # Candidates inside a repeated hour are skipped one by one (at most one per minute); needing
 # more steps than this means the expression is unusable, never an endless loop in the ticker.
@@ -7056,8 +7067,9 @@ def _reject_json_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-_RFC3339 = re.compile(
-    r"(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?([Zz]|[+-]\d{2}:\d{2})"
+_RFC3339 = _regex(
+    "_RFC3339",
+    r"(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?([Zz]|[+-]\d{2}:\d{2})",
 )
 
 
