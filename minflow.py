@@ -584,9 +584,10 @@ def _exponential_backoff(base: float, cap: float) -> Callable[[int], float]:
 # ---------------------------------------------------------------------------------------------
 
 # The value types are classes like frozen (or plain) dataclasses, with the same constructor,
-# repr, equality, hash and immutability, made by _dataclass below: the dataclasses module and
-# the code it generates for each class at definition cost more than the rest of `import
-# minflow` (see the Header). Type checkers read them as the dataclasses they behave like.
+# repr, equality, hash and immutability, made by _dataclass below: the dataclasses module (it
+# imports inspect) and the code it generates for each class when defined were over half of the
+# cost of `import minflow` (see the Header). Here a class's __init__ is generated when its first
+# instance is made. Type checkers read them as the dataclasses they behave like.
 
 
 class _Field:
@@ -673,7 +674,7 @@ def _runtime_dataclass(cls: type | None = None, /, *, frozen: bool = False, eq: 
         def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
             # The first instance writes the real __init__: no code is generated at import.
             cls.__init__ = _dataclass_init(cls)  # type: ignore[misc]
-            cls.__init__(self, *args, **kwargs)
+            cls.__init__(self, *args, **kwargs)  # type: ignore[misc]
 
         attributes: dict[str, Any] = {
             "_fields": fields,
@@ -8576,10 +8577,18 @@ class _DeadlineReader(io.RawIOBase):
         return self._sock.recv_into(buffer)
 
 
-class _Handler:
+# http.server is imported when the first server is made: then _http_classes puts each of the
+# two classes below on its http.server base, which is the base type checkers see.
+if TYPE_CHECKING:
+    _HandlerBase = http.server.BaseHTTPRequestHandler
+    _ServerBase = http.server.HTTPServer
+else:
+    _HandlerBase = _ServerBase = object
+
+
+class _Handler(_HandlerBase):
     """One request on a connection whose head the accept loop has read (HTTP/1.0 semantics: the
-    connection closes after it). Its base, http.server.BaseHTTPRequestHandler, is added by
-    ``_http_classes`` when the first server is made."""
+    connection closes after it)."""
 
     server: _Server
     protocol_version = "HTTP/1.0"
@@ -8769,14 +8778,12 @@ class _Handler:
         _http_log.info("%s: %s", self.client_address[0], format % args)
 
 
-class _Server:
+class _Server(_ServerBase):
     """The HTTP server. ``serve_forever`` runs the accept loop, which reads request heads and
     holds at most ``pending`` connections doing so (a new one drops the oldest); each complete
     head gets one of at most ``threads`` handler threads, or an immediate 503 when all are busy.
     Connections are only ever handled this way (``handle_request`` is not supported).
-
-    ``_Server(...)`` makes an instance of its subclass on http.server.HTTPServer, which
-    ``_http_classes`` builds when the first server is made."""
+    ``_Server(...)`` makes an instance of its subclass on http.server.HTTPServer."""
 
     request_queue_size = 128
 
