@@ -50,7 +50,6 @@ import contextlib
 import datetime as _dt
 import errno
 import functools
-import heapq
 import importlib
 import io
 import itertools
@@ -60,7 +59,6 @@ import re
 import sys
 import threading
 import time
-import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
@@ -80,6 +78,7 @@ if TYPE_CHECKING:
     import base64
     import email.utils
     import hashlib
+    import heapq
     import hmac
     import http.server
     import inspect
@@ -95,6 +94,7 @@ if TYPE_CHECKING:
     import sqlite3
     import traceback
     import uuid
+    import weakref
 
 
 class _Deferred:
@@ -150,6 +150,7 @@ if not TYPE_CHECKING:
     base64 = _module("base64")
     email = _module("email.utils")
     hashlib = _module("hashlib")
+    heapq = _module("heapq")
     hmac = _module("hmac")
     http = _module("http.server")
     inspect = _module("inspect")
@@ -165,6 +166,7 @@ if not TYPE_CHECKING:
     sqlite3 = _module("sqlite3")
     traceback = _module("traceback")
     uuid = _module("uuid")
+    weakref = _module("weakref")
 
     class _NamedTupleType(type):
         """What ``class C(NamedTuple)`` makes, as typing.NamedTuple makes it: a

@@ -46,6 +46,27 @@ DEFERRED = {
     "uuid",
 }
 
+# What the Header imports, besides what any interpreter has imported once it has started.
+EAGER = (
+    "builtins",
+    "collections",
+    "collections.abc",
+    "contextlib",
+    "datetime",
+    "errno",
+    "functools",
+    "importlib",
+    "io",
+    "itertools",
+    "math",
+    "os",
+    "re",
+    "sys",
+    "threading",
+    "time",
+    "urllib.parse",
+)
+
 
 def modules_after(code: str) -> set[str]:
     """The names in sys.modules once ``code`` has run in a fresh interpreter."""
@@ -67,6 +88,10 @@ def test_import_minflow_imports_none_of_the_deferred_modules():
     added = modules_after("import minflow") - bare
     assert "minflow" in added
     assert sorted(added & DEFERRED) == []
+    # Nothing at all beyond what the Header imports (datetime, threading, collections.abc, ...)
+    # and what those import in turn on this Python.
+    needed = modules_after("import " + ", ".join(EAGER)) - bare
+    assert sorted(added - needed - {"minflow"}) == []
 
 
 def test_what_a_path_uses_is_imported_when_it_is_used(tmp_path):
