@@ -103,7 +103,8 @@ class _Deferred:
     so later uses read the value itself."""
 
     def __init__(self, name: str, make: Callable[[], Any]):
-        self._name, self._make = name, make
+        # Made once: a copy of the stand-in kept elsewhere (an attribute) reads the same value.
+        self._name, self._make = name, functools.cache(make)
 
     def __getattr__(self, attr: str) -> Any:
         value = self._make()
@@ -605,25 +606,25 @@ _NO_DEFAULT = object()
 _FROM_FACTORY = object()  # the default of a field whose default_factory makes its value
 
 
-def _dataclass_init(cls: type) -> Callable[..., None]:
+def _dataclass_init(cls: type, frozen: bool) -> Callable[..., None]:
     """``cls.__init__``, written as dataclasses writes it: the fields in order as parameters,
-    each stored in the instance's ``__dict__`` (which a frozen class allows)."""
+    each set as an attribute (stored in the instance's ``__dict__`` if the class is frozen)."""
     scope: dict[str, Any] = {"_FROM_FACTORY": _FROM_FACTORY}
-    params, body = [], []
+    params, body = [], [" d = self.__dict__"] if frozen else []
     for name in cls._fields:  # type: ignore[attr-defined]
         default = cls._defaults.get(name, _NO_DEFAULT)  # type: ignore[attr-defined]
+        value = name
         if isinstance(default, _Field) and default.default_factory is not None:
             scope[f"_factory_{name}"] = default.default_factory
             params.append(f"{name}=_FROM_FACTORY")
-            body.append(f" d[{name!r}] = _factory_{name}() if {name} is _FROM_FACTORY else {name}")
-            continue
-        if default is _NO_DEFAULT:
+            value = f"_factory_{name}() if {name} is _FROM_FACTORY else {name}"
+        elif default is _NO_DEFAULT:
             params.append(name)
         else:
             scope[f"_default_{name}"] = default.default if isinstance(default, _Field) else default
             params.append(f"{name}=_default_{name}")
-        body.append(f" d[{name!r}] = {name}")
-    exec(f"def __init__(self, {', '.join(params)}):\n d = self.__dict__\n" + "\n".join(body), scope)
+        body.append(f" d[{name!r}] = {value}" if frozen else f" self.{name} = {value}")
+    exec(f"def __init__(self, {', '.join(params)}):\n" + "\n".join(body or [" pass"]), scope)
     init = scope["__init__"]
     init.__qualname__ = f"{cls.__qualname__}.__init__"
     return init  # type: ignore[no-any-return]
@@ -675,7 +676,7 @@ def _runtime_dataclass(cls: type | None = None, /, *, frozen: bool = False, eq: 
 
         def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
             # The first instance writes the real __init__: no code is generated at import.
-            cls.__init__ = _dataclass_init(cls)  # type: ignore[misc]
+            cls.__init__ = _dataclass_init(cls, frozen)  # type: ignore[misc]
             cls.__init__(self, *args, **kwargs)  # type: ignore[misc]
 
         attributes: dict[str, Any] = {
