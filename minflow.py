@@ -65,10 +65,10 @@ from urllib.parse import parse_qsl, quote, unquote, urlsplit
 # Why most imports are deferred: minflow is imported by command-line tools and web apps, often
 # vendored, and every start of those pays for what `import minflow` does. Imported here,
 # http.server, asyncio, argparse, logging, dataclasses and typing were most of that cost, and
-# most processes never use them. So the modules below, minflow's loggers and its
-# regular expressions are globals whose first use makes them (a _Deferred stand-in replaces
-# itself with the real value); type checkers read the real imports, and typing's TYPE_CHECKING
-# is replaced by a constant of the same name, which type checkers take as true.
+# most processes never use them. So the modules below, minflow's loggers and its regular
+# expressions are globals whose first use makes them (a _Deferred stand-in replaces itself with
+# the real value). Type checkers read the real imports: typing's TYPE_CHECKING is replaced by a
+# constant of the same name, which they take as true, and NamedTuple by what it makes.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any, NamedTuple, TypeVar
@@ -597,7 +597,11 @@ class _Field:
     """A field's default with options, as ``dataclasses.field`` takes them."""
 
     def __init__(
-        self, *, default: Any = None, default_factory: Callable[[], Any] | None = None, repr=True
+        self,
+        *,
+        default: Any = None,
+        default_factory: Callable[[], Any] | None = None,
+        repr: bool = True,
     ):
         self.default, self.default_factory, self.repr = default, default_factory, repr
 
