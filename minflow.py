@@ -55,12 +55,10 @@ import io
 import itertools
 import math
 import os
-import re
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 # Why most imports are deferred: minflow is imported by command-line tools and web apps, often
 # vendored, and every start of those pays for what `import minflow` does. Imported here,
@@ -86,6 +84,7 @@ if TYPE_CHECKING:
     import logging
     import queue
     import random
+    import re
     import select
     import selectors
     import signal
@@ -93,6 +92,7 @@ if TYPE_CHECKING:
     import socketserver
     import sqlite3
     import traceback
+    import urllib.parse
     import uuid
     import weakref
 
@@ -130,10 +130,10 @@ def _logger(binding: str, name: str) -> Any:
     return _Deferred(binding, make)
 
 
-def _regex(binding: str, pattern: str, flags: int = 0) -> Any:
-    """A stand-in for ``re.compile(pattern, flags)``, bound to the global ``binding``: compiling
-    all of minflow's patterns took longer than defining all its classes, and a process uses few."""
-    return _Deferred(binding, lambda: re.compile(pattern, flags))
+def _regex(binding: str, pattern: str) -> Any:
+    """A stand-in for ``re.compile(pattern)``, bound to the global ``binding``: compiling all of
+    minflow's patterns took longer than defining all its classes, and a process uses few."""
+    return _Deferred(binding, lambda: re.compile(pattern))
 
 
 @functools.cache
@@ -159,6 +159,7 @@ if not TYPE_CHECKING:
     logging = _module("logging")
     queue = _module("queue")
     random = _module("random")
+    re = _module("re")
     select = _module("select")
     selectors = _module("selectors")
     signal = _module("signal")
@@ -166,6 +167,7 @@ if not TYPE_CHECKING:
     socketserver = _module("socketserver")
     sqlite3 = _module("sqlite3")
     traceback = _module("traceback")
+    urllib = _module("urllib.parse")
     uuid = _module("uuid")
     weakref = _module("weakref")
 
@@ -1015,7 +1017,7 @@ def _parse_sqlite_dsn(text: str) -> _DSN:
     options = _sqlite_query(text, query)
     # PATH as written, as the Go library reads it: sqlite:///abs/x.db is /abs/x.db (four
     # slashes too), sqlite://x.db is x.db in the working directory.
-    path = unquote(rest)
+    path = urllib.parse.unquote(rest)
     if path.startswith("//"):
         path = "/" + path.lstrip("/")
     memory = path in ("", ":memory:")
@@ -1045,7 +1047,7 @@ def _sqlite_query(text: str, query: str) -> dict[str, str]:
     parameters (busy timeout and durability given those ways are folded in); what is ignored
     and changes behaviour is logged once per DSN."""
     try:
-        pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
+        pairs = urllib.parse.parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
     except ValueError:
         raise InvalidInput(f"malformed sqlite DSN query string {query!r}") from None
     options: dict[str, str] = {}
@@ -1093,7 +1095,7 @@ def _sqlite_query(text: str, query: str) -> dict[str, str]:
 def _query_options(query: str, allowed: Iterable[str], what: str) -> dict[str, str]:
     options: dict[str, str] = {}
     try:
-        pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
+        pairs = urllib.parse.parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
     except ValueError:
         raise InvalidInput(f"malformed {what} DSN query string {query!r}") from None
     for key, value in pairs:
@@ -1109,19 +1111,19 @@ def _query_options(query: str, allowed: Iterable[str], what: str) -> dict[str, s
 
 def _parse_pg_url(text: str) -> _DSN:
     try:
-        parts = urlsplit(text)
+        parts = urllib.parse.urlsplit(text)
         port = parts.port
     except ValueError as exc:
         raise InvalidInput(f"malformed PostgreSQL DSN: {exc}") from None
     options = _query_options(parts.query, _PG_OPTIONS, "postgres")
-    host = unquote(parts.hostname or "") or "localhost"
+    host = urllib.parse.unquote(parts.hostname or "") or "localhost"
     return _pg_dsn(
         _mask_url(text, parts),
         host=host,
         port=port or 5432,
-        user=unquote(parts.username) if parts.username else "postgres",
-        password=unquote(parts.password) if parts.password is not None else None,
-        database=unquote(parts.path.lstrip("/")) or None,
+        user=urllib.parse.unquote(parts.username) if parts.username else "postgres",
+        password=urllib.parse.unquote(parts.password) if parts.password is not None else None,
+        database=urllib.parse.unquote(parts.path.lstrip("/")) or None,
         options=options,
     )
 
@@ -2834,7 +2836,7 @@ def _pg_array(values: list) -> str:
 
 
 _PG_NETWORK = _regex(
-    "_PG_NETWORK", r"network|connection|closed|timed? ?out|socket|EOF|read|write|SSL", re.I
+    "_PG_NETWORK", r"(?i)network|connection|closed|timed? ?out|socket|EOF|read|write|SSL"
 )
 _PG_UNAVAILABLE = ("08", "53", "57", "58")  # connection, resources, operator intervention, system
 
@@ -3553,7 +3555,8 @@ class _SQLiteDialect(_Dialect):
     def _open(self) -> sqlite3.Connection:
         target, uri = self.dsn.path, False
         if not self.create and not self.dsn.memory:
-            target, uri = f"file:{quote(self.dsn.path)}?mode=rw", True  # rw: never create
+            # mode=rw: never create
+            target, uri = f"file:{urllib.parse.quote(self.dsn.path)}?mode=rw", True
         raw = sqlite3.connect(
             target,
             timeout=self.dsn.busy_timeout_ms / 1000,
@@ -8625,7 +8628,7 @@ class _Handler(_HandlerBase):
         try:
             status, body = self._route()
             # A write that worked, or a health check that passed: the database is back.
-            if self.command != "GET" or urlsplit(self.path).path in _HEALTH_PATHS:
+            if self.command != "GET" or urllib.parse.urlsplit(self.path).path in _HEALTH_PATHS:
                 outage.ok()
         except _HTTPError as exc:
             status, body, headers = exc.status, exc.body, exc.headers
@@ -8653,7 +8656,7 @@ class _Handler(_HandlerBase):
         server = self.server
         length = self._body_length()
         try:
-            url = urlsplit(self.path)
+            url = urllib.parse.urlsplit(self.path)
         except ValueError:  # e.g. "http://[::1/": an absolute URL with a broken host
             raise _HTTPError(400, f"invalid request target {self.path[:100]!r}") from None
         if url.path not in _PUBLIC_PATHS and server.api_key is not None and not self._authorized():
@@ -8671,7 +8674,7 @@ class _Handler(_HandlerBase):
                 continue
             body = self._read_body(length)
             try:
-                pairs = parse_qsl(url.query, keep_blank_values=True, max_num_fields=50)
+                pairs = urllib.parse.parse_qsl(url.query, keep_blank_values=True, max_num_fields=50)
             except ValueError:
                 raise _HTTPError(400, "too many query parameters") from None
             query: dict[str, str] = {}
@@ -8679,7 +8682,7 @@ class _Handler(_HandlerBase):
                 if key in query:
                     raise _HTTPError(400, f"query parameter {key!r} given more than once")
                 query[key] = value
-            params = {k: unquote(v) for k, v in match.groupdict().items()}
+            params = {k: urllib.parse.unquote(v) for k, v in match.groupdict().items()}
             return fn(
                 _Request(
                     self.command,

@@ -35,6 +35,7 @@ DEFERRED = {
     "logging",
     "queue",
     "random",
+    "re",
     "selectors",
     "socket",
     "socketserver",
@@ -43,11 +44,13 @@ DEFERRED = {
     "tokenize",
     "traceback",
     "typing",
+    "urllib.parse",
     "uuid",
 }
 
 # What the Header imports, besides what any interpreter has imported once it has started.
 EAGER = (
+    "__future__",
     "builtins",
     "collections",
     "collections.abc",
@@ -60,18 +63,16 @@ EAGER = (
     "itertools",
     "math",
     "os",
-    "re",
     "sys",
     "threading",
     "time",
-    "urllib.parse",
 )
 
 
-def modules_after(code: str) -> set[str]:
+def modules_after(code: str, *options: str) -> set[str]:
     """The names in sys.modules once ``code`` has run in a fresh interpreter."""
     done = subprocess.run(
-        [sys.executable, "-c", f"{code}\nimport sys\nprint(sorted(sys.modules))"],
+        [sys.executable, *options, "-c", f"{code}\nimport sys\nprint(sorted(sys.modules))"],
         cwd=ROOT,  # -c puts the working directory first on sys.path: this checkout's minflow.py
         env={k: v for k, v in os.environ.items() if not k.startswith("PYTHON")},
         capture_output=True,
@@ -82,15 +83,17 @@ def modules_after(code: str) -> set[str]:
     return set(ast.literal_eval(done.stdout.splitlines()[-1]))
 
 
-def test_import_minflow_imports_none_of_the_deferred_modules():
-    # Compared with the same interpreter's bare start: what its site imports is not minflow's.
-    bare = modules_after("")
-    added = modules_after("import minflow") - bare
+@pytest.mark.parametrize("options", [(), ("-S",)], ids=["site", "no-site"])
+def test_import_minflow_imports_none_of_the_deferred_modules(options):
+    # Compared with the same interpreter's bare start: what its site imports (with an editable
+    # install: re, enum, urllib.parse...) is not minflow's doing. Without site, nothing is.
+    bare = modules_after("", *options)
+    added = modules_after("import minflow", *options) - bare
     assert "minflow" in added
     assert sorted(added & DEFERRED) == []
     # Nothing at all beyond what the Header imports (datetime, threading, collections.abc, ...)
     # and what those import in turn on this Python.
-    needed = modules_after("import " + ", ".join(EAGER)) - bare
+    needed = modules_after("import " + ", ".join(EAGER), *options) - bare
     assert sorted(added - needed - {"minflow"}) == []
 
 
