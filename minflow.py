@@ -44,52 +44,154 @@ __all__ = [
     "main",
 ]
 
-import argparse
-import asyncio
-import base64
 import builtins
 import collections
 import contextlib
-import dataclasses
 import datetime as _dt
-import email.utils
 import errno
 import functools
-import hashlib
-import heapq
-import hmac
-import http.server
 import importlib
-import inspect
 import io
 import itertools
-import json
-import logging
 import math
 import os
-import queue
-import random
-import re
-import select
-import selectors
-import signal
-import socket
-import socketserver
-import sqlite3
 import sys
 import threading
 import time
-import traceback
-import uuid
-import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, NamedTuple, TypeVar
-from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
-log = logging.getLogger("minflow")
-log.addHandler(logging.NullHandler())
-_worker_log = logging.getLogger("minflow.worker")
-_ticker_log = logging.getLogger("minflow.ticker")
+# Why most imports are deferred: minflow is imported by command-line tools and web apps, often
+# vendored, and every start of those pays for what `import minflow` does. Imported here,
+# http.server, asyncio, argparse, logging, dataclasses and typing were most of that cost, and
+# most processes never use them. So the modules below, minflow's loggers and its regular
+# expressions are globals whose first use makes them (a _Deferred stand-in replaces itself with
+# the real value). Type checkers read the real imports: typing's TYPE_CHECKING is replaced by a
+# constant of the same name, which they take as true, and NamedTuple by what it makes.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, NamedTuple, TypeVar
+
+    import argparse
+    import asyncio
+    import base64
+    import email.utils
+    import hashlib
+    import heapq
+    import hmac
+    import http.server
+    import inspect
+    import json
+    import logging
+    import queue
+    import random
+    import re
+    import select
+    import selectors
+    import signal
+    import socket
+    import socketserver
+    import sqlite3
+    import traceback
+    import urllib.parse
+    import uuid
+    import weakref
+
+
+class _Deferred:
+    """A stand-in for a global that minflow makes on first use: the first attribute read calls
+    ``make`` and puts its value in the stand-in's place among minflow's globals, as ``name``,
+    so later uses read the value itself."""
+
+    def __init__(self, name: str, make: Callable[[], Any]):
+        # Made once: a copy of the stand-in kept elsewhere (an attribute) reads the same value.
+        self._name, self._make = name, functools.cache(make)
+
+    def __getattr__(self, attr: str) -> Any:
+        value = self._make()
+        globals()[self._name] = value
+        return getattr(value, attr)
+
+    def __repr__(self) -> str:
+        return f"<{self._name}, made on first use>"
+
+
+def _module(name: str) -> Any:
+    """A stand-in for module ``name`` (``email.utils``: for the email package, utils imported)."""
+    return _Deferred(name.partition(".")[0], lambda: __import__(name))
+
+
+def _logger(binding: str, name: str) -> Any:
+    """A stand-in for ``logging.getLogger(name)``, bound to the global ``binding``."""
+
+    def make() -> logging.Logger:
+        _library_logger()
+        return logging.getLogger(name)
+
+    return _Deferred(binding, make)
+
+
+def _regex(binding: str, pattern: str) -> Any:
+    """A stand-in for ``re.compile(pattern)``, bound to the global ``binding``: compiling all of
+    minflow's patterns took longer than defining all its classes, and a process uses few."""
+    return _Deferred(binding, lambda: re.compile(pattern))
+
+
+@functools.cache
+def _library_logger() -> logging.Logger:
+    """The "minflow" logger, given once the NullHandler a library adds: showing its records is
+    the application's decision (only ``main()`` configures handlers)."""
+    logger = logging.getLogger("minflow")
+    logger.addHandler(logging.NullHandler())
+    return logger
+
+
+if not TYPE_CHECKING:
+    argparse = _module("argparse")
+    asyncio = _module("asyncio")
+    base64 = _module("base64")
+    email = _module("email.utils")
+    hashlib = _module("hashlib")
+    heapq = _module("heapq")
+    hmac = _module("hmac")
+    http = _module("http.server")
+    inspect = _module("inspect")
+    json = _module("json")
+    logging = _module("logging")
+    queue = _module("queue")
+    random = _module("random")
+    re = _module("re")
+    select = _module("select")
+    selectors = _module("selectors")
+    signal = _module("signal")
+    socket = _module("socket")
+    socketserver = _module("socketserver")
+    sqlite3 = _module("sqlite3")
+    traceback = _module("traceback")
+    urllib = _module("urllib.parse")
+    uuid = _module("uuid")
+    weakref = _module("weakref")
+
+    class _NamedTupleType(type):
+        """What ``class C(NamedTuple)`` makes, as typing.NamedTuple makes it: a
+        collections.namedtuple whose fields are the class's annotations, its attributes their
+        defaults (minflow's named tuples have no methods)."""
+
+        def __new__(mcs, name: str, bases: tuple, namespace: dict) -> type:
+            if not bases:  # NamedTuple itself
+                return super().__new__(mcs, name, bases, namespace)
+            fields = tuple(namespace.get("__annotations__", ()))
+            defaults = [namespace[field] for field in fields if field in namespace]
+            made = collections.namedtuple(name, fields, defaults=defaults, module=__name__)
+            made.__doc__ = namespace.get("__doc__")
+            return made
+
+    class NamedTuple(metaclass=_NamedTupleType):
+        pass
+
+
+log = _logger("log", "minflow")
+_worker_log = _logger("_worker_log", "minflow.worker")
+_ticker_log = _logger("_ticker_log", "minflow.ticker")
 
 UTC = _dt.timezone.utc
 
@@ -300,9 +402,10 @@ def _is_uuid(value: str) -> bool:
     return True
 
 
-_GO_TIME = re.compile(
+_GO_TIME = _regex(
+    "_GO_TIME",
     r"^(\d{4}-\d{2}-\d{2})[T ](\d{2}:\d{2}:\d{2})(?:\.(\d+))?"
-    r"\s*(Z|[+-]\d{2}(?::?\d{2})?)?(?:\s+[A-Za-z][A-Za-z0-9+-]*)?(?:\s+m=[+-][\d.]+)?$"
+    r"\s*(Z|[+-]\d{2}(?::?\d{2})?)?(?:\s+[A-Za-z][A-Za-z0-9+-]*)?(?:\s+m=[+-][\d.]+)?$",
 )
 _unparsed_warned: set[str] = set()
 
@@ -433,7 +536,7 @@ def _json_strings(text: Any) -> tuple[str, ...]:
     return tuple(v for v in value if isinstance(v, str)) if isinstance(value, list) else ()
 
 
-_DURATION = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h|d)?\s*")
+_DURATION = _regex("_DURATION", r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h|d)?\s*")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
@@ -485,8 +588,142 @@ def _exponential_backoff(base: float, cap: float) -> Callable[[int], float]:
 # Public value types
 # ---------------------------------------------------------------------------------------------
 
+# The value types are classes like frozen (or plain) dataclasses, with the same constructor,
+# repr, equality, hash and immutability, made by _dataclass below: the dataclasses module (it
+# imports inspect) and the code it generates for each class when defined were over half of the
+# cost of `import minflow` (see the Header). Here a class's __init__ is generated when its first
+# instance is made. Type checkers read them as the dataclasses they behave like.
 
-@dataclasses.dataclass(frozen=True)
+
+class _Field:
+    """A field's default with options, as ``dataclasses.field`` takes them."""
+
+    def __init__(
+        self,
+        *,
+        default: Any = None,
+        default_factory: Callable[[], Any] | None = None,
+        repr: bool = True,
+    ):
+        self.default, self.default_factory, self.repr = default, default_factory, repr
+
+
+_NO_DEFAULT = object()
+_FROM_FACTORY = object()  # the default of a field whose default_factory makes its value
+
+
+def _dataclass_init(cls: type, frozen: bool) -> Callable[..., None]:
+    """``cls.__init__``, written as dataclasses writes it: the fields in order as parameters,
+    each set as an attribute (stored in the instance's ``__dict__`` if the class is frozen)."""
+    scope: dict[str, Any] = {"_FROM_FACTORY": _FROM_FACTORY}
+    params, body = [], [" d = self.__dict__"] if frozen else []
+    for name in cls._fields:  # type: ignore[attr-defined]
+        default = cls._defaults.get(name, _NO_DEFAULT)  # type: ignore[attr-defined]
+        value = name
+        if isinstance(default, _Field) and default.default_factory is not None:
+            scope[f"_factory_{name}"] = default.default_factory
+            params.append(f"{name}=_FROM_FACTORY")
+            value = f"_factory_{name}() if {name} is _FROM_FACTORY else {name}"
+        elif default is _NO_DEFAULT:
+            params.append(name)
+        else:
+            scope[f"_default_{name}"] = default.default if isinstance(default, _Field) else default
+            params.append(f"{name}=_default_{name}")
+        body.append(f" d[{name!r}] = {value}" if frozen else f" self.{name} = {value}")
+    exec(f"def __init__(self, {', '.join(params)}):\n" + "\n".join(body or [" pass"]), scope)
+    init = scope["__init__"]
+    init.__qualname__ = f"{cls.__qualname__}.__init__"
+    return init  # type: ignore[no-any-return]
+
+
+def _dataclass_repr(self: Any) -> str:
+    shown = ", ".join(f"{name}={getattr(self, name)!r}" for name in type(self)._shown)
+    return f"{type(self).__qualname__}({shown})"
+
+
+def _dataclass_eq(self: Any, other: Any) -> Any:
+    if other.__class__ is not self.__class__:
+        return NotImplemented
+    return _dataclass_values(self) == _dataclass_values(other)
+
+
+def _dataclass_values(self: Any) -> tuple:
+    return tuple(getattr(self, name) for name in self._fields)
+
+
+def _dataclass_hash(self: Any) -> int:
+    return hash(_dataclass_values(self))
+
+
+def _frozen_setattr(self: Any, name: str, value: Any) -> None:
+    raise AttributeError(f"cannot assign to field {name!r}")
+
+
+def _frozen_delattr(self: Any, name: str) -> None:
+    raise AttributeError(f"cannot delete field {name!r}")
+
+
+def _runtime_dataclass(cls: type | None = None, /, *, frozen: bool = False, eq: bool = True) -> Any:
+    """``dataclasses.dataclass`` as minflow uses it: fields are the class's own annotations,
+    their defaults its class attributes or ``_field(...)``."""
+
+    def make(cls: type) -> type:
+        fields = tuple(cls.__dict__.get("__annotations__", {}))
+        defaults = {name: cls.__dict__[name] for name in fields if name in cls.__dict__}
+        for name, default in defaults.items():
+            if isinstance(default, _Field):  # the class attribute is the plain default, if any
+                if default.default_factory is None:
+                    setattr(cls, name, default.default)
+                else:
+                    delattr(cls, name)
+        shown = tuple(
+            n for n in fields if not isinstance(defaults.get(n), _Field) or defaults[n].repr
+        )
+
+        def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+            # The first instance writes the real __init__: no code is generated at import.
+            cls.__init__ = _dataclass_init(cls, frozen)  # type: ignore[misc]
+            cls.__init__(self, *args, **kwargs)  # type: ignore[misc]
+
+        attributes: dict[str, Any] = {
+            "_fields": fields,
+            "_defaults": defaults,
+            "_shown": shown,
+            "__match_args__": fields,
+            "__init__": __init__,
+            "__repr__": _dataclass_repr,
+        }
+        if eq:
+            attributes["__eq__"] = _dataclass_eq
+            attributes["__hash__"] = _dataclass_hash if frozen else None
+        if frozen:
+            attributes["__setattr__"] = _frozen_setattr
+            attributes["__delattr__"] = _frozen_delattr
+        for name, value in attributes.items():
+            setattr(cls, name, value)
+        return cls
+
+    return make if cls is None else make(cls)
+
+
+if TYPE_CHECKING:
+    from dataclasses import dataclass as _dataclass
+    from dataclasses import field as _field
+else:
+    _dataclass, _field = _runtime_dataclass, _Field
+
+
+def _fields(cls_or_record: Any) -> tuple[str, ...]:
+    """The field names of a ``_dataclass`` class or instance, in order."""
+    return cls_or_record._fields  # type: ignore[no-any-return]
+
+
+def _replace(record: Any, **changes: Any) -> Any:
+    """A copy of ``record`` with some fields changed, like ``dataclasses.replace``."""
+    return type(record)(**{**{name: getattr(record, name) for name in _fields(record)}, **changes})
+
+
+@_dataclass(frozen=True)
 class Job:
     """One run to submit with ``Client.submit_many``; the fields mirror ``Client.submit``."""
 
@@ -536,10 +773,10 @@ class _Record:
 
     def to_json(self) -> dict:
         """A JSON-ready dict: snake_case keys, times as RFC 3339 UTC text, JSON values as is."""
-        return {k: _json_value(v) for k, v in dataclasses.asdict(self).items()}  # type: ignore[call-overload]
+        return {name: _json_value(getattr(self, name)) for name in _fields(self)}
 
 
-@dataclasses.dataclass(frozen=True)
+@_dataclass(frozen=True)
 class Run(_Record):
     """A run as stored (the seed's read model). Times are aware UTC; payload/result decoded JSON.
 
@@ -563,7 +800,7 @@ class Run(_Record):
     updated_at: _dt.datetime | None
 
 
-@dataclasses.dataclass(frozen=True)
+@_dataclass(frozen=True)
 class Event(_Record):
     """One entry of a run's audit trail (``workflow_event``)."""
 
@@ -574,7 +811,7 @@ class Event(_Record):
     created_at: _dt.datetime | None
 
 
-@dataclasses.dataclass(frozen=True)
+@_dataclass(frozen=True)
 class Schedule(_Record):
     """A cron schedule (``workflow_schedule``); ``cron`` is the seed's ``schedule`` column."""
 
@@ -592,7 +829,7 @@ class Schedule(_Record):
     created_at: _dt.datetime | None = None
 
 
-@dataclasses.dataclass(frozen=True)
+@_dataclass(frozen=True)
 class WorkerInfo(_Record):
     """A worker as it records itself in ``minflow_worker`` (see ``Client.workers``).
 
@@ -682,7 +919,7 @@ _SQLITE_FIXED = {
     "foreign_keys": ("1", "on", "true", "yes"),
     "synchronous": ("2", "full", "3", "extra"),
 }
-_PRAGMA = re.compile(r"\s*(\w+)\s*(?:\(\s*([^()]*?)\s*\)|=\s*(.*?))?\s*")
+_PRAGMA = _regex("_PRAGMA", r"\s*(\w+)\s*(?:\(\s*([^()]*?)\s*\)|=\s*(.*?))?\s*")
 _warned_dsns: set[str] = set()
 _PG_OPTIONS = {
     "schema",
@@ -702,7 +939,7 @@ _DSN_FLAGS = {"yes": True, "true": True, "1": True, "no": False, "false": False,
 _SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 
 
-@dataclasses.dataclass(frozen=True)
+@_dataclass(frozen=True)
 class _DSN:
     """A parsed connection string. ``key`` names the database for in-process wake-ups."""
 
@@ -716,7 +953,7 @@ class _DSN:
     host: str = "localhost"
     port: int = 5432
     user: str = "postgres"
-    password: str | None = dataclasses.field(default=None, repr=False)  # never in logs
+    password: str | None = _field(default=None, repr=False)  # never in logs
     database: str | None = None
     unix_sock: str | None = None
     search_path: tuple[str, ...] = (DEFAULT_SCHEMA,)
@@ -780,7 +1017,7 @@ def _parse_sqlite_dsn(text: str) -> _DSN:
     options = _sqlite_query(text, query)
     # PATH as written, as the Go library reads it: sqlite:///abs/x.db is /abs/x.db (four
     # slashes too), sqlite://x.db is x.db in the working directory.
-    path = unquote(rest)
+    path = urllib.parse.unquote(rest)
     if path.startswith("//"):
         path = "/" + path.lstrip("/")
     memory = path in ("", ":memory:")
@@ -810,7 +1047,7 @@ def _sqlite_query(text: str, query: str) -> dict[str, str]:
     parameters (busy timeout and durability given those ways are folded in); what is ignored
     and changes behaviour is logged once per DSN."""
     try:
-        pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
+        pairs = urllib.parse.parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
     except ValueError:
         raise InvalidInput(f"malformed sqlite DSN query string {query!r}") from None
     options: dict[str, str] = {}
@@ -858,7 +1095,7 @@ def _sqlite_query(text: str, query: str) -> dict[str, str]:
 def _query_options(query: str, allowed: Iterable[str], what: str) -> dict[str, str]:
     options: dict[str, str] = {}
     try:
-        pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
+        pairs = urllib.parse.parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
     except ValueError:
         raise InvalidInput(f"malformed {what} DSN query string {query!r}") from None
     for key, value in pairs:
@@ -874,24 +1111,24 @@ def _query_options(query: str, allowed: Iterable[str], what: str) -> dict[str, s
 
 def _parse_pg_url(text: str) -> _DSN:
     try:
-        parts = urlsplit(text)
+        parts = urllib.parse.urlsplit(text)
         port = parts.port
     except ValueError as exc:
         raise InvalidInput(f"malformed PostgreSQL DSN: {exc}") from None
     options = _query_options(parts.query, _PG_OPTIONS, "postgres")
-    host = unquote(parts.hostname or "") or "localhost"
+    host = urllib.parse.unquote(parts.hostname or "") or "localhost"
     return _pg_dsn(
         _mask_url(text, parts),
         host=host,
         port=port or 5432,
-        user=unquote(parts.username) if parts.username else "postgres",
-        password=unquote(parts.password) if parts.password is not None else None,
-        database=unquote(parts.path.lstrip("/")) or None,
+        user=urllib.parse.unquote(parts.username) if parts.username else "postgres",
+        password=urllib.parse.unquote(parts.password) if parts.password is not None else None,
+        database=urllib.parse.unquote(parts.path.lstrip("/")) or None,
         options=options,
     )
 
 
-_KEYWORD = re.compile(r"\s*([A-Za-z_]+)\s*=\s*('((?:[^'\\]|\\.)*)'|[^\s']*)")
+_KEYWORD = _regex("_KEYWORD", r"\s*([A-Za-z_]+)\s*=\s*('((?:[^'\\]|\\.)*)'|[^\s']*)")
 
 
 def _parse_pg_keywords(text: str) -> _DSN:
@@ -1313,7 +1550,7 @@ _TABLES = (
     "minflow_migration",
     "minflow_worker",
 )
-_SLOT = re.compile(r"\{(\w+)(?::([\w.]+))?\}")
+_SLOT = _regex("_SLOT", r"\{(\w+)(?::([\w.]+))?\}")
 
 
 def _table_slots(schema: str | None) -> dict[str, str]:
@@ -1344,7 +1581,7 @@ def _render(template: str, fragments: dict[str, str]) -> str:
 # Quoted text, quoted identifiers and comments are copied unchanged, except that the format
 # styles need a literal % doubled: outside quotes for every driver, inside them too for psycopg
 # and psycopg2, which read % wherever it stands.
-_PARAM_TOKEN = re.compile(r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|--[^\n]*|::|:(\w+)|%")
+_PARAM_TOKEN = _regex("_PARAM_TOKEN", r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|--[^\n]*|::|:(\w+)|%")
 _PARAMSTYLES = ("named", "pyformat", "format", "qmark", "numeric")
 _RESTYLED: dict[tuple[str, str, bool], tuple[str, tuple[str, ...]]] = {}
 
@@ -1412,7 +1649,7 @@ def _outcome_event(kind: str, status: str, **columns: Any) -> tuple[str, str | N
 # (Client.cancel, Client.retry) and for many (cancel_many, retry_many) alike.
 _MANUAL_EVENTS: dict[str, tuple[str, str | None]] = {
     "cancel": ("cancelled", None),
-    "retry": ("retried", json.dumps({"reason": "manual", "attempt": 0})),
+    "retry": ("retried", '{"reason": "manual", "attempt": 0}'),
 }
 
 
@@ -2300,7 +2537,7 @@ class _StatementMode:
             )
 
 
-@dataclasses.dataclass
+@_dataclass
 class _PgStatement:
     """A statement as one connection runs it: $n placeholders, and once prepared its name."""
 
@@ -2598,7 +2835,9 @@ def _pg_array(values: list) -> str:
     return "{" + ",".join(parts) + "}"
 
 
-_PG_NETWORK = re.compile(r"network|connection|closed|timed? ?out|socket|EOF|read|write|SSL", re.I)
+_PG_NETWORK = _regex(
+    "_PG_NETWORK", r"(?i)network|connection|closed|timed? ?out|socket|EOF|read|write|SSL"
+)
 _PG_UNAVAILABLE = ("08", "53", "57", "58")  # connection, resources, operator intervention, system
 
 
@@ -2703,7 +2942,7 @@ class _Pool:
 # wake-ups. Code above the seam never asks which dialect it talks to.
 
 
-@dataclasses.dataclass
+@_dataclass
 class _Completion:
     """A finished execution's outcome, as the worker reports it back (kind: _SUCCEEDED...)."""
 
@@ -2717,7 +2956,7 @@ class _Completion:
     started: float = 0.0  # monotonic, for the duration metric
 
 
-@dataclasses.dataclass
+@_dataclass
 class _Filter:
     """Which runs a worker may claim: exact types and/or literal prefixes, except the capped
     types, which come with their room (how many more of each may start now, maybe 0)."""
@@ -3316,7 +3555,8 @@ class _SQLiteDialect(_Dialect):
     def _open(self) -> sqlite3.Connection:
         target, uri = self.dsn.path, False
         if not self.create and not self.dsn.memory:
-            target, uri = f"file:{quote(self.dsn.path)}?mode=rw", True  # rw: never create
+            # mode=rw: never create
+            target, uri = f"file:{urllib.parse.quote(self.dsn.path)}?mode=rw", True
         raw = sqlite3.connect(
             target,
             timeout=self.dsn.busy_timeout_ms / 1000,
@@ -3937,9 +4177,9 @@ _CRON_FIELDS: tuple[tuple[str, int, int, tuple[str, ...], bool], ...] = (
     ("month", 1, 12, _MONTHS, False),
     ("day of week", 0, 6, _WEEKDAYS, True),
 )
-_CRON_TERM = re.compile(r"^(?:([*?])|([0-9A-Za-z]+)(?:-([0-9A-Za-z]+))?)(?:/([0-9]+))?$")
+_CRON_TERM = _regex("_CRON_TERM", r"^(?:([*?])|([0-9A-Za-z]+)(?:-([0-9A-Za-z]+))?)(?:/([0-9]+))?$")
 # The Go parser accepts "TZ=Zone expr" and "CRON_TZ=Zone expr", overriding the timezone column.
-_CRON_TZ_PREFIX = re.compile(r"^(?:CRON_)?TZ=(\S+) (.*)$")
+_CRON_TZ_PREFIX = _regex("_CRON_TZ_PREFIX", r"^(?:CRON_)?TZ=(\S+) (.*)$")
 _cron_cache: dict[tuple[Any, Any], tuple[str, _dt.tzinfo]] = {}
 # Candidates inside a repeated hour are skipped one by one (at most one per minute); needing
 # more steps than this means the expression is unusable, never an endless loop in the ticker.
@@ -5050,10 +5290,11 @@ class Client:
 
 # What @app.handler accepts, and returns unchanged: a type checker keeps the function's own
 # signature (and rejects a function that cannot take a RunContext).
-_HandlerFn = TypeVar("_HandlerFn", bound="Callable[[RunContext], Any]")
+if TYPE_CHECKING:
+    _HandlerFn = TypeVar("_HandlerFn", bound="Callable[[RunContext], Any]")
 
 
-@dataclasses.dataclass(frozen=True)
+@_dataclass(frozen=True)
 class _Policy:
     """How the worker treats one type's runs besides calling its handler (see App.handler)."""
 
@@ -6319,7 +6560,7 @@ class Worker:
         if not self._caps:
             return filt
         assert self._uncapped is not None
-        return dataclasses.replace(
+        return _replace(
             self._uncapped,
             capped=tuple(
                 (t, max(0, cap - self._capped_running[t])) for t, cap in self._caps.items()
@@ -6763,7 +7004,7 @@ class _Deadlines:
 # bounded numbers of handler threads and of connections still sending their head.
 # The same server with two routes is a worker's --metrics-port listener.
 
-_http_log = logging.getLogger("minflow.http")
+_http_log = _logger("_http_log", "minflow.http")
 
 _DRAIN_LIMIT = 16 << 20  # an oversized body up to this size is read and dropped, so the 413 arrives
 _API = "/api/v1"
@@ -6781,16 +7022,16 @@ class _HTTPError(Exception):
         self.headers = headers or {}
 
 
-@dataclasses.dataclass(frozen=True)
+@_dataclass(frozen=True)
 class _Text:
     """A non-JSON response body, with headers of its own."""
 
     text: str
     content_type: str = _METRICS_CONTENT_TYPE
-    headers: dict[str, str] = dataclasses.field(default_factory=dict)
+    headers: dict[str, str] = _field(default_factory=dict)
 
 
-@dataclasses.dataclass
+@_dataclass
 class _Request:
     """What a route function sees."""
 
@@ -6839,8 +7080,9 @@ def _reject_json_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-_RFC3339 = re.compile(
-    r"(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?([Zz]|[+-]\d{2}:\d{2})"
+_RFC3339 = _regex(
+    "_RFC3339",
+    r"(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?([Zz]|[+-]\d{2}:\d{2})",
 )
 
 
@@ -8031,19 +8273,23 @@ _UI_PAGE = (
     f"<style>{_UI_STYLE}</style>\n</head>\n<body>\n{_UI_BODY}"
     f"<script>{_UI_SCRIPT}</script>\n</body>\n</html>\n"
 )
-_UI_HEADERS = {
-    "Content-Security-Policy": (
-        f"default-src 'none'; script-src {_csp_hash(_UI_SCRIPT)}; "
-        f"style-src {_csp_hash(_UI_STYLE)}; connect-src 'self'; img-src data:; "
-        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
-    ),
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
-}
+
+
+@functools.cache  # the hashes need hashlib, imported on first use (see the Header)
+def _ui_headers() -> dict[str, str]:
+    return {
+        "Content-Security-Policy": (
+            f"default-src 'none'; script-src {_csp_hash(_UI_SCRIPT)}; "
+            f"style-src {_csp_hash(_UI_STYLE)}; connect-src 'self'; img-src data:; "
+            "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+        ),
+        "X-Content-Type-Options": "nosniff",
+        "Referrer-Policy": "no-referrer",
+    }
 
 
 def _r_ui(req: _Request) -> tuple[int, Any]:
-    return 200, _Text(_UI_PAGE, "text/html; charset=utf-8", _UI_HEADERS)
+    return 200, _Text(_UI_PAGE, "text/html; charset=utf-8", _ui_headers())
 
 
 # -- the route table --------------------------------------------------------------------------
@@ -8085,7 +8331,7 @@ _NAME_TEXT = {
 _FILTER_TEXT = {**_NAME_TEXT, "minLength": 0, "pattern": f"^({_NON_BLANK})?$"}
 
 
-@dataclasses.dataclass(frozen=True)
+@_dataclass(frozen=True)
 class _Operation:
     """What a route runs, and how the OpenAPI document describes it."""
 
@@ -8296,7 +8542,7 @@ def _log_access(
     )
 
 
-@dataclasses.dataclass(eq=False)
+@_dataclass(eq=False)
 class _Pending:
     """A connection the accept loop holds: its head still arriving (``reply`` is None), or the
     loop's own answer being written (the bytes left) and then what follows discarded (b"")."""
@@ -8305,7 +8551,7 @@ class _Pending:
     address: Any
     accepted: float  # time.monotonic()
     deadline: float  # for the whole request; once answered, for the discarding
-    head: bytearray = dataclasses.field(default_factory=bytearray)
+    head: bytearray = _field(default_factory=bytearray)
     reply: bytes | None = None
 
     def request_line(self) -> str:
@@ -8343,7 +8589,16 @@ class _DeadlineReader(io.RawIOBase):
         return self._sock.recv_into(buffer)
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
+# http.server is imported when the first server is made: then _http_classes puts each of the
+# two classes below on its http.server base, which is the base type checkers see.
+if TYPE_CHECKING:
+    _HandlerBase = http.server.BaseHTTPRequestHandler
+    _ServerBase = http.server.HTTPServer
+else:
+    _HandlerBase = _ServerBase = object
+
+
+class _Handler(_HandlerBase):
     """One request on a connection whose head the accept loop has read (HTTP/1.0 semantics: the
     connection closes after it)."""
 
@@ -8375,7 +8630,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         try:
             status, body = self._route()
             # A write that worked, or a health check that passed: the database is back.
-            if self.command != "GET" or urlsplit(self.path).path in _HEALTH_PATHS:
+            if self.command != "GET" or urllib.parse.urlsplit(self.path).path in _HEALTH_PATHS:
                 outage.ok()
         except _HTTPError as exc:
             status, body, headers = exc.status, exc.body, exc.headers
@@ -8403,7 +8658,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         server = self.server
         length = self._body_length()
         try:
-            url = urlsplit(self.path)
+            url = urllib.parse.urlsplit(self.path)
         except ValueError:  # e.g. "http://[::1/": an absolute URL with a broken host
             raise _HTTPError(400, f"invalid request target {self.path[:100]!r}") from None
         if url.path not in _PUBLIC_PATHS and server.api_key is not None and not self._authorized():
@@ -8421,7 +8676,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 continue
             body = self._read_body(length)
             try:
-                pairs = parse_qsl(url.query, keep_blank_values=True, max_num_fields=50)
+                pairs = urllib.parse.parse_qsl(url.query, keep_blank_values=True, max_num_fields=50)
             except ValueError:
                 raise _HTTPError(400, "too many query parameters") from None
             query: dict[str, str] = {}
@@ -8429,7 +8684,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 if key in query:
                     raise _HTTPError(400, f"query parameter {key!r} given more than once")
                 query[key] = value
-            params = {k: unquote(v) for k, v in match.groupdict().items()}
+            params = {k: urllib.parse.unquote(v) for k, v in match.groupdict().items()}
             return fn(
                 _Request(
                     self.command,
@@ -8535,13 +8790,17 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         _http_log.info("%s: %s", self.client_address[0], format % args)
 
 
-class _Server(http.server.HTTPServer):
+class _Server(_ServerBase):
     """The HTTP server. ``serve_forever`` runs the accept loop, which reads request heads and
     holds at most ``pending`` connections doing so (a new one drops the oldest); each complete
     head gets one of at most ``threads`` handler threads, or an immediate 503 when all are busy.
-    Connections are only ever handled this way (``handle_request`` is not supported)."""
+    Connections are only ever handled this way (``handle_request`` is not supported).
+    ``_Server(...)`` makes an instance of its subclass on http.server.HTTPServer."""
 
     request_queue_size = 128
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> _Server:
+        return super().__new__(_http_classes()[1] if cls is _Server else cls)
 
     def __init__(
         self,
@@ -8578,7 +8837,7 @@ class _Server(http.server.HTTPServer):
         self._stopped.set()
         if ":" in host:
             self.address_family = socket.AF_INET6
-        super().__init__((host, port), _Handler)
+        super().__init__((host, port), _http_classes()[0])
 
     def server_bind(self) -> None:
         # HTTPServer.server_bind also resolves the host's FQDN, a DNS lookup that can stall
@@ -8655,10 +8914,12 @@ class _Server(http.server.HTTPServer):
                 continue
             sock.setblocking(False)
             now = time.monotonic()
-            self._admit(_Pending(sock, address, now, now + self.request_timeout))
+            self._admit(
+                _Pending(sock, address, now, now + self.request_timeout), selectors.EVENT_READ
+            )
         return False
 
-    def _admit(self, conn: _Pending, events: int = selectors.EVENT_READ) -> None:
+    def _admit(self, conn: _Pending, events: int) -> None:
         if len(self._pending) >= self._max_pending:
             self._push_out(next(iter(self._pending)), f"more than {self._max_pending} pending")
         self._pending[conn] = None
@@ -8761,7 +9022,7 @@ class _Server(http.server.HTTPServer):
     def _handle(self, conn: _Pending) -> None:
         """A handler thread: one request, then the connection is closed and the slot freed."""
         try:
-            _Handler(conn, conn.address, self)
+            self.RequestHandlerClass(conn, conn.address, self)
         except Exception:
             self.handle_error(conn.sock, conn.address)
         finally:
@@ -8797,6 +9058,19 @@ class _Server(http.server.HTTPServer):
             _http_log.info("%s: connection error: %s", client_address[0], exc)
         else:
             _http_log.exception("%s: request handling failed", client_address[0])
+
+
+@functools.cache
+def _http_classes() -> tuple[type[_Handler], type[_Server]]:
+    """_Handler and _Server on their http.server bases (imported here, on first use)."""
+
+    class Handler(_Handler, http.server.BaseHTTPRequestHandler):
+        pass
+
+    class Server(_Server, http.server.HTTPServer):
+        pass
+
+    return Handler, Server
 
 
 def _start_server(server: _Server, poll_interval: float = 0.5) -> threading.Thread:
@@ -8899,7 +9173,7 @@ def _openapi_schemas() -> dict:
 
     def model(cls: type, **properties: dict) -> dict:
         """A response object: every field of the dataclass, nothing else."""
-        names = [f.name for f in dataclasses.fields(cls)]
+        names = list(_fields(cls))
         if list(properties) != names:
             raise TypeError(f"{cls.__name__} has the fields {names}, its schema {list(properties)}")
         return {
@@ -9194,7 +9468,7 @@ def _time_arg(text: str) -> _dt.datetime:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-@dataclasses.dataclass(frozen=True)
+@_dataclass(frozen=True)
 class _Option:
     """A command-line option. ``kwarg``: the keyword argument its value is passed as (None: the
     command reads it itself, as ``args.<flag name>``). ``parse`` turns its text into the value
@@ -9825,26 +10099,29 @@ error), 2 invalid arguments or input.
 """
 
 
-class _JsonLogFormatter(logging.Formatter):
+def _json_log_formatter() -> logging.Formatter:
     """``--log-format json``: one JSON object per record, with the run fields it carries."""
 
-    FIELDS = ("run_id", "type", "attempt", "worker_id", "outcome", "duration")
+    class JsonLogFormatter(logging.Formatter):
+        FIELDS = ("run_id", "type", "attempt", "worker_id", "outcome", "duration")
 
-    def format(self, record: logging.LogRecord) -> str:
-        moment = _dt.datetime.fromtimestamp(record.created, UTC)
-        entry = {
-            "time": moment.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        for name in self.FIELDS:
-            value = record.__dict__.get(name)
-            if value is not None:
-                entry[name] = value
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False, default=str)
+        def format(self, record: logging.LogRecord) -> str:
+            moment = _dt.datetime.fromtimestamp(record.created, UTC)
+            entry = {
+                "time": moment.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+                "level": record.levelname,
+                "logger": record.name,
+                "message": record.getMessage(),
+            }
+            for name in self.FIELDS:
+                value = record.__dict__.get(name)
+                if value is not None:
+                    entry[name] = value
+            if record.exc_info:
+                entry["exception"] = self.formatException(record.exc_info)
+            return json.dumps(entry, ensure_ascii=False, default=str)
+
+    return JsonLogFormatter()
 
 
 def _global_options(parser: argparse.ArgumentParser, prefix: str = "") -> None:
@@ -10116,7 +10393,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     handler = logging.StreamHandler()
     handler.setFormatter(
-        _JsonLogFormatter()
+        _json_log_formatter()
         if args.log_format == "json"
         else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     )

@@ -39,17 +39,43 @@ def _environment() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
 
 
-def _elapsed(code: str) -> float:
+def _elapsed(code: str, *options: str) -> tuple[float, float]:
+    """Seconds of wall-clock time and of CPU time (user + system) of ``python -c code``."""
     start = time.perf_counter()
-    subprocess.run(
-        [sys.executable, "-c", code],
+    proc = subprocess.Popen(
+        [sys.executable, *options, "-c", code],
         cwd=ROOT,  # -c puts the working directory first on sys.path: this checkout's minflow.py
         env=_environment(),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
-        check=True,
     )
-    return time.perf_counter() - start
+    _, status, usage = os.wait4(proc.pid, 0)
+    elapsed = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    assert proc.returncode == 0, f"python -c {code!r} exited with {proc.returncode}"
+    return elapsed, usage.ru_utime + usage.ru_stime
+
+
+def _added(*options: str) -> tuple[list[tuple[float, float]], list[tuple[float, float]]]:
+    """(wall, CPU) of ``python -c pass`` and of ``python -c 'import minflow'``, alternating."""
+    for _ in range(IMPORT_WARMUP):
+        _elapsed("pass", *options)
+        _elapsed("import minflow", *options)
+    bare, with_minflow = [], []
+    for _ in range(IMPORT_PAIRS):
+        bare.append(_elapsed("pass", *options))
+        with_minflow.append(_elapsed("import minflow", *options))
+    return bare, with_minflow
+
+
+def _median_ms(values: list[float]) -> float:
+    return statistics.median(values) * 1000
+
+
+def _difference_ms(
+    bare: list[tuple[float, float]], other: list[tuple[float, float]], i: int
+) -> float:
+    return _median_ms([b[i] - a[i] for a, b in zip(bare, other, strict=True)])
 
 
 def _importtime() -> list[tuple[int, int, int, str]]:
@@ -98,14 +124,8 @@ def _offenders() -> tuple[list[tuple[str, float]], list[tuple[str, float]]]:
 
 def test_import_time(report):
     py_compile.compile(str(ROOT / "minflow.py"), doraise=True)
-    for _ in range(IMPORT_WARMUP):
-        _elapsed("pass")
-        _elapsed("import minflow")
-    bare, with_minflow = [], []
-    for _ in range(IMPORT_PAIRS):
-        bare.append(_elapsed("pass"))
-        with_minflow.append(_elapsed("import minflow"))
-    added = statistics.median(b - a for a, b in zip(bare, with_minflow, strict=True)) * 1000
+    bare, with_minflow = _added()
+    added = _difference_ms(bare, with_minflow, 0)
     report.add(
         "import minflow, over python -c pass",
         "-",
@@ -117,8 +137,18 @@ def test_import_time(report):
     )
     direct, own = _offenders()
     report.detail(
-        f"python -c pass {statistics.median(bare) * 1000:.1f} ms, python -c 'import minflow' "
-        f"{statistics.median(with_minflow) * 1000:.1f} ms (medians of {IMPORT_PAIRS})"
+        f"python -c pass {_median_ms([b[0] for b in bare]):.1f} ms, python -c 'import minflow' "
+        f"{_median_ms([w[0] for w in with_minflow]):.1f} ms (medians of {IMPORT_PAIRS}); CPU "
+        f"time (user + system, less affected by other processes) added by the import "
+        f"{_difference_ms(bare, with_minflow, 1):.1f} ms"
+    )
+    # The environment's site may import modules minflow needs too (an editable install's
+    # finder imports re, enum and pathlib): without site, the import pays for all of them.
+    bare_s, with_minflow_s = _added("-S")
+    report.detail(
+        f"with python -S (no site, so nothing imported before minflow): import minflow adds "
+        f"{_difference_ms(bare_s, with_minflow_s, 0):.1f} ms, CPU "
+        f"{_difference_ms(bare_s, with_minflow_s, 1):.1f} ms"
     )
     report.detail(
         f"-X importtime, medians of {IMPORTTIME_RUNS} runs: minflow's direct imports by "
