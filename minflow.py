@@ -592,7 +592,8 @@ def _exponential_backoff(base: float, cap: float) -> Callable[[int], float]:
 # repr, equality, hash and immutability, made by _dataclass below: the dataclasses module (it
 # imports inspect) and the code it generates for each class when defined were over half of the
 # cost of `import minflow` (see the Header). Here a class's __init__ is generated when its first
-# instance is made. Type checkers read them as the dataclasses they behave like.
+# instance is made. Type checkers read them as the dataclasses they behave like, and the
+# dataclasses module's functions accept them (_DataclassFields).
 
 
 class _Field:
@@ -663,6 +664,38 @@ def _frozen_delattr(self: Any, name: str) -> None:
     raise AttributeError(f"cannot delete field {name!r}")
 
 
+class _DataclassFields:
+    """``__dataclass_fields__``, made when first read: ``dataclasses.is_dataclass``, ``fields``,
+    ``asdict``, ``astuple`` and ``replace`` then accept minflow's value types as the dataclasses
+    they behave like, and an application that never asks does not import the module. The
+    fields are those of an equivalent class made by ``dataclasses.make_dataclass``."""
+
+    def __get__(self, instance: Any, owner: type) -> dict[str, Any]:
+        import dataclasses
+
+        specs = []
+        for name in owner._fields:  # type: ignore[attr-defined]
+            default = owner._defaults.get(name, _NO_DEFAULT)  # type: ignore[attr-defined]
+            if isinstance(default, _Field) and default.default_factory is not None:
+                spec = dataclasses.field(default_factory=default.default_factory, repr=default.repr)
+            elif isinstance(default, _Field):
+                spec = dataclasses.field(default=default.default, repr=default.repr)
+            elif default is _NO_DEFAULT:
+                spec = dataclasses.field()
+            else:
+                spec = dataclasses.field(default=default)
+            specs.append((name, owner.__annotations__[name], spec))
+        twin = dataclasses.make_dataclass(
+            owner.__name__,
+            specs,
+            frozen=owner._frozen,  # type: ignore[attr-defined]
+            eq=owner._eq,  # type: ignore[attr-defined]
+        )
+        owner.__dataclass_params__ = twin.__dataclass_params__  # type: ignore[attr-defined]
+        owner.__dataclass_fields__ = twin.__dataclass_fields__  # type: ignore[attr-defined]
+        return twin.__dataclass_fields__  # type: ignore[no-any-return]
+
+
 def _runtime_dataclass(cls: type | None = None, /, *, frozen: bool = False, eq: bool = True) -> Any:
     """``dataclasses.dataclass`` as minflow uses it: fields are the class's own annotations,
     their defaults its class attributes or ``_field(...)``."""
@@ -689,6 +722,9 @@ def _runtime_dataclass(cls: type | None = None, /, *, frozen: bool = False, eq: 
             "_fields": fields,
             "_defaults": defaults,
             "_shown": shown,
+            "_frozen": frozen,
+            "_eq": eq,
+            "__dataclass_fields__": _DataclassFields(),
             "__match_args__": fields,
             "__init__": __init__,
             "__repr__": _dataclass_repr,

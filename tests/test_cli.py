@@ -441,6 +441,8 @@ def test_the_readme_example_and_the_cli_share_one_database(tmp_path):
     run_id = ok(cli(tmp_path, "submit", "billing.invoice.v1", '{"order": 43}')).strip()
     assert ok(cli(tmp_path, "worker", "jobs", "--burst")) == "1 runs executed\n"
     assert ok_json(cli(tmp_path, "show", run_id, "--json"))["result"] == {"invoiced": 43}
+
+
 LOGGING_MODULE = """
 import minflow
 

@@ -191,6 +191,26 @@ def test_value_types_behave_as_frozen_dataclasses():
     assert list(run.to_json()) == list(minflow.Run.__match_args__)
 
 
+def test_value_types_answer_the_dataclasses_functions():
+    """dataclasses.fields, asdict, replace and is_dataclass work on the value types, as on the
+    frozen dataclasses they were, once the application imports dataclasses itself."""
+    import dataclasses
+
+    run = minflow.Run(**run_fields())
+    assert dataclasses.is_dataclass(minflow.Run) and dataclasses.is_dataclass(run)
+    assert [f.name for f in dataclasses.fields(run)] == list(minflow.Run.__match_args__)
+    assert dataclasses.asdict(run)["payload"] == {"a": [1]}
+    assert dataclasses.asdict(run)["payload"] is not run.payload  # asdict copies, as before
+    changed = dataclasses.replace(run, status="succeeded")
+    assert changed.status == "succeeded" and changed.id == run.id and run.status == "pending"
+    job = dataclasses.replace(minflow.Job("t.v1"), priority=5)
+    assert job == minflow.Job("t.v1", priority=5)
+    assert dataclasses.astuple(minflow.Job("t"))[:3] == ("t", None, minflow.DEFAULT_PRIORITY)
+    assert minflow.Job.__dataclass_params__.frozen
+    completion = minflow._Completion("r1", 1, minflow._SUCCEEDED)
+    assert dataclasses.replace(completion, delay=2.0).delay == 2.0
+
+
 def test_a_mutable_private_value_type_is_not_hashable_and_keeps_hidden_fields_out_of_repr():
     text = minflow._Text("body", "text/plain")
     assert text.headers == {} and text.headers is not minflow._Text("b", "t").headers
