@@ -5,13 +5,16 @@ the file ``$ROLLING_LEDGER`` names (one per worker process), with one ``write`` 
 for appending, so a line is either wholly there or absent even after SIGKILL. S7 counts
 executions from these lines, not from the database it checks them against.
 
-``soak`` runs: payload ``{"i": n, "kind": ...}``; kind "fail" raises on its first attempt.
+``soak`` runs: payload ``{"i": n, "kind": ..., "ms": ...}``: the handler works (sleeps) that many
+milliseconds, so a worker killed at any moment holds runs mid-execution; kind "fail" raises on
+its first attempt.
 ``minute``: the per-minute schedule's runs.
 """
 
 from __future__ import annotations
 
 import os
+import time
 
 import minflow
 
@@ -26,6 +29,7 @@ def _note(*fields: object) -> None:
 @app.handler("soak")
 def soak(run: minflow.RunContext) -> None:
     _note("S", run.id, run.attempt, run.type)
+    time.sleep(run.payload.get("ms", 0) / 1000)  # the handler's work
     if run.payload.get("kind") == "fail" and run.attempt == 1:
         _note("E", run.id, run.attempt, "fail")
         raise RuntimeError("S7: the first attempt fails")
