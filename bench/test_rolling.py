@@ -1,12 +1,13 @@
 """S7 soak (make bench-soak): mixed traffic while worker processes are restarted one at a time.
 
-Three worker processes of 8 handler threads (``python -m minflow worker rolling_app:app``, each with its metrics
-port) and one ``minflow serve`` process run while this process submits 100 runs/s, each working
-20-180 ms (so about ten are mid-execution at any moment): a tenth of the runs fail their first attempt (retried a second later), 1% are submitted a minute
-ahead and cancelled at once, 1% are delayed by 5-20 s, and a per-minute schedule adds one run a
-minute. Every 30 s one worker process is restarted, alternately stopped with SIGTERM (it
-finishes what it holds) and killed with SIGKILL (its leases expire and other workers rescue its
-runs). ``/metrics`` of serve and of every worker is scraped every few seconds.
+Three worker processes of 8 handler threads (``python -m minflow worker rolling_app:app``, each
+with its metrics port) and one ``minflow serve`` process run while this process submits 100
+runs/s, each working 20-180 ms (so about ten are mid-execution at any moment): a tenth of the
+runs fail their first attempt (retried a second later), 1% are submitted a minute ahead and
+cancelled at once, 1% are delayed by 5-20 s, and a per-minute schedule adds one run a minute.
+Every 30 s one worker process is restarted, alternately stopped with SIGTERM (it finishes what
+it holds) and killed with SIGKILL (its leases, 10 s, expire and other workers rescue its runs).
+``/metrics`` of serve and of every worker is scraped every few seconds.
 
 The handlers append every execution to a ledger (see rolling_app.py), which is checked against
 the database at the end:
@@ -98,13 +99,15 @@ def _metric_sum(samples, name: str, **want: str) -> float:
 
 
 def _proc(pid: int) -> dict[str, int]:
-    """RSS (KiB), threads, sockets and open database files of one process (zeros once gone)."""
+    """RSS (KiB), threads, sockets and open files of one process (zeros once gone)."""
     try:
         status = Path(f"/proc/{pid}/status").read_text()
         fds = os.listdir(f"/proc/{pid}/fd")
     except OSError:
         return {"rss": 0, "threads": 0, "sockets": 0, "fds": 0}
     fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+    if "VmRSS" not in fields:  # a zombie: killed, not reaped yet
+        return {"rss": 0, "threads": 0, "sockets": 0, "fds": 0}
     sockets = 0
     for fd in fds:
         with contextlib.suppress(OSError):
