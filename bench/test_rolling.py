@@ -445,7 +445,10 @@ def test_s7_rolling_restarts(backend, workdir, report):
 
         def sample_processes() -> None:
             every = max(SECONDS / PROCESS_SAMPLES, 5.0)
-            while not stop.wait(every):
+            # Midway between restarts: a sample at a restart would catch a process starting.
+            due = RESTART_EVERY / 2
+            while not stop.wait(max(0.0, due - elapsed())):
+                due += every
                 pids = [entry["proc"].pid for entry in list(fleet.slots)]
                 stats = [_proc(pid) for pid in pids]
                 serve_stats = _proc(serve.pid)
