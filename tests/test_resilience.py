@@ -557,6 +557,7 @@ def test_sqlite_processes_killed_inside_write_transactions(tmp_path):
             spilled.append(os.path.getsize(f"{path}-wal"))
             kill(writer)
         survivor = start(worker_cmd, "survivor")
+        opened = time.monotonic()
         committed = {2 * cycle for cycle in range(4)}
 
         def finished() -> bool:
@@ -566,6 +567,7 @@ def test_sqlite_processes_killed_inside_write_transactions(tmp_path):
             lambda: finished() or survivor.poll() is not None, 60, 0.05,
             "every committed run to succeed",
         )  # fmt: skip
+        drained = time.monotonic() - opened
         log = tmp_path / f"{len(procs) - 1}.stderr"
         assert survivor.poll() is None, log.read_text(errors="replace")[-3000:]
         survivor.send_signal(signal.SIGTERM)
@@ -592,7 +594,8 @@ def test_sqlite_processes_killed_inside_write_transactions(tmp_path):
         f"(WAL {min(spilled) / 2**20:.1f}-{max(spilled) / 2**20:.1f} MiB with uncommitted pages) "
         f"and 4 worker processes SIGKILLed mid-drain: committed batches whole (4 x 200), "
         f"uncommitted absent, integrity ok, lost 0, duplicates {duplicates} (runs held by the "
-        f"killed workers: {held})"
+        f"killed workers: {held}); a new worker process finished the rest {drained:.1f} s "
+        "after it started"
     )
 
 
