@@ -16,7 +16,8 @@ the database at the end:
 - duplicates: executions beyond what a run needs (1, or 2 for the runs that fail once): each
   must belong to a run the killed worker held at a SIGKILL, and there are no more of them than
   the runs so held (a SIGTERM lets the worker finish, so it causes none);
-- ``attempt <= max_attempts`` on every sample and in the ledger;
+- ``attempt <= max_attempts`` on every sample and in the ledger; cancelled runs never executed;
+  every schedule run executed once, and no minute missed;
 - the metrics equal the database: serve's queue depth per status with the database's counts,
   each surviving worker's succeeded counter with the runs the database says it finished.
 
@@ -26,8 +27,8 @@ BENCH_SOAK_SECONDS shortens it (default 600 s per backend).
 from __future__ import annotations
 
 import collections
-import datetime as dt
 import contextlib
+import datetime as dt
 import os
 import random
 import re
