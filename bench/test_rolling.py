@@ -17,7 +17,7 @@ the database at the end:
   must belong to a run the killed worker held at a SIGKILL, and there are no more of them than
   the runs so held (a SIGTERM lets the worker finish, so it causes none);
 - ``attempt <= max_attempts`` on every sample and in the ledger; cancelled runs never executed;
-  every schedule run executed once, and no minute missed;
+  every schedule run executed once, one per minute (give or take one at the ends);
 - the metrics equal the database: serve's queue depth per status with the database's counts,
   each surviving worker's succeeded counter with the runs the database says it finished.
 
