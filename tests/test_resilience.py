@@ -181,7 +181,7 @@ def test_worker_survives_a_backend_kill_storm(private_pg, pg_app):
     def handler(run):
         with lock:
             executions.append((run.id, run.attempt))
-        time.sleep(0.01)  # work, so that the drain outlasts the storm
+        time.sleep(0.02)  # work: 2,000 runs on 4 threads take 10 s, twice the storm
 
     ids = pg_app.submit_many([minflow.Job("t", {"n": n}) for n in range(total)])
     worker = minflow.Worker(pg_app, concurrency=4, schedules=False).start()
