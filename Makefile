@@ -38,7 +38,7 @@ bench-quick: $(STAMP)
 	BENCH_S3_SUBMITS=$${BENCH_S3_SUBMITS:-100} BENCH_IDLE_SECONDS=$${BENCH_IDLE_SECONDS:-3} \
 	$(BIN)/python $(BENCH_PYTEST) --timeout 600 -m "quick and not peers" $(PYTEST_ARGS)
 
-# S6: ten minutes per backend (BENCH_SOAK_SECONDS to change it).
+# S6 and S7 (rolling restarts): ten minutes each per backend (BENCH_SOAK_SECONDS to change it).
 bench-soak: $(STAMP)
 	$(BIN)/python $(BENCH_PYTEST) --timeout 3600 -m soak $(PYTEST_ARGS)
 

@@ -2534,6 +2534,12 @@ def _translate_sqlite(exc: sqlite3.Error) -> MinflowError:
         )
     if isinstance(exc, sqlite3.IntegrityError):
         return InvalidInput(f"rejected by the database: {text}")
+    if getattr(exc, "sqlite_errorname", "") == "SQLITE_FULL" or "disk is full" in text:
+        # SQLite rolls the transaction back, so the call wrote nothing and can be repeated.
+        return Unavailable(
+            f"SQLite disk full ({text}): no space for the database file or its WAL; "
+            "nothing was written, repeat the call once space is freed"
+        )
     if isinstance(exc, sqlite3.OperationalError) and ("disk" in text or "unable to open" in text):
         return Unavailable(f"SQLite: {text}")
     return MinflowError(f"SQLite: {text}")

@@ -156,7 +156,8 @@ def test_read_only_database_mid_drain(private_pg, caplog):
     ]
     assert len(http_warnings) == 1, [r.getMessage() for r in http_warnings]
     print(
-        f"\n  read-only for {outage:.1f}s: drain resumed {resumed:.2f}s after writes returned; "
+        f"\n  read-only for {outage:.1f}s: lost 0 of {total}, duplicates 0; "
+        f"drain resumed {resumed:.2f}s after writes returned; "
         f"{poll_errors(workers[0]):.0f} and {poll_errors(workers[1]):.0f} failed polls, "
         "1 warning + 1 recovery line per worker"
     )
@@ -277,7 +278,9 @@ def test_half_open_link_runs_taken_over_and_late_outcomes_fenced(private_pg, tcp
     warnings, _ = outage_lines(caplog.records, "A")
     assert len(warnings) == 1, warnings
     print(
-        f"\n  half-open: A noticed {noticed:.1f}s and B took over {takeover:.1f}s after the "
+        f"\n  half-open: lost 0 of {runs}, {runs} executed again by B, duplicate outcomes 0 "
+        f"(A's {runs} late ones fenced off); A noticed {noticed:.1f}s and B took over "
+        f"{takeover:.1f}s after the "
         f"freeze (lease {lease:g}s, socket timeout {timeout:g}s); A polled again "
         f"{recovered:.1f}s after the thaw"
     )

@@ -504,7 +504,8 @@ def test_sixteen_worker_processes_drain_through_ten_server_connections(
     assert 0 < peak[0] <= POOLED_SERVERS
     busiest = sorted(executed, reverse=True)
     print(
-        f"\n  pgbouncer drain: {POOLED_RUNS} runs, {POOLED_PROCESSES} processes x "
+        f"\n  pgbouncer drain: {POOLED_RUNS} runs, lost 0, duplicates 0, {POOLED_PROCESSES} "
+        f"processes x "
         f"{POOLED_THREADS} threads, server connections max {peak[0]} (pool {POOLED_SERVERS}); "
         f"{float(span):.1f}s first claim to last completion, {wall:.1f}s wall with start-up; "
         f"runs per process {busiest[0]}..{busiest[-1]}"

@@ -416,7 +416,60 @@ def test_a_dead_workers_run_is_taken_over_within_a_second_of_lease_expiry(dsn, r
         survivor.stop(timeout=10)
     run = app.get(run_id)
     assert (run.attempt, run.leased_by, run.result) == (2, "survivor", "taken over")
+    assert [e.event_type for e in app.events(run_id)].count("succeeded") == 1
+    print(
+        f"\nreliability: worker SIGKILLed holding a run (lease 2 s), {app.dialect}: lost 0, "
+        f"executed again once (it was mid-execution), taken over {late:.2f} s after the lease "
+        f"expired ({remaining + late:.2f} s after the kill)"
+    )
     app.close()
+
+
+def test_a_worker_paused_past_its_lease_is_fenced_and_resumes(dsn, records, workers):
+    """SIGSTOP freezes a worker holding three runs (a VM paused, a process swapped out): a
+    second worker takes them over once the 2 s leases expire; after SIGCONT the frozen
+    worker's handlers finish, but their outcomes are fenced off, and it claims work again."""
+    client = minflow.Client(dsn)
+    client.migrate()
+    ids = [client.submit("proc.gate", {"n": n}) for n in range(3)]
+    frozen = workers(dsn, records, "--concurrency", "3", "--lease", "2", "--worker-id", "frozen")
+    wait_for(lambda: len(_starts(records)) == 3, 30, 0.02, "three handlers to start")
+    os.kill(frozen.pid, signal.SIGSTOP)
+    paused = time.monotonic()
+    try:
+        other = workers(dsn, records, "--concurrency", "3", "--worker-id", "other")
+        wait_for(lambda: len(_starts(records)) == 6, 30, 0.02, "the runs to be taken over")
+        taken_over = time.monotonic() - paused
+        (records / "gate").touch()
+        wait_for(lambda: status_of(client, ids) == {"succeeded": 3}, 30, 0.05, "the outcomes")
+    finally:
+        os.kill(frozen.pid, signal.SIGCONT)
+    resumed = time.monotonic()
+    # The frozen worker's handlers now finish (the gate is open): three late outcomes.
+    def frozen_done() -> int:
+        return sum(f[0] == "done" for f in proc_app.read_records(records).get(frozen.pid, []))
+
+    wait_for(lambda: frozen_done() == 3, 30, 0.02, "the frozen worker's handlers to finish")
+    other.proc.send_signal(signal.SIGTERM)
+    assert other.wait(30) == 0, other.stderr()[-3000:]
+    late = client.submit("proc.record")
+    wait_for(lambda: client.get(late).status == "succeeded", 30, 0.02, "the frozen one to claim")
+    claimed_again = time.monotonic() - resumed
+    assert client.get(late).leased_by == "frozen"
+    for run_id in ids:
+        run = client.get(run_id)
+        assert (run.status, run.attempt, run.leased_by) == ("succeeded", 2, "other")
+        kinds = [e.event_type for e in client.events(run_id)]
+        assert kinds.count("succeeded") == 1 and kinds.count("started") == 2, kinds
+    frozen.proc.send_signal(signal.SIGTERM)
+    assert frozen.wait(30) == 0, frozen.stderr()[-3000:]
+    print(
+        f"\nreliability: worker paused (SIGSTOP) past its 2 s lease holding 3 runs, "
+        f"{client.dialect}: lost 0, 3 executed again by the other worker, duplicate outcomes 0 "
+        f"(the paused worker's were fenced off), taken over {taken_over:.2f} s after the "
+        f"pause, the paused worker claimed again {claimed_again:.2f} s after SIGCONT"
+    )
+    client.close()
 
 
 # -- crash loops ----------------------------------------------------------------------------
