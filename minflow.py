@@ -109,7 +109,7 @@ DEFAULT_CONCURRENCY = 4
 # Runs a worker claims beyond its free handler slots, started from its buffer as slots free up
 # (see Worker): a claim round trip then moves up to concurrency + prefetch runs, not just the
 # free slots, while each buffered run waits in one worker for a slot.
-DEFAULT_PREFETCH = 32
+DEFAULT_PREFETCH = 64
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0
 # A second SIGTERM/SIGINT this soon after the first is not "exit now": terminals may send two
 # SIGINTs for one Ctrl-C, and impatient fingers press twice.
