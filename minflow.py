@@ -1755,9 +1755,10 @@ FROM json_each(:runs) AS s CROSS JOIN {workflow_run} AS r
 WHERE r.id = json_extract(s.value, '$[0]') AND r.attempt = json_extract(s.value, '$[1]')
   AND r.status = 'leased' AND r.leased_by = :worker""",
     # Give back prefetched runs a stopping worker never started (a JSON array of [id,
-    # attempt]): pending again, the claim's attempt undone, fenced like outcomes.
+    # attempt]): pending again, the claim undone (attempt, owner, lease), fenced like outcomes.
     "release": """
-UPDATE {workflow_run} SET status = 'pending', attempt = workflow_run.attempt - 1, updated_at = {now}
+UPDATE {workflow_run} SET status = 'pending', attempt = workflow_run.attempt - 1, leased_by = NULL,
+  lease_until = NULL, updated_at = {now}
 FROM (SELECT json_extract(value, '$[0]') AS id, json_extract(value, '$[1]') AS attempt
       FROM json_each(:runs)) AS d
 WHERE workflow_run.id = d.id AND +status = 'leased' AND +leased_by = :worker
@@ -2110,11 +2111,13 @@ WITH expired AS (
   FROM r
 )
 SELECT id, type, status, attempt, leased_by FROM r""",
-    # Give back prefetched runs a stopping worker never started: pending again, the claim's
-    # attempt undone, fenced like outcomes, with their events and a NOTIFY per type.
+    # Give back prefetched runs a stopping worker never started: pending again, the claim
+    # undone (attempt, owner, lease), fenced like outcomes, with their events and a NOTIFY
+    # per type.
     "release": """
 WITH r AS (
-  UPDATE {workflow_run} w SET status = 'pending', attempt = w.attempt - 1, updated_at = NOW()
+  UPDATE {workflow_run} w SET status = 'pending', attempt = w.attempt - 1, leased_by = NULL,
+    lease_until = NULL, updated_at = NOW()
   FROM unnest(CAST(:ids AS uuid[]), CAST(:attempts AS int[])) AS h(id, attempt)
   WHERE w.id = h.id AND w.attempt = h.attempt AND w.status = 'leased' AND w.leased_by = :worker
   RETURNING w.id, w.type, w.attempt
@@ -5616,6 +5619,7 @@ class RunContext:
         self._thread: int | None = None  # the thread running a sync handler
         self._task: Any = None  # the asyncio task awaiting an async handler
         self._order: tuple = ()  # its place in claim order, for the worker's prefetch buffer
+        self._lease_end = math.inf  # monotonic time its lease ends at the latest, as last known
 
     def __repr__(self) -> str:
         return f"RunContext(id={self.id!r}, type={self.type!r}, attempt={self.attempt}/{self.max_attempts})"
@@ -5744,9 +5748,10 @@ class Worker:
     in claim order, for a slot: a busy worker then claims and records up to concurrency +
     prefetch runs per round trip instead of the few slots that freed up. Their leases are
     extended like running ones; a run cancelled while buffered is dropped at the next
-    heartbeat; on a clean stop the buffered runs are given back at once, their claim's attempt
-    undone (event ``retried``, reason ``released``); those of a worker that died wait for
-    their lease to expire like its running ones. ``prefetch=0`` claims only free slots (each
+    heartbeat, and one whose lease has under a third left (heartbeats failing) waits for the
+    next successful one before it starts; on a clean stop the buffered runs are given back at
+    once, their claim undone (event ``retried``, reason ``released``); those of a worker that
+    died wait for their lease to expire like its running ones. ``prefetch=0`` claims only free slots (each
     run waits in the database, where any worker may take it).
 
     While it runs, the worker records itself in the database (see ``Client.workers``).
@@ -6136,12 +6141,13 @@ class Worker:
                     limit = 0
                 if done or limit or started:
                     start_now = max(0, free)
+                    claimed_at = time.monotonic()
                     claimed, finished = app._cycle(
                         conn, self.worker_id, done, limit, self.lease, claim, started, start_now
                     )
                     polled = True
                     self._record(done, finished)
-                    self._dispatch(claimed, start_now)
+                    self._dispatch(claimed, start_now, claimed_at + self.lease)
                     self._outage.ok()  # the cycle wrote: the database takes writes
                 if polled:
                     self.metrics.inc("workflow_worker_poll_cycle_total", worker_id=self.worker_id)
@@ -6213,7 +6219,7 @@ class Worker:
                 extra={"worker_id": self.worker_id},
             )
 
-    def _dispatch(self, claimed: list[_Claim], start_now: int) -> None:
+    def _dispatch(self, claimed: list[_Claim], start_now: int, lease_end: float) -> None:
         # The cycle returns claims in claim order: the first start_now start at once (the
         # cycle wrote their started events), the others wait in the buffer for a slot, which
         # stays in claim order across claims (the dialects return run_at and created_at as
@@ -6222,6 +6228,7 @@ class Worker:
         for c in claimed:
             ctx = RunContext(self, c.id, c.type, c.payload, c.attempt, c.max_attempts, c.snoozes)
             ctx._order = (c.priority, c.run_at, c.created_at)
+            ctx._lease_end = lease_end
             contexts.append(ctx)
         with self._lock:
             for ctx in contexts[:start_now]:
@@ -6246,18 +6253,23 @@ class Worker:
     def _take_buffered(self) -> list[RunContext]:
         """With the lock held: move buffered runs into the free slots, in claim order (a
         capped type without room waits; a run whose lease was lost is dropped); returns them,
-        for ``_launch`` once the lock is released."""
+        for ``_launch`` once the lock is released.
+
+        A run whose lease has less than lease/3 left, as far as the worker knows, waits too:
+        the heartbeat (every lease/3) failed, so the database may be out of reach and the lease
+        may expire, after which the run would be rescued and run again elsewhere."""
         if not self._buffer or self._stop.is_set():
             return []
         free = self.concurrency - len(self._active) - self._pool.shortfall
         taken: list[RunContext] = []
         waiting: list[RunContext] = []
+        soon = time.monotonic() + self.lease / 3
         while self._buffer and free > 0:
             ctx = self._buffer.popleft()
             if ctx._lost:
                 continue
             cap = self._caps.get(ctx.type)
-            if cap is not None and self._capped_running[ctx.type] >= cap:
+            if (cap is not None and self._capped_running[ctx.type] >= cap) or ctx._lease_end < soon:
                 waiting.append(ctx)
                 continue
             self._take_slot(ctx)
@@ -6745,7 +6757,11 @@ class Worker:
             waiting = {(ctx.id, ctx.attempt): ctx for ctx in self._buffer}
         if not held and not waiting:
             return False
+        asked = time.monotonic()
         kept = self.app._extend_leases(conn, self.worker_id, held + list(waiting), self.lease)
+        for (run_id, _), ctx in waiting.items():
+            if run_id in kept:
+                ctx._lease_end = asked + self.lease
         for run_id, attempt in held:
             if run_id not in kept:
                 ctx = self._active.get((run_id, attempt))
@@ -6766,6 +6782,8 @@ class Worker:
                     "taken over); dropped unstarted",
                     ctx.id,
                 )
+        if waiting:
+            self._wake.set()  # buffered runs held back for their lease may start now
         return True
 
     # -- the database's availability and wake-ups ------------------------------------------
