@@ -5751,8 +5751,8 @@ class Worker:
     heartbeat, and one whose lease has under a third left (heartbeats failing) waits for the
     next successful one before it starts; on a clean stop the buffered runs are given back at
     once, their claim undone (event ``retried``, reason ``released``); those of a worker that
-    died wait for their lease to expire like its running ones. ``prefetch=0`` claims only free slots (each
-    run waits in the database, where any worker may take it).
+    died wait for their lease to expire like its running ones. ``prefetch=0`` claims only
+    free slots (each run waits in the database, where any worker may take it).
 
     While it runs, the worker records itself in the database (see ``Client.workers``).
     """
