@@ -1747,13 +1747,14 @@ SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), json_extract(va
        {clock}
 FROM json_each(:events)""",
     # "started" events (a JSON array of [run id, attempt]) for prefetched runs whose handlers
-    # started since the last cycle, fenced like outcomes: none for a run no longer held.
+    # started since the last cycle. A handler that started did start, even if its lease was
+    # lost meanwhile (an outage longer than the lease): only a run that no longer exists
+    # (pruned after a cancel) gets none.
     "insert_started": """
 INSERT INTO {workflow_event} (workflow_id, event_type, data, created_at)
 SELECT r.id, 'started', :data, {clock}
 FROM json_each(:runs) AS s CROSS JOIN {workflow_run} AS r
-WHERE r.id = json_extract(s.value, '$[0]') AND r.attempt = json_extract(s.value, '$[1]')
-  AND r.status = 'leased' AND r.leased_by = :worker""",
+WHERE r.id = json_extract(s.value, '$[0]')""",
     # Give back prefetched runs a stopping worker never started (a JSON array of [id,
     # attempt]): pending again, the claim undone (attempt, owner, lease), fenced like outcomes.
     "release": """
@@ -1965,14 +1966,13 @@ WITH d AS (
   SELECT id, {event_type}, {outcome_data}, clock_timestamp()
   FROM done
 ), prefetched AS (
-  -- Handlers of prefetched runs that started since the last cycle (:start_ids/:start_attempts),
-  -- for runs still held. NOW() is the statement's start: before this statement's outcomes,
-  -- after the claim's events (an earlier statement).
+  -- Handlers of prefetched runs that started since the last cycle (:start_ids), for runs that
+  -- still exist (see SQLite's insert_started). NOW() is the statement's start: before this
+  -- statement's outcomes, after the claim's events (an earlier statement).
   INSERT INTO {workflow_event} (workflow_id, event_type, data, created_at)
   SELECT r.id, 'started', jsonb_build_object('worker_id', CAST(:worker AS text)), NOW()
-  FROM unnest(CAST(:start_ids AS uuid[]), CAST(:start_attempts AS int[])) AS s(id, attempt)
-  JOIN {workflow_run} r ON r.id = s.id AND r.attempt = s.attempt
-  WHERE r.status = 'leased' AND r.leased_by = :worker
+  FROM unnest(CAST(:start_ids AS uuid[])) AS s(id)
+  JOIN {workflow_run} r ON r.id = s.id
 ), <picked>, claimed AS (
   UPDATE {workflow_run} r SET status = 'leased', attempt = r.attempt + 1, leased_by = :worker,
     lease_until = NOW() + make_interval(secs => :lease), updated_at = NOW()
@@ -3885,7 +3885,6 @@ class _PostgresDialect(_Dialect):
             "patterns": [_like_prefix(p) for p in filt.prefixes],
             "handled": sorted(filt.handled),
             "start_ids": [run_id for run_id, _ in started],
-            "start_attempts": [attempt for _, attempt in started],
             "start_now": limit if start_now is None else start_now,
         }
         statement = self.sql["cycle"]
