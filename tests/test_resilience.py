@@ -14,6 +14,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -334,3 +335,41 @@ def test_worker_started_before_the_server_waits_for_it(private_pg, tmp_path):
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait(30)
+
+
+def test_buffered_runs_wait_while_heartbeats_fail(private_pg, pg_app):
+    """With the database gone, a prefetched run whose lease, as the worker last knew it, has
+    under a third left is not started: it waits for a heartbeat to extend it, or for the
+    rescue once the lease expired."""
+    handler = Recorder()
+    pg_app.handler("t")(handler)
+    ids = pg_app.submit_many([minflow.Job("t", {"n": n}) for n in range(3)])
+    worker = minflow.Worker(pg_app, concurrency=1, prefetch=2, lease=3.0, schedules=False)
+    worker.start()
+    try:
+        wait_for(lambda: handler.started() == 1, 30, message="one running")
+        wait_for(lambda: len(pg_app.list(status="leased")) == 3, 30, message="two buffered")
+        private_pg.stop("fast")
+        # No heartbeat gets through now: wait until the buffered leases have under lease/3
+        # left as far as the worker knows.
+        wait_for(
+            lambda: all(
+                ctx._lease_end < time.monotonic() + worker.lease / 3 for ctx in worker._buffer
+            ),
+            30,
+            message="the buffered leases to run low",
+        )
+        handler.gate.set()
+        # The slot is handed on (or not) in the same step that queues the outcome.
+        wait_for(lambda: worker._completions, 30, message="the running handler to finish")
+        with worker._lock:
+            assert worker.running == 0 and len(worker._buffer) == 2
+        assert handler.started() == 1
+        private_pg.start()
+        wait_for(
+            lambda: pg_app.stats() == {"t": {"succeeded": 3}}, 60, 0.05, "every run to succeed"
+        )
+    finally:
+        handler.gate.set()
+        worker.stop(timeout=30)
+    assert_executed_once_or_after_expiry(pg_app, ids, handler.executions)
