@@ -71,7 +71,9 @@ def test_read_only_database_mid_drain(private_pg, caplog):
     outage once and its end once, and the drain resumes when writes work: nothing lost,
     nothing run twice."""
     caplog.set_level(logging.INFO, logger="minflow")
-    total = 300
+    # Enough that the drain is still under way when the gate closes, with each worker
+    # claiming up to concurrency + prefetch runs per round trip.
+    total = 3000
     app = minflow.App(private_pg.dsn + "?schema=ro")
     app.migrate()
     lock, executions = threading.Lock(), collections.Counter()
