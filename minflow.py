@@ -208,6 +208,10 @@ DEFAULT_LEASE = 30.0  # seconds
 # run_at has just become due (retries, delayed submits), hence shorter than the seed's 2 s.
 DEFAULT_POLL_INTERVAL = 1.0
 DEFAULT_CONCURRENCY = 4
+# Runs a worker claims beyond its free handler slots, started from its buffer as slots free up
+# (see Worker): a claim round trip then moves up to concurrency + prefetch runs, not just the
+# free slots, while each buffered run waits in one worker for a slot.
+DEFAULT_PREFETCH = 64
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0
 # A second SIGTERM/SIGINT this soon after the first is not "exit now": terminals may send two
 # SIGINTs for one Ctrl-C, and impatient fingers press twice.
@@ -375,14 +379,15 @@ def _dumps(value: Any, what: str = "payload") -> str:
     return text
 
 
-def _new_id() -> str:
-    """A UUID in the version 7 layout: 48 bits of Unix milliseconds, then 74 random bits.
+def _new_id(random_bytes: bytes | None = None) -> str:
+    """A UUID in the version 7 layout: 48 bits of Unix milliseconds, then 74 random bits
+    (from ``random_bytes``, 10 of them, when given; see ``_new_ids``).
 
     Time-ordered ids land at the right edge of the primary-key index instead of on random
     pages, which keeps inserts cheap once the table is large; they remain valid UUIDs for the
     Go library and PostgreSQL's uuid type.
     """
-    rand = int.from_bytes(os.urandom(10), "big")
+    rand = int.from_bytes(random_bytes or os.urandom(10), "big")
     value = (
         (time.time_ns() // 1_000_000) << 80
         | 0x7 << 76
@@ -392,6 +397,13 @@ def _new_id() -> str:
     )
     h = f"{value:032x}"
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def _new_ids(count: int) -> list[str]:
+    """``count`` ids as ``_new_id`` makes them, from one read of the system's random source
+    (one system call per id was a tenth of a bulk submit's time)."""
+    pool = os.urandom(10 * count)
+    return [_new_id(pool[i : i + 10]) for i in range(0, 10 * count, 10)]
 
 
 def _is_uuid(value: str) -> bool:
@@ -1448,6 +1460,26 @@ _SQLITE_MIGRATIONS: list[tuple[int, str, list[str]]] = [
             last_seen_at TEXT NOT NULL)""",
         ],
     ),
+    (
+        6,
+        "redundant seed indexes dropped",
+        [
+            # Every index is one more page each insert, claim and completion writes and
+            # syncs: a submit wrote 16 pages to the WAL, 12.7 without these three. No statement
+            # of minflow needs them: the UNIQUE constraint's own index serves idempotency
+            # keys; minflow_run_claim (pending), minflow_run_lease (leased) and the index
+            # below serve what the status-first claim index did; deleted_at IS NULL holds for
+            # every live run, so its index narrows nothing. The Go library only needs the
+            # tables and columns; its AutoMigrate creates them again if it runs here.
+            "DROP INDEX IF EXISTS idx_workflow_run_claim",
+            "DROP INDEX IF EXISTS idx_workflow_run_idempotency",
+            "DROP INDEX IF EXISTS idx_workflow_run_deleted_at",
+            # retry_many() finds failed and cancelled runs here, as on PostgreSQL; only a
+            # failure or a cancel adds an entry.
+            """CREATE INDEX IF NOT EXISTS minflow_run_retryable ON {workflow_run} (created_at)
+            WHERE status IN ('failed', 'cancelled')""",
+        ],
+    ),
 ]
 
 _PG_MIGRATIONS: list[tuple[int, str, list[str]]] = [
@@ -1567,6 +1599,9 @@ _PG_MIGRATIONS: list[tuple[int, str, list[str]]] = [
             last_seen_at TIMESTAMPTZ NOT NULL)""",
         ],
     ),
+    # Nothing dropped here yet (SQLite's version 6 drops redundant seed indexes). Kept so both
+    # dialects share version numbers.
+    (6, "redundant seed indexes dropped", []),
 ]
 
 SCHEMA_VERSION = max(version for version, _, _ in _PG_MIGRATIONS)
@@ -1687,6 +1722,12 @@ _MANUAL_EVENTS: dict[str, tuple[str, str | None]] = {
     "cancel": ("cancelled", None),
     "retry": ("retried", '{"reason": "manual", "attempt": 0}'),
 }
+
+
+def _release_data(attempt: int, worker_id: str) -> str:
+    """The data of the ``retried`` event of a prefetched run given back unstarted (PostgreSQL
+    builds the same object in its "release" statement)."""
+    return json.dumps({"reason": "released", "attempt": attempt, "worker_id": worker_id})
 
 
 def _event_slots(build_object: str) -> dict[str, str]:
@@ -1978,6 +2019,25 @@ INSERT INTO {workflow_event} (workflow_id, event_type, data, created_at)
 SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), json_extract(value, '$[2]'),
        {clock}
 FROM json_each(:events)""",
+    # "started" events (a JSON array of [run id, attempt]) for prefetched runs whose handlers
+    # started since the last cycle. A handler that started did start, even if its lease was
+    # lost meanwhile (an outage longer than the lease): only a run that no longer exists
+    # (pruned after a cancel) gets none.
+    "insert_started": """
+INSERT INTO {workflow_event} (workflow_id, event_type, data, created_at)
+SELECT r.id, 'started', :data, {clock}
+FROM json_each(:runs) AS s CROSS JOIN {workflow_run} AS r
+WHERE r.id = json_extract(s.value, '$[0]')""",
+    # Give back prefetched runs a stopping worker never started (a JSON array of [id,
+    # attempt]): pending again, the claim undone (attempt, owner, lease), fenced like outcomes.
+    "release": """
+UPDATE {workflow_run} SET status = 'pending', attempt = workflow_run.attempt - 1, leased_by = NULL,
+  lease_until = NULL, updated_at = {now}
+FROM (SELECT json_extract(value, '$[0]') AS id, json_extract(value, '$[1]') AS attempt
+      FROM json_each(:runs)) AS d
+WHERE workflow_run.id = d.id AND +status = 'leased' AND +leased_by = :worker
+  AND workflow_run.attempt = d.attempt
+RETURNING id, attempt""",
     # Claim due runs of the worker's types ({filter}) in claim order; attempt counts claims.
     # Without statistics SQLite prefers the type index and sorts every due run on each claim;
     # walking the claim-order index stops after LIMIT rows (0.2 ms instead of 6 ms with 20,000
@@ -1991,7 +2051,7 @@ WHERE id IN (SELECT id FROM {workflow_run} INDEXED BY minflow_run_claim
                AND length(run_at) <= 23 AND ({filter})
              ORDER BY priority, run_at, created_at, rowid LIMIT :limit)
 RETURNING id, type, payload, attempt, max_attempts, priority,
-  COALESCE(julianday(run_at), 0), COALESCE(julianday(created_at), 0), snoozes""",
+  COALESCE(julianday(run_at), 0), COALESCE(julianday(created_at), 0), snoozes, rowid""",
     # The same when the worker caps some types ({filter} then leaves them out): each capped
     # type ({capped}: one arm per type, see _sqlite_capped_arms) adds at most its room (:r0...)
     # of its due runs, and the whole claim still takes the first :limit in claim order.
@@ -2005,7 +2065,7 @@ WHERE id IN (SELECT id FROM (
                    ORDER BY priority, run_at, created_at, rowid LIMIT :limit){capped})
   ORDER BY priority, run_at, created_at, seq LIMIT :limit)
 RETURNING id, type, payload, attempt, max_attempts, priority,
-  COALESCE(julianday(run_at), 0), COALESCE(julianday(created_at), 0), snoozes""",
+  COALESCE(julianday(run_at), 0), COALESCE(julianday(created_at), 0), snoozes, rowid""",
     # Is anything claimable? (read-only pre-check)
     "has_work": """
 SELECT 1 FROM {workflow_run} WHERE status = 'pending' AND deleted_at IS NULL AND run_at <= {now}
@@ -2059,10 +2119,11 @@ WHERE status IN ('succeeded', 'failed', 'cancelled') AND updated_at < {time:cuto
     "count_retry": """
 SELECT COUNT(*) FROM {workflow_run} WHERE status IN ('failed', 'cancelled')
 AND +deleted_at IS NULL{filters}""",
-    # How many runs a bulk cancel would cancel.
+    # How many runs a bulk cancel would cancel: pending and leased runs counted apart, each
+    # from its partial index (minflow_run_claim, minflow_run_lease).
     "count_cancel": """
-SELECT COUNT(*) FROM {workflow_run} WHERE status IN ('pending', 'leased')
-AND +deleted_at IS NULL{filters}""",
+SELECT (SELECT COUNT(*) FROM {workflow_run} WHERE status = 'pending' AND deleted_at IS NULL{filters})
+     + (SELECT COUNT(*) FROM {workflow_run} WHERE status = 'leased' AND deleted_at IS NULL{filters})""",
     # A batch of finished runs to prune, oldest first ({filters}: the statuses).
     "prune_pick": """
 SELECT id FROM {workflow_run} INDEXED BY minflow_run_finished
@@ -2085,10 +2146,18 @@ WHERE id IN (SELECT id FROM {workflow_run} WHERE status IN ('failed', 'cancelled
 RETURNING id""",
     # A batch of a bulk cancel, as cancel() changes one run; only runs created before the call
     # began, so a steady stream of new submits cannot keep it going.
+    # Pending and leased runs are picked apart, each from its partial index, as count_cancel
+    # (the unary + keeps SQLite off minflow_run_created, which holds finished runs too).
     "cancel_batch": """
 UPDATE {workflow_run} SET status = 'cancelled', updated_at = {now}
-WHERE id IN (SELECT id FROM {workflow_run} WHERE status IN ('pending', 'leased')
-             AND +deleted_at IS NULL AND created_at <= {time:started}{filters} LIMIT :limit)
+WHERE id IN (SELECT id FROM (SELECT id FROM {workflow_run} WHERE status = 'pending'
+                             AND deleted_at IS NULL AND +created_at <= {time:started}{filters}
+                             LIMIT :limit)
+             UNION ALL
+             SELECT id FROM (SELECT id FROM {workflow_run} WHERE status = 'leased'
+                             AND deleted_at IS NULL AND +created_at <= {time:started}{filters}
+                             LIMIT :limit)
+             LIMIT :limit)
 RETURNING id""",
 }
 
@@ -2169,28 +2238,41 @@ WITH d AS (
   INSERT INTO {workflow_event} (workflow_id, event_type, data, created_at)
   SELECT id, {event_type}, {outcome_data}, clock_timestamp()
   FROM done
+), prefetched AS (
+  -- Handlers of prefetched runs that started since the last cycle (:start_ids), for runs that
+  -- still exist (see SQLite's insert_started). NOW() is the statement's start: before this
+  -- statement's outcomes, after the claim's events (an earlier statement).
+  INSERT INTO {workflow_event} (workflow_id, event_type, data, created_at)
+  SELECT r.id, 'started', jsonb_build_object('worker_id', CAST(:worker AS text)), NOW()
+  FROM unnest(CAST(:start_ids AS uuid[])) AS s(id)
+  JOIN {workflow_run} r ON r.id = s.id
 ), <picked>, claimed AS (
   UPDATE {workflow_run} r SET status = 'leased', attempt = r.attempt + 1, leased_by = :worker,
     lease_until = NOW() + make_interval(secs => :lease), updated_at = NOW()
   FROM picked WHERE r.id = picked.id
   RETURNING r.id, r.type, r.payload, r.attempt, r.max_attempts, r.priority, r.run_at, r.created_at,
     r.snoozes, clock_timestamp() AS at
+), ranked AS (
+  -- Claim order, which the worker starts them in: the first :start_now start at once, the
+  -- rest wait in its prefetch buffer (their started events come when they start).
+  SELECT *, row_number() OVER (ORDER BY priority, run_at, created_at, id) AS rn FROM claimed
 ), claim_events AS (
   -- Distinct times, in causal order: a reader ordering by time alone (the Go library's) sees
   -- leased before started; ids, drawn in this order, agree.
   INSERT INTO {workflow_event} (workflow_id, event_type, data, created_at)
   SELECT id, 'leased', jsonb_build_object('worker_id', CAST(:worker AS text), 'attempt', attempt), at
-  FROM claimed
+  FROM ranked
   UNION ALL
   SELECT id, 'started', jsonb_build_object('worker_id', CAST(:worker AS text)),
     at + interval '1 microsecond'
-  FROM claimed WHERE type = ANY(CAST(:handled AS text[]))
+  FROM ranked WHERE rn <= :start_now AND type = ANY(CAST(:handled AS text[]))
 )
 -- Two JSON arrays in one row: the driver decodes them in C instead of value by value in Python.
 SELECT (SELECT COALESCE(json_agg(json_build_array(id, type, payload, attempt, max_attempts, priority,
                                                   extract(epoch FROM run_at),
-                                                  extract(epoch FROM created_at), snoozes)), '[]')
-        FROM claimed),
+                                                  extract(epoch FROM created_at), snoozes)
+                                 ORDER BY rn), '[]')
+        FROM ranked),
        (SELECT COALESCE(json_agg(json_build_array(id, status, attempt)), '[]') FROM done)"""
 # The runs a cycle claims: due, of the worker's types, in claim order, skipping rows other
 # workers are locking.
@@ -2302,6 +2384,25 @@ WITH expired AS (
   FROM r
 )
 SELECT id, type, status, attempt, leased_by FROM r""",
+    # Give back prefetched runs a stopping worker never started: pending again, the claim
+    # undone (attempt, owner, lease), fenced like outcomes, with their events and a NOTIFY
+    # per type.
+    "release": """
+WITH r AS (
+  UPDATE {workflow_run} w SET status = 'pending', attempt = w.attempt - 1, leased_by = NULL,
+    lease_until = NULL, updated_at = NOW()
+  FROM unnest(CAST(:ids AS uuid[]), CAST(:attempts AS int[])) AS h(id, attempt)
+  WHERE w.id = h.id AND w.attempt = h.attempt AND w.status = 'leased' AND w.leased_by = :worker
+  RETURNING w.id, w.type, w.attempt
+), ev AS (
+  INSERT INTO {workflow_event} (workflow_id, event_type, data, created_at)
+  SELECT id, 'retried', jsonb_build_object('reason', 'released', 'attempt', attempt,
+                                           'worker_id', CAST(:worker AS text)), clock_timestamp()
+  FROM r
+)
+SELECT CAST(id AS text) FROM r
+UNION ALL
+SELECT NULL FROM (SELECT pg_notify(:channel, {ascii:r.type}) FROM r GROUP BY type) AS notified""",
     # Automatic heartbeat for every run a worker holds; never shortens a longer explicit lease.
     "extend_leases": """
 UPDATE {workflow_run} r SET lease_until = GREATEST(r.lease_until, NOW() + make_interval(secs => :lease)),
@@ -3486,9 +3587,19 @@ class _Dialect:
         limit: int,
         lease: float,
         filt: _Filter,
+        started: Sequence[tuple[str, int]] = (),
+        start_now: int | None = None,
     ) -> tuple[list[_Claim], dict[str, tuple[str, int]]]:
         """Write completions and claim up to ``limit`` runs in one transaction; returns the
-        claims and, per recorded outcome, the run's (new status, attempt)."""
+        claims in claim order and, per recorded outcome, the run's (new status, attempt).
+        ``started``: (id, attempt) of prefetched runs whose handlers started since the last
+        cycle; ``start_now``: how many of the claims start at once (None: all), the others
+        get their started event when they start."""
+        raise NotImplementedError
+
+    def release(self, conn: _Connection, worker_id: str, held: list[tuple[str, int]]) -> list[str]:
+        """Give back prefetched runs never started (pending, their claim's attempt undone, a
+        ``retried`` event each); returns the ids released."""
         raise NotImplementedError
 
     def rescue(self, conn: _Connection) -> list:
@@ -3707,15 +3818,22 @@ class _SQLiteDialect(_Dialect):
             payload = self.decode_json(payload)
         except ValueError:
             pass  # the handler sees the raw text; decoding is its problem, not the queue's
-        return _Claim(row[0], row[1], payload, *row[3:])
+        return _Claim(row[0], row[1], payload, *row[3:9])
 
-    def cycle(self, conn, worker_id, done, limit, lease, filt):
+    def cycle(self, conn, worker_id, done, limit, lease, filt, started=(), start_now=None):
         # A handful of statements per batch, whatever its size: outcomes and events travel as
         # one JSON array each, expanded by json_each inside SQLite.
         events: list[list] = []
         finished: dict[str, tuple[str, int]] = {}
         claimed: list[_Claim] = []
+        who = json.dumps(worker_id)
+        start_data = f'{{"worker_id": {who}}}'
         with conn.transaction():
+            if started:  # before the outcomes: a run may have started and finished since
+                conn.query(
+                    self.sql["insert_started"],
+                    {"runs": json.dumps(started), "worker": worker_id, "data": start_data},
+                )
             if done:
                 items: dict[str, list[_Completion]] = collections.defaultdict(list)
                 for item in done:
@@ -3746,18 +3864,32 @@ class _SQLiteDialect(_Dialect):
                 rows = conn.query(
                     claim, {**params, "worker": worker_id, "lease": lease, "limit": limit}
                 )
+                # Claim order, as the claim's ORDER BY (RETURNING has none; run_at and
+                # created_at come as numbers, cheap to compare, rowid last): the first
+                # start_now start at once, the rest wait in the worker's buffer.
+                rows = sorted(rows, key=lambda r: (r[5], r[6], r[7], r[9]))
                 claimed = [self._claim(row) for row in rows]
-                who = json.dumps(worker_id)
-                started = f'{{"worker_id": {who}}}'
-                for run in claimed:
+                now = len(claimed) if start_now is None else start_now
+                for number, run in enumerate(claimed):
                     events.append(
                         [run.id, "leased", f'{{"worker_id": {who}, "attempt": {run.attempt}}}']
                     )
-                    if run.type in filt.handled:
-                        events.append([run.id, "started", started])
+                    if number < now and run.type in filt.handled:
+                        events.append([run.id, "started", start_data])
             if events:
                 conn.query(self.sql["insert_events"], {"events": json.dumps(events)})
         return claimed, finished
+
+    def release(self, conn, worker_id, held):
+        with conn.transaction():
+            rows = conn.query(self.sql["release"], {"runs": json.dumps(held), "worker": worker_id})
+            if rows:
+                events = [
+                    [run_id, "retried", _release_data(attempt, worker_id)]
+                    for run_id, attempt in rows
+                ]
+                conn.query(self.sql["insert_events"], {"events": json.dumps(events)})
+        return [row[0] for row in rows]
 
     def rescue(self, conn):
         if not conn.query(self.sql["lease_expired"]):
@@ -4022,7 +4154,7 @@ class _PostgresDialect(_Dialect):
                 out[i] = (found[rows[i]["key"]], False)
         return out  # type: ignore[return-value]
 
-    def cycle(self, conn, worker_id, done, limit, lease, filt):
+    def cycle(self, conn, worker_id, done, limit, lease, filt, started=(), start_now=None):
         params = {
             # Outcomes as one JSON array, encoded in C (as SQLite's cycle does).
             "done": json.dumps(
@@ -4034,6 +4166,8 @@ class _PostgresDialect(_Dialect):
             "claim_types": list(filt.types),
             "patterns": [_like_prefix(p) for p in filt.prefixes],
             "handled": sorted(filt.handled),
+            "start_ids": [run_id for run_id, _ in started],
+            "start_now": limit if start_now is None else start_now,
         }
         statement = self.sql["cycle"]
         if filt.capped:
@@ -4046,6 +4180,15 @@ class _PostgresDialect(_Dialect):
             [_Claim(*row) for row in claimed],
             {run_id: (status, attempt) for run_id, status, attempt in done_rows},
         )
+
+    def release(self, conn, worker_id, held):
+        params = {
+            "ids": [h[0] for h in held],
+            "attempts": [h[1] for h in held],
+            "worker": worker_id,
+            "channel": self.channel,
+        }
+        return [row[0] for row in conn.query(self.sql["release"], params) if row[0] is not None]
 
     def rescue(self, conn):
         return [
@@ -4655,7 +4798,10 @@ class Client:
     def _submit(
         self, jobs: builtins.list[Job], connection: object | None = None
     ) -> builtins.list[_RunId]:
-        rows = [self._job_row(job) for job in jobs]
+        rows = [
+            self._job_row(job, run_id)
+            for job, run_id in zip(jobs, _new_ids(len(jobs)), strict=True)
+        ]
         if connection is None:
             with self._pool.connection() as conn:
                 out = self._dialect.submit(conn, rows)
@@ -4675,13 +4821,13 @@ class Client:
         return self._database_name
 
     @staticmethod
-    def _job_row(job: Job) -> dict[str, Any]:
+    def _job_row(job: Job, run_id: str) -> dict[str, Any]:
         run_at, delay = _check_run_at(job.run_at, job.run_in)
         key = job.idempotency_key
         if key is not None:
             _check_text("idempotency_key", key, max_length=1000)
         return {
-            "id": _new_id(),
+            "id": run_id,
             "type": _check_type(job.type),
             "payload": _dumps(job.payload),
             "priority": _check_int("priority", job.priority),
@@ -5243,9 +5389,21 @@ class Client:
         limit: int,
         lease: float,
         filt: _Filter,
+        started: Sequence[tuple[str, int]] = (),
+        start_now: int | None = None,
     ) -> tuple[builtins.list[_Claim], dict[str, tuple[str, int]]]:
-        """Record outcomes and claim up to ``limit`` runs, in one transaction."""
-        return self._dialect.cycle(conn, worker_id, done, limit, lease, filt)
+        """Record outcomes and claim up to ``limit`` runs, in one transaction (see
+        ``_Dialect.cycle`` for ``started`` and ``start_now``)."""
+        return self._dialect.cycle(conn, worker_id, done, limit, lease, filt, started, start_now)
+
+    def _release(
+        self, conn: _Connection, worker_id: str, held: builtins.list[tuple[str, int]]
+    ) -> builtins.list[str]:
+        """Give back prefetched runs a worker never started; wakes this process's workers."""
+        released = self._dialect.release(conn, worker_id, held)
+        if released:
+            _wakeups.notify(self._dsn.key)
+        return released
 
     def _rescue(self, conn: _Connection) -> builtins.list[Any]:
         """Expired leases back to pending or failed; wakes this process's workers for them."""
@@ -5445,6 +5603,11 @@ _METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
         "counter",
         "Expired leases rescued by this worker's sweep, by new status.",
         ("worker_id", "status"),
+    ),
+    "workflow_run_released_total": (
+        "counter",
+        "Prefetched runs this worker gave back unstarted when it stopped (attempt undone).",
+        ("worker_id",),
     ),
     "workflow_run_pruned_total": (
         "counter",
@@ -5739,6 +5902,8 @@ class RunContext:
         self._done = False  # the worker has this execution's outcome (or gave up on it)
         self._thread: int | None = None  # the thread running a sync handler
         self._task: Any = None  # the asyncio task awaiting an async handler
+        self._order: tuple = ()  # its place in claim order, for the worker's prefetch buffer
+        self._lease_end = math.inf  # monotonic time its lease ends at the latest, as last known
 
     def __repr__(self) -> str:
         return f"RunContext(id={self.id!r}, type={self.type!r}, attempt={self.attempt}/{self.max_attempts})"
@@ -5863,6 +6028,16 @@ class Worker:
     finished runs last updated longer ago than that, as ``Client.prune`` does, checking at least
     every min(retention, 60 s).
 
+    ``prefetch`` runs beyond the free slots are claimed too and wait in the worker's buffer,
+    in claim order, for a slot: a busy worker then claims and records up to concurrency +
+    prefetch runs per round trip instead of the few slots that freed up. Their leases are
+    extended like running ones; a run cancelled while buffered is dropped at the next
+    heartbeat, and one whose lease has under a third left (heartbeats failing) waits for the
+    next successful one before it starts; on a clean stop the buffered runs are given back at
+    once, their claim undone (event ``retried``, reason ``released``); those of a worker that
+    died wait for their lease to expire like its running ones. ``prefetch=0`` claims only
+    free slots (each run waits in the database, where any worker may take it).
+
     While it runs, the worker records itself in the database (see ``Client.workers``).
     """
 
@@ -5883,11 +6058,13 @@ class Worker:
         listen_dsn: str | None = None,
         max_snoozes: int = DEFAULT_MAX_SNOOZES,
         retention: float | _dt.timedelta | None = None,
+        prefetch: int = DEFAULT_PREFETCH,
     ):
         if not isinstance(app, App):
             raise InvalidInput(f"Worker needs a minflow.App, got {type(app).__name__}")
         self.app = app
         self.concurrency = _check_int("concurrency", concurrency, minimum=1)
+        self.prefetch = _check_int("prefetch", prefetch, minimum=0)
         for name, value in (
             ("lease", lease),
             ("shutdown_timeout", shutdown_timeout),
@@ -5941,6 +6118,10 @@ class Worker:
         # Keyed by (id, attempt): after a lease expired, this worker may claim the run again
         # while the stale execution is still running, and the two must not be confused.
         self._active: dict[tuple[str, int], RunContext] = {}
+        # Prefetched runs waiting for a slot, in claim order, and the (id, attempt) of those
+        # started since the last cycle, whose started events the next cycle writes.
+        self._buffer: collections.deque[RunContext] = collections.deque()
+        self._starts: list[tuple[str, int]] = []
         self._completions: list[_Completion] = []
         self._thread: threading.Thread | None = None
         self._fatal: BaseException | None = None
@@ -6208,11 +6389,18 @@ class Worker:
             stopping = self._stop.is_set()
             if stopping and deadline is None:
                 deadline = time.monotonic() + self.shutdown_timeout
+            release: list[RunContext] = []
             with self._lock:
+                launch = self._take_buffered()
                 done, self._completions = self._completions, []
+                started, self._starts = self._starts, []
                 free = self.concurrency - len(self._active) - self._pool.shortfall
+                if stopping:  # buffered runs are not started any more: give them back
+                    release, self._buffer = list(self._buffer), collections.deque()
+                buffered = len(self._buffer)
                 claim = self._claim_filter(filt)
-            if stopping and not done and not self._active:
+            self._launch(launch)
+            if stopping and not done and not self._active and not release:
                 break
             if deadline is not None and time.monotonic() > deadline:
                 _worker_log.warning(
@@ -6222,23 +6410,28 @@ class Worker:
                     self.shutdown_timeout,
                 )
                 break
-            limit = 0 if stopping else free
+            # Up to the free slots plus the buffer's room; beyond the free slots they wait.
+            limit = 0 if stopping else max(0, free + self.prefetch - buffered)
             claimed: list[_Claim] = []
             try:
                 if conn is None:
                     conn = app._connect()
+                if release:
+                    self._give_back(conn, release)
                 # An idle SQLite worker polls with the read-only pre-check alone; it counts as
                 # a poll, so last_poll_timestamp does not make an idle worker look stuck.
                 polled = bool(limit)
                 if limit and not done and not app._may_have_work(conn, claim):
                     limit = 0
-                if done or limit:
+                if done or limit or started:
+                    start_now = max(0, free)
+                    claimed_at = time.monotonic()
                     claimed, finished = app._cycle(
-                        conn, self.worker_id, done, limit, self.lease, claim
+                        conn, self.worker_id, done, limit, self.lease, claim, started, start_now
                     )
                     polled = True
                     self._record(done, finished)
-                    self._dispatch(claimed)
+                    self._dispatch(claimed, start_now, claimed_at + self.lease)
                     self._outage.ok()  # the cycle wrote: the database takes writes
                 if polled:
                     self.metrics.inc("workflow_worker_poll_cycle_total", worker_id=self.worker_id)
@@ -6249,6 +6442,8 @@ class Worker:
             except MinflowError as exc:
                 with self._lock:
                     self._completions[:0] = done  # written on the next successful cycle
+                    self._starts[:0] = started
+                    self._buffer.extendleft(reversed(release))  # given back next time
                 self.metrics.inc(
                     "workflow_worker_poll_errors_total",
                     worker_id=self.worker_id,
@@ -6263,10 +6458,15 @@ class Worker:
                 self._force.wait(_jitter(retry_delay))
                 retry_delay = min(retry_delay * 2, 5.0)
                 continue
-            if claimed or done:
+            if claimed or done or release:
                 continue  # more may be due (and on PostgreSQL, retries written just now)
             with self._lock:  # threads stuck past a timeout without replacement hold slots too
-                idle = not self._active and not self._completions and not self._pool.shortfall
+                idle = (
+                    not self._active
+                    and not self._completions
+                    and not self._pool.shortfall
+                    and not self._buffer
+                )
             if burst and idle and self._next_due > time.monotonic():
                 break
             # Retries this worker scheduled are not announced by anyone: wake up for them.
@@ -6282,24 +6482,92 @@ class Worker:
         """On a forced stop, record what already finished, once, without retrying."""
         with self._lock:
             done, self._completions = self._completions, []
+            release, self._buffer = list(self._buffer), collections.deque()
         if done:
             with contextlib.suppress(MinflowError):
                 _, finished = self.app._cycle(conn, self.worker_id, done, 0, self.lease, filt)
                 self._record(done, finished)
+        if release:
+            with contextlib.suppress(MinflowError):
+                self._give_back(conn, release)
 
-    def _dispatch(self, claimed: list[_Claim]) -> None:
-        # Claims come back in no particular order; start them in claim order (the dialects
-        # return run_at and created_at as numbers, cheap to compare).
-        claimed = sorted(claimed, key=lambda c: (c.priority, c.run_at, c.created_at))
-        contexts = [
-            RunContext(self, c.id, c.type, c.payload, c.attempt, c.max_attempts, c.snoozes)
-            for c in claimed
-        ]
+    def _give_back(self, conn: _Connection, release: list[RunContext]) -> None:
+        """Release buffered runs that never started (their attempt undone)."""
+        released = self.app._release(conn, self.worker_id, [(c.id, c.attempt) for c in release])
+        if released:
+            self.metrics.inc("workflow_run_released_total", len(released), worker_id=self.worker_id)
+            _worker_log.info(
+                "%s: gave back %d prefetched runs that had not started",
+                self.worker_id,
+                len(released),
+                extra={"worker_id": self.worker_id},
+            )
+
+    def _dispatch(self, claimed: list[_Claim], start_now: int, lease_end: float) -> None:
+        # The cycle returns claims in claim order: the first start_now start at once (the
+        # cycle wrote their started events), the others wait in the buffer for a slot, which
+        # stays in claim order across claims (the dialects return run_at and created_at as
+        # numbers, cheap to compare; equal ones keep the order they were claimed in).
+        contexts = []
+        for c in claimed:
+            ctx = RunContext(self, c.id, c.type, c.payload, c.attempt, c.max_attempts, c.snoozes)
+            ctx._order = (c.priority, c.run_at, c.created_at)
+            ctx._lease_end = lease_end
+            contexts.append(ctx)
         with self._lock:
-            for ctx in contexts:
-                self._active[(ctx.id, ctx.attempt)] = ctx
-                if ctx.type in self._caps:
-                    self._capped_running[ctx.type] += 1
+            for ctx in contexts[:start_now]:
+                self._take_slot(ctx)
+            if len(contexts) > start_now:
+                waiting = [*self._buffer, *contexts[start_now:]]
+                self._buffer = collections.deque(sorted(waiting, key=lambda c: c._order))
+        self._launch(contexts[:start_now])
+        for run_type, count in collections.Counter(ctx.type for ctx in contexts).items():
+            self.metrics.inc(
+                "workflow_run_claimed_total",
+                count,
+                workflow_type=run_type,
+                worker_id=self.worker_id,
+            )
+
+    def _take_slot(self, ctx: RunContext) -> None:  # with the lock held
+        self._active[(ctx.id, ctx.attempt)] = ctx
+        if ctx.type in self._caps:
+            self._capped_running[ctx.type] += 1
+
+    def _take_buffered(self) -> list[RunContext]:
+        """With the lock held: move buffered runs into the free slots, in claim order (a
+        capped type without room waits; a run whose lease was lost is dropped); returns them,
+        for ``_launch`` once the lock is released.
+
+        A run whose lease has less than lease/3 left, as far as the worker knows, waits too:
+        the heartbeat (every lease/3) failed, so the database may be out of reach and the lease
+        may expire, after which the run would be rescued and run again elsewhere."""
+        if not self._buffer or self._stop.is_set():
+            return []
+        free = self.concurrency - len(self._active) - self._pool.shortfall
+        taken: list[RunContext] = []
+        waiting: list[RunContext] = []
+        soon = time.monotonic() + self.lease / 3
+        while self._buffer and free > 0:
+            ctx = self._buffer.popleft()
+            if ctx._lost:
+                continue
+            cap = self._caps.get(ctx.type)
+            if (cap is not None and self._capped_running[ctx.type] >= cap) or ctx._lease_end < soon:
+                waiting.append(ctx)
+                continue
+            self._take_slot(ctx)
+            self._starts.append((ctx.id, ctx.attempt))
+            taken.append(ctx)
+            free -= 1
+        self._buffer.extendleft(reversed(waiting))
+        return taken
+
+    def _launch(self, contexts: list[RunContext]) -> None:
+        """Start the handlers of runs that just took a slot (from any of the worker's threads)."""
+        if not contexts:
+            return
+        with self._lock:
             running = len(self._active)
         now = time.monotonic()
         # Succeeded until the handler says otherwise; started: the claim, for the duration.
@@ -6320,13 +6588,6 @@ class Worker:
                 timeout = self._timeouts.get(ctx.type)
                 if timeout is not None:
                     self._deadlines.add(now + timeout, ctx, item, running)
-        for run_type, count in collections.Counter(ctx.type for ctx in contexts).items():
-            self.metrics.inc(
-                "workflow_run_claimed_total",
-                count,
-                workflow_type=run_type,
-                worker_id=self.worker_id,
-            )
         self.metrics.set("workflow_worker_running", len(self._active), worker_id=self.worker_id)
 
     def _record(self, done: list[_Completion], finished: dict[str, tuple[str, int]]) -> None:
@@ -6492,6 +6753,8 @@ class Worker:
             self.processed += 1
             if abandon and ctx._thread is not None and ctx._task is None:
                 self._pool.abandon(ctx._thread)
+            launch = self._take_buffered()  # the slot goes to the next buffered run at once
+        self._launch(launch)
         self._wake.set()
         return True
 
@@ -6602,10 +6865,13 @@ class Worker:
         if not self._caps:
             return filt
         assert self._uncapped is not None
+        # Buffered runs of a capped type count against its room: it never buffers past its cap.
+        buffered = collections.Counter(ctx.type for ctx in self._buffer if ctx.type in self._caps)
         return _replace(
             self._uncapped,
             capped=tuple(
-                (t, max(0, cap - self._capped_running[t])) for t, cap in self._caps.items()
+                (t, max(0, cap - self._capped_running[t] - buffered[t]))
+                for t, cap in self._caps.items()
             ),
         )
 
@@ -6772,9 +7038,14 @@ class Worker:
         """Extend the leases of running handlers; False when none runs (nothing written)."""
         with self._lock:
             held = [(ctx.id, ctx.attempt) for ctx in self._active.values()]
-        if not held:
+            waiting = {(ctx.id, ctx.attempt): ctx for ctx in self._buffer}
+        if not held and not waiting:
             return False
-        kept = self.app._extend_leases(conn, self.worker_id, held, self.lease)
+        asked = time.monotonic()
+        kept = self.app._extend_leases(conn, self.worker_id, held + list(waiting), self.lease)
+        for (run_id, _), ctx in waiting.items():
+            if run_id in kept:
+                ctx._lease_end = asked + self.lease
         for run_id, attempt in held:
             if run_id not in kept:
                 ctx = self._active.get((run_id, attempt))
@@ -6783,6 +7054,20 @@ class Worker:
                         "run %s: lease lost (cancelled or taken over); is_cancelled() is now true",
                         run_id,
                     )
+        lost = [ctx for (run_id, _), ctx in waiting.items() if run_id not in kept]
+        if lost:
+            with self._lock:  # never started: dropped, nothing to record
+                for ctx in lost:
+                    ctx._mark_lost()
+                self._buffer = collections.deque(c for c in self._buffer if not c._lost)
+            for ctx in lost:
+                _worker_log.info(
+                    "run %s: lease lost while waiting in the prefetch buffer (cancelled or "
+                    "taken over); dropped unstarted",
+                    ctx.id,
+                )
+        if waiting:
+            self._wake.set()  # buffered runs held back for their lease may start now
         return True
 
     # -- the database's availability and wake-ups ------------------------------------------
@@ -9538,6 +9823,7 @@ class _Option:
 # one row here.
 _WORKER_OPTIONS = (
     _Option("--concurrency", "concurrency", int, DEFAULT_CONCURRENCY, f"handlers run at once (default {DEFAULT_CONCURRENCY})"),
+    _Option("--prefetch", "prefetch", int, DEFAULT_PREFETCH, f"runs claimed beyond the free handler slots, started as slots free up (default {DEFAULT_PREFETCH}; 0: claim only the free slots)"),
     _Option("--lease", "lease", float, DEFAULT_LEASE, f"lease seconds (default {DEFAULT_LEASE:g})"),
     _Option("--poll-interval", "poll_interval", float, None, f"fallback poll seconds (default {DEFAULT_POLL_INTERVAL:g})"),
     _Option("--types", "types", None, None, "comma-separated exact types to claim (default: all handlers)"),

@@ -756,6 +756,11 @@ def tune(
     return best, value, tried
 
 
+def tuning() -> bool:
+    """Whether the tuned table is measured too (BENCH_TUNED=0: the defaults table alone)."""
+    return os.environ.get("BENCH_TUNED", "1") != "0"
+
+
 def run_scenarios(
     mod,
     backend: str,
@@ -775,7 +780,7 @@ def run_scenarios(
         for scenario in scenarios(mod, target, workdir):
             value = median_of(k, lambda s=scenario: s.measure(mod.DEFAULTS, False))
             report.add(scenario.label, backend, mod, value, scenario.unit, table=DEFAULTS_TABLE)
-            if not scenario.tunable:
+            if not scenario.tunable or not tuning():
                 continue
             best, value, tried = tune(mod, scenario, settings, k, {default_label: value})
             report.add(

@@ -104,7 +104,8 @@ def test_concurrency_counts_sync_and_async_handlers_together(app):
         leave()
 
     ids = app.submit_many([minflow.Job(t) for t in ("sync", "async") * 4])
-    worker = minflow.Worker(app, concurrency=5, **NO_WAIT).start()
+    # Without prefetch, so the three runs beyond the slots stay pending.
+    worker = minflow.Worker(app, concurrency=5, prefetch=0, **NO_WAIT).start()
     try:
         wait_for(lambda: running["now"] == 5, message="five handlers running")
         assert worker.running == 5
@@ -340,7 +341,7 @@ def test_stuck_threads_are_replaced_up_to_concurrency(app):
     app.handler("quick")(lambda run: "done")
     stuck = app.submit_many([minflow.Job("stuck", n, max_attempts=1, priority=0) for n in (0, 1)])
     quick = app.submit_many([minflow.Job("quick", priority=1) for _ in range(2)])
-    worker = minflow.Worker(app, concurrency=1, **NO_WAIT).start()
+    worker = minflow.Worker(app, concurrency=1, prefetch=0, **NO_WAIT).start()
     try:
         wait_for(lambda: all(app.get(i).status == "failed" for i in stuck), message="timeouts")
         assert metric(worker, "workflow_worker_stuck_threads") == 2
@@ -428,7 +429,9 @@ def test_capped_types_keep_claim_order_and_fill_their_room(app):
         [minflow.Job("free", f"f{n}", priority=5) for n in range(3)]
         + [minflow.Job("capped", f"c{n}", priority=n) for n in range(3)]
     )
-    assert minflow.Worker(app, concurrency=1, **NO_WAIT).run(burst=True) == 6
+    # Without prefetch: a capped type is never buffered beyond its cap, so with a buffer the
+    # free runs would start while c1 and c2 wait for room.
+    assert minflow.Worker(app, concurrency=1, prefetch=0, **NO_WAIT).run(burst=True) == 6
     assert order == ["c0", "c1", "c2", "f0", "f1", "f2"]  # priority decides across both
 
 

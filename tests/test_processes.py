@@ -445,6 +445,7 @@ def test_a_worker_paused_past_its_lease_is_fenced_and_resumes(dsn, records, work
     finally:
         os.kill(frozen.pid, signal.SIGCONT)
     resumed = time.monotonic()
+
     # The frozen worker's handlers now finish (the gate is open): three late outcomes.
     def frozen_done() -> int:
         return sum(f[0] == "done" for f in proc_app.read_records(records).get(frozen.pid, []))

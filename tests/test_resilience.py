@@ -219,8 +219,9 @@ def test_leases_that_expire_during_an_outage_are_rerun_once(private_pg, pg_app):
     leases = []
 
     def outage(worker, handler):
-        leases.extend(r.lease_until for r in pg_app.list(status="leased"))
-        assert len(leases) == 4
+        # The 4 running and the runs in the worker's prefetch buffer.
+        leases.extend(r.lease_until for r in pg_app.list(status="leased", limit=1000))
+        assert 4 <= len(leases) <= 4 + worker.prefetch
         private_pg.stop("fast")
         handler.gate.set()
         # Heartbeats cannot reach the server now: wait out the leases (the condition is the
@@ -230,7 +231,7 @@ def test_leases_that_expire_during_an_outage_are_rerun_once(private_pg, pg_app):
         private_pg.start()
 
     _, executions = drain_through(pg_app, outage, lease=2.0)
-    assert RUNS <= len(executions) <= RUNS + 4
+    assert RUNS <= len(executions) <= RUNS + len(leases)
 
 
 def test_client_raises_unavailable_while_the_server_is_down(private_pg, pg_app):
@@ -603,3 +604,41 @@ def proc_app_records(directory) -> dict[int, list[list[str]]]:
     from tests import proc_app
 
     return proc_app.read_records(directory)
+
+
+def test_buffered_runs_wait_while_heartbeats_fail(private_pg, pg_app):
+    """With the database gone, a prefetched run whose lease, as the worker last knew it, has
+    under a third left is not started: it waits for a heartbeat to extend it, or for the
+    rescue once the lease expired."""
+    handler = Recorder()
+    pg_app.handler("t")(handler)
+    ids = pg_app.submit_many([minflow.Job("t", {"n": n}) for n in range(3)])
+    worker = minflow.Worker(pg_app, concurrency=1, prefetch=2, lease=3.0, schedules=False)
+    worker.start()
+    try:
+        wait_for(lambda: handler.started() == 1, 30, message="one running")
+        wait_for(lambda: len(pg_app.list(status="leased")) == 3, 30, message="two buffered")
+        private_pg.stop("fast")
+        # No heartbeat gets through now: wait until the buffered leases have under lease/3
+        # left as far as the worker knows.
+        wait_for(
+            lambda: all(
+                ctx._lease_end < time.monotonic() + worker.lease / 3 for ctx in worker._buffer
+            ),
+            30,
+            message="the buffered leases to run low",
+        )
+        handler.gate.set()
+        # The slot is handed on (or not) in the same step that queues the outcome.
+        wait_for(lambda: worker._completions, 30, message="the running handler to finish")
+        with worker._lock:
+            assert worker.running == 0 and len(worker._buffer) == 2
+        assert handler.started() == 1
+        private_pg.start()
+        wait_for(
+            lambda: pg_app.stats() == {"t": {"succeeded": 3}}, 60, 0.05, "every run to succeed"
+        )
+    finally:
+        handler.gate.set()
+        worker.stop(timeout=30)
+    assert_executed_once_or_after_expiry(pg_app, ids, handler.executions)

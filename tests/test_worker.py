@@ -448,7 +448,9 @@ def test_start_and_stop_wait_for_running_handlers(app):
     assert started.wait(10)
     stopper = threading.Thread(target=worker.stop, kwargs={"timeout": 20})
     stopper.start()
-    # Stopping stops claiming: a run submitted now stays pending.
+    wait_for(worker._stop.is_set, message="stop() to take effect")
+    # Stopping stops claiming: a run submitted now stays pending (a claim already under way
+    # may buffer it, but a stopping worker starts no buffered run and gives them back).
     later = app.submit("t")
     release.set()
     stopper.join(20)
