@@ -212,6 +212,11 @@ DEFAULT_CONCURRENCY = 4
 # (see Worker): a claim round trip then moves up to concurrency + prefetch runs, not just the
 # free slots, while each buffered run waits in one worker for a slot.
 DEFAULT_PREFETCH = 64
+# ... but a buffered run should start within about this long: the buffer holds no more runs
+# than the slots finish in that time at the pace handlers have been finishing, and none before
+# the first has finished. Slow handlers' runs therefore stay in the database, where any worker
+# may take them, and a claim takes only the free slots, as without a buffer.
+PREFETCH_HORIZON = 0.05  # seconds
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0
 # A second SIGTERM/SIGINT this soon after the first is not "exit now": terminals may send two
 # SIGINTs for one Ctrl-C, and impatient fingers press twice.
@@ -1462,18 +1467,8 @@ _SQLITE_MIGRATIONS: list[tuple[int, str, list[str]]] = [
     ),
     (
         6,
-        "redundant seed indexes dropped",
+        "retryable-run index",
         [
-            # Every index is one more page each insert, claim and completion writes and
-            # syncs: a submit wrote 16 pages to the WAL, 12.7 without these three. No statement
-            # of minflow needs them: the UNIQUE constraint's own index serves idempotency
-            # keys; minflow_run_claim (pending), minflow_run_lease (leased) and the index
-            # below serve what the status-first claim index did; deleted_at IS NULL holds for
-            # every live run, so its index narrows nothing. The Go library only needs the
-            # tables and columns; its AutoMigrate creates them again if it runs here.
-            "DROP INDEX IF EXISTS idx_workflow_run_claim",
-            "DROP INDEX IF EXISTS idx_workflow_run_idempotency",
-            "DROP INDEX IF EXISTS idx_workflow_run_deleted_at",
             # retry_many() finds failed and cancelled runs here, as on PostgreSQL; only a
             # failure or a cancel adds an entry.
             """CREATE INDEX IF NOT EXISTS minflow_run_retryable ON {workflow_run} (created_at)
@@ -6028,9 +6023,12 @@ class Worker:
     finished runs last updated longer ago than that, as ``Client.prune`` does, checking at least
     every min(retention, 60 s).
 
-    ``prefetch`` runs beyond the free slots are claimed too and wait in the worker's buffer,
-    in claim order, for a slot: a busy worker then claims and records up to concurrency +
-    prefetch runs per round trip instead of the few slots that freed up. Their leases are
+    Up to ``prefetch`` runs beyond the free slots are claimed too and wait in the worker's
+    buffer, in claim order, for a slot: a busy worker then claims and records up to
+    concurrency + prefetch runs per round trip instead of the few slots that freed up. The
+    buffer holds only what the slots finish within PREFETCH_HORIZON at the pace executions
+    have been finishing (nothing before one has finished), so slow handlers' runs wait in the
+    database, where any worker may take them. Their leases are
     extended like running ones; a run cancelled while buffered is dropped at the next
     heartbeat, and one whose lease has under a third left (heartbeats failing) waits for the
     next successful one before it starts; on a clean stop the buffered runs are given back at
@@ -6065,6 +6063,7 @@ class Worker:
         self.app = app
         self.concurrency = _check_int("concurrency", concurrency, minimum=1)
         self.prefetch = _check_int("prefetch", prefetch, minimum=0)
+        self._pace: float | None = None  # smoothed seconds per execution, once one finished
         for name, value in (
             ("lease", lease),
             ("shutdown_timeout", shutdown_timeout),
@@ -6398,6 +6397,7 @@ class Worker:
                 if stopping:  # buffered runs are not started any more: give them back
                     release, self._buffer = list(self._buffer), collections.deque()
                 buffered = len(self._buffer)
+                room = self._prefetch_room()
                 claim = self._claim_filter(filt)
             self._launch(launch)
             if stopping and not done and not self._active and not release:
@@ -6411,7 +6411,7 @@ class Worker:
                 )
                 break
             # Up to the free slots plus the buffer's room; beyond the free slots they wait.
-            limit = 0 if stopping else max(0, free + self.prefetch - buffered)
+            limit = 0 if stopping else max(0, free + room - buffered)
             claimed: list[_Claim] = []
             try:
                 if conn is None:
@@ -6737,6 +6737,14 @@ class Worker:
             extra=self._run_fields(ctx),
         )
 
+    def _prefetch_room(self) -> int:
+        """How many runs the buffer may hold now (under the lock): as many as the slots finish
+        within PREFETCH_HORIZON at the pace executions have been finishing, at most
+        ``prefetch``; none until one has finished."""
+        if not self.prefetch or self._pace is None:
+            return 0
+        return min(self.prefetch, int(self.concurrency * PREFETCH_HORIZON / max(self._pace, 1e-6)))
+
     def _settle(self, ctx: RunContext, item: _Completion, *, abandon: bool = False) -> bool:
         """Queue ``item`` as the outcome of ``ctx``'s execution unless it has one already (its
         handler's or its timeout's); True if it was queued. ``abandon`` (a timeout's) gives up
@@ -6751,6 +6759,8 @@ class Worker:
                 self._capped_running[ctx.type] -= 1
             self._completions.append(item)
             self.processed += 1
+            took = time.monotonic() - item.started
+            self._pace = took if self._pace is None else self._pace + 0.2 * (took - self._pace)
             if abandon and ctx._thread is not None and ctx._task is None:
                 self._pool.abandon(ctx._thread)
             launch = self._take_buffered()  # the slot goes to the next buffered run at once

@@ -28,10 +28,18 @@ def _held(app, worker_id: str) -> int:
     )[0][0]
 
 
+def _warm_up(app) -> None:
+    """Let the worker see an execution finish quickly: until one has, its buffer holds nothing
+    (it cannot tell quick handlers from slow ones), and a claim takes only the free slots."""
+    run_id = app.submit("warm")
+    wait_for(lambda: app.get(run_id).status == "succeeded", message="the warm-up run")
+
+
 def _blocking_handler(app, run_type: str = "t"):
     """A handler that records what it ran and waits on ``release`` for the payload "block"."""
     seen: list = []
     first, release = threading.Event(), threading.Event()
+    app.handler("warm")(lambda run: None)
 
     @app.handler(run_type)
     def job(run):
@@ -55,9 +63,10 @@ def test_prefetch_is_validated(app):
 
 def test_prefetched_runs_start_in_claim_order(app):
     seen, first, release = _blocking_handler(app)
-    blocker = app.submit("t", "block", priority=0)
     worker = minflow.Worker(app, worker_id="pf", concurrency=1, prefetch=4, **NO_WAIT).start()
     try:
+        _warm_up(app)
+        blocker = app.submit("t", "block", priority=0)
         assert first.wait(10)
         # Submitted while the only slot is busy, out of order: the next claim buffers them.
         ids = {
@@ -83,9 +92,10 @@ def test_prefetched_runs_start_in_claim_order(app):
 
 def test_a_clean_stop_gives_back_buffered_runs_without_charging_an_attempt(app, caplog):
     seen, first, release = _blocking_handler(app)
-    app.submit("t", "block", max_attempts=1)
     worker = minflow.Worker(app, worker_id="pf", concurrency=1, prefetch=3, **NO_WAIT).start()
     try:
+        _warm_up(app)
+        app.submit("t", "block", max_attempts=1)
         assert first.wait(10)
         # max_attempts=1: were the buffer to cost an attempt, these could never run again.
         waiting = [app.submit("t", f"w{i}", max_attempts=1) for i in range(3)]
@@ -127,6 +137,7 @@ import sys, threading
 sys.path.insert(0, {root!r})
 import minflow
 app = minflow.App({dsn!r})
+app.handler("warm")(lambda run: None)
 app.handler("t")(lambda run: threading.Event().wait(600))
 minflow.Worker(app, worker_id="doomed", concurrency=1, prefetch=3, lease=2,
                schedules=False).run()
@@ -134,11 +145,12 @@ minflow.Worker(app, worker_id="doomed", concurrency=1, prefetch=3, lease=2,
 
 
 def test_buffered_runs_of_a_killed_worker_are_taken_over_after_lease_expiry(app, tmp_path):
-    ids = [app.submit("t", i) for i in range(4)]
     script = tmp_path / "doomed.py"
     script.write_text(_CRASHING_WORKER.format(root=str(ROOT), dsn=app.dsn))
     proc = subprocess.Popen([sys.executable, str(script)], stderr=subprocess.DEVNULL)
     try:
+        _warm_up(app)
+        ids = [app.submit("t", i) for i in range(4)]
         wait_for(lambda: _held(app, "doomed") == 4, timeout=30, message="one running, 3 buffered")
     finally:
         os.kill(proc.pid, signal.SIGKILL)
@@ -206,11 +218,12 @@ def test_prefetch_respects_a_handler_concurrency_cap(app):
 
 def test_a_run_cancelled_in_the_buffer_is_dropped_unstarted(app, caplog):
     seen, first, release = _blocking_handler(app)
-    app.submit("t", "block")
     worker = minflow.Worker(app, worker_id="pf", concurrency=1, prefetch=2, lease=1.5, **NO_WAIT)
     with caplog.at_level(logging.INFO, logger="minflow.worker"):
         worker.start()
         try:
+            _warm_up(app)
+            app.submit("t", "block")
             assert first.wait(10)
             doomed = app.submit("t", "doomed")
             kept = app.submit("t", "kept")
@@ -226,3 +239,35 @@ def test_a_run_cancelled_in_the_buffer_is_dropped_unstarted(app, caplog):
     assert seen == ["block", "kept"]
     assert app.get(doomed).status == "cancelled"
     assert event_types(app, doomed) == ["created", "leased", "cancelled"]
+
+
+def test_the_buffer_stays_empty_until_handlers_are_seen_to_be_quick(app):
+    """A claim takes only the free slots while no execution has finished, and while the
+    handlers are slow (the slots would not reach a buffered run within PREFETCH_HORIZON):
+    those runs stay in the database, where any worker may take them."""
+    seen, first, release = _blocking_handler(app)
+    app.handler("slow")(lambda run: time.sleep(0.3))
+    for n in range(6):
+        app.submit("t", "block" if n == 0 else n)
+    worker = minflow.Worker(app, worker_id="pf", concurrency=1, prefetch=8, **NO_WAIT).start()
+    try:
+        assert first.wait(10)
+        # Blocked before any execution finished: one run held, five still pending.
+        wait_for(lambda: app.stats()["t"].get("pending") == 5, message="the claim to settle")
+        assert _held(app, "pf") == 1
+        release.set()
+        wait_for(lambda: len(seen) == 6, message="every run executed")
+    finally:
+        release.set()
+        worker.stop(timeout=20)
+    # Slow executions from the start (0.3 s each, above the horizon of 0.05 s per slot).
+    ids = [app.submit("slow") for _ in range(4)]
+    worker = minflow.Worker(app, worker_id="slow", concurrency=1, prefetch=8, **NO_WAIT).start()
+    held = []
+    try:
+        while any(app.get(r).status != "succeeded" for r in ids):
+            held.append(_held(app, "slow"))
+            time.sleep(0.005)
+    finally:
+        worker.stop(timeout=20)
+    assert held and max(held) == 1

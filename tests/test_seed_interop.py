@@ -1,7 +1,6 @@
 """minflow and the Go library share one database (design §4, seed-spec §1, §14.1).
 
-A database created with the seed's own DDL is migrated by only adding (on SQLite, three
-redundant seed indexes aside); rows its producer
+A database created with the seed's own DDL is migrated by only adding; rows its producer
 inserts are claimed and completed by a minflow worker; rows minflow writes come back through the
 seed's queries and its timestamp parser. The seed's side is restated in ``seed_compat``.
 """
@@ -122,13 +121,6 @@ def schema_snapshot(seed: SeedDB) -> dict:
     return out
 
 
-SQLITE_DROPPED_INDEXES = {
-    "idx_workflow_run_claim",
-    "idx_workflow_run_idempotency",
-    "idx_workflow_run_deleted_at",
-}
-
-
 def test_migrate_on_a_seed_database_only_adds(dsn, seed_db):
     before = schema_snapshot(seed_db)
     assert set(before["tables"]) == {
@@ -154,13 +146,7 @@ def test_migrate_on_a_seed_database_only_adds(dsn, seed_db):
                 definition[1] == "YES" if seed_db.dialect == "postgres" else not definition[1]
             )
             assert nullable or definition[2] is not None, f"{table}.{name} is NOT NULL"
-    # On SQLite, migration 6 drops three seed indexes minflow has no use for (the Go library
-    # needs none of them to work, and its AutoMigrate would create them again).
-    dropped = SQLITE_DROPPED_INDEXES if seed_db.dialect == "sqlite" else set()
     for name, definition in before["indexes"].items():
-        if name in dropped:
-            assert name not in after["indexes"], f"index {name} kept"
-            continue
         assert after["indexes"].get(name) == definition, f"index {name} changed or dropped"
     for name, definition in before["constraints"].items():
         if seed_db.dialect == "sqlite" and "." not in name:
@@ -168,7 +154,7 @@ def test_migrate_on_a_seed_database_only_adds(dsn, seed_db):
         else:
             assert after["constraints"].get(name) == definition, f"constraint {name} changed"
     assert "minflow_migration" in after["tables"]
-    assert set(after["indexes"]) > set(before["indexes"]) - dropped
+    assert set(after["indexes"]) > set(before["indexes"])
 
 
 # -- rows the Go producer wrote, run by minflow ----------------------------------------------
