@@ -5328,6 +5328,15 @@ class Client:
         with self._pool.connection() as conn:
             return conn.query(self._dialect.sql[name], params)
 
+    def _finished_per_minute(self, minutes: int) -> tuple[_dt.datetime, builtins.list[Any]]:
+        """The first of the last ``minutes`` minutes of the database clock (the last one is the
+        current, partial minute) and the (minute, event type, count) rows of the runs that
+        succeeded or failed for good since then (the dashboard's throughput)."""
+        with self._pool.connection() as conn:
+            now = self._db_now(conn)
+            first = now.replace(second=0, microsecond=0) - _dt.timedelta(minutes=minutes - 1)
+            return first, conn.query(self._dialect.sql["throughput"], {"since": first})
+
     def _health(self) -> str | None:
         """Why the database refuses writes now (a standby, or read-only after a failover), or
         None when it takes them; raises ``MinflowError`` when it cannot be asked (/healthz)."""
@@ -7674,12 +7683,7 @@ def _r_throughput(req: _Request) -> tuple[int, Any]:
     minutes = req.int_param("minutes", 60)
     if not 1 <= minutes <= _THROUGHPUT_MINUTES:
         raise _HTTPError(400, f"minutes must be 1 to {_THROUGHPUT_MINUTES}, got {minutes}")
-    client = req.client
-    with client._pool.connection() as conn:
-        # Minutes of the database clock, the last one the current (partial) minute.
-        now = client._db_now(conn)
-        first = now.replace(second=0, microsecond=0) - _dt.timedelta(minutes=minutes - 1)
-        rows = conn.query(client._dialect.sql["throughput"], {"since": first})
+    first, rows = req.client._finished_per_minute(minutes)
     counts = {
         first + _dt.timedelta(minutes=i): {"succeeded": 0, "failed": 0} for i in range(minutes)
     }
