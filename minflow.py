@@ -5195,7 +5195,7 @@ class Client:
         filters = {"created_before": created_before, "created_after": created_after}
         return self._change_many("cancel", dry_run, status, type, key_prefix, **filters)
 
-    def workers(self) -> list[WorkerInfo]:
+    def workers(self) -> builtins.list[WorkerInfo]:
         """The workers recorded in this database, oldest first.
 
         Every worker records itself when it starts, renews its entry every heartbeat period

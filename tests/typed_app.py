@@ -75,5 +75,12 @@ async def request_invoice(order: int) -> dict[str, str]:
     return {"run": run_id, "status": run.status if run else "missing", "recent": str(len(recent))}
 
 
+def operate() -> list[str]:
+    alive = [worker.id for worker in app.workers() if worker.alive]
+    paused = [schedule.id for schedule in app.schedules() if not schedule.enabled]
+    pruned: int = app.prune(older_than=7 * 86400)
+    return [*alive, *paused, str(pruned)]
+
+
 def work() -> int:
     return app.run_worker(burst=True, types=["billing.invoice.v1"], backoff=lambda attempt: 0)
