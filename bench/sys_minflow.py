@@ -29,9 +29,9 @@ DEFAULTS: dict = {}
 
 # The Worker keywords the sweep varies, each with the values it tries besides "concurrency"
 # (which takes the harness's concurrencies); the sweep is their product. A keyword this
-# minflow's Worker does not accept is skipped, so an axis can be listed before it exists, e.g.
-#     "prefetch": (0, 16, 64),
-EXTRA_AXES: dict[str, tuple] = {}
+# minflow's Worker does not accept is skipped. The prefetch buffer is minflow's batch size, as
+# pgqueuer's batch_size is its: its default and a larger one.
+EXTRA_AXES: dict[str, tuple] = {"prefetch": (64, 256)}
 
 
 def _worker_parameters() -> dict[str, inspect.Parameter]:
