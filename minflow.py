@@ -1594,9 +1594,9 @@ _PG_MIGRATIONS: list[tuple[int, str, list[str]]] = [
             last_seen_at TIMESTAMPTZ NOT NULL)""",
         ],
     ),
-    # Nothing dropped here yet (SQLite's version 6 drops redundant seed indexes). Kept so both
+    # Empty: PostgreSQL has had SQLite's version 6 index since version 5. Kept so both
     # dialects share version numbers.
-    (6, "redundant seed indexes dropped", []),
+    (6, "retryable-run index", []),
 ]
 
 SCHEMA_VERSION = max(version for version, _, _ in _PG_MIGRATIONS)
