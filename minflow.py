@@ -7055,25 +7055,27 @@ class Worker:
 
     def _extend(self, conn: _Connection) -> bool:
         """Extend the leases of running handlers; False when none runs (nothing written)."""
+        # The executions themselves, not their (id, attempt): a run that snoozed is claimed
+        # again with the same attempt, and its new execution must not inherit a verdict about
+        # the lease of the one before.
         with self._lock:
-            held = [(ctx.id, ctx.attempt) for ctx in self._active.values()]
-            waiting = {(ctx.id, ctx.attempt): ctx for ctx in self._buffer}
-        if not held and not waiting:
+            running = list(self._active.values())
+            waiting = list(self._buffer)
+        if not running and not waiting:
             return False
         asked = time.monotonic()
-        kept = self.app._extend_leases(conn, self.worker_id, held + list(waiting), self.lease)
-        for (run_id, _), ctx in waiting.items():
-            if run_id in kept:
+        held = [(ctx.id, ctx.attempt) for ctx in running + waiting]
+        kept = self.app._extend_leases(conn, self.worker_id, held, self.lease)
+        for ctx in waiting:
+            if ctx.id in kept:
                 ctx._lease_end = asked + self.lease
-        for run_id, attempt in held:
-            if run_id not in kept:
-                ctx = self._active.get((run_id, attempt))
-                if ctx is not None and ctx._mark_lost():
-                    _worker_log.info(
-                        "run %s: lease lost (cancelled or taken over); is_cancelled() is now true",
-                        run_id,
-                    )
-        lost = [ctx for (run_id, _), ctx in waiting.items() if run_id not in kept]
+        for ctx in running:
+            if ctx.id not in kept and not ctx._done and ctx._mark_lost():
+                _worker_log.info(
+                    "run %s: lease lost (cancelled or taken over); is_cancelled() is now true",
+                    ctx.id,
+                )
+        lost = [ctx for ctx in waiting if ctx.id not in kept]
         if lost:
             with self._lock:  # never started: dropped, nothing to record
                 for ctx in lost:
